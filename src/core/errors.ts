@@ -1,0 +1,69 @@
+/**
+ * The one table of uigniter's errors. Every error has a stable code
+ * (`UIG_ERR_<AREA>_<WHAT>`) that callers and scripts match on, a message a
+ * person can act on, and the HTTP status the API answers with.
+ * docs/errors.md lists every code; a test fails when one is missing there.
+ */
+
+export const errorCodes = {
+  UIG_ERR_CONFIG_INVALID: { statusCode: 400, title: 'The configuration file or an option is invalid' },
+  UIG_ERR_CLI_USAGE: { statusCode: 400, title: 'A command-line flag or argument is missing or malformed' },
+  UIG_ERR_HOST_NOT_ROOT: { statusCode: 403, title: 'The operation needs root' },
+  UIG_ERR_HOST_MISSING_TOOL: { statusCode: 500, title: 'A host program or package that uigniter needs is not installed' },
+  UIG_ERR_NO_SPACE: { statusCode: 507, title: 'No space left on the device that holds the data or cache directory' },
+  UIG_ERR_KERNEL_BUILD_FAILED: { statusCode: 500, title: 'The guest kernel build failed' },
+  UIG_ERR_KERNEL_CONFIG_MISMATCH: { statusCode: 500, title: 'Kconfig dropped an option the config fragment asks for' },
+  UIG_ERR_KERNEL_NOT_BUILT: { statusCode: 409, title: 'The guest kernel is not in the cache yet' },
+  UIG_ERR_KERNEL_NOT_BOOTABLE: { statusCode: 400, title: 'The kernel file cannot be booted by QEMU' },
+  UIG_ERR_INIT_NOT_BUILT: { statusCode: 409, title: 'The guest init binary has not been built' },
+  UIG_ERR_IMAGE_INVALID_NAME: { statusCode: 400, title: 'An image name or tag is not valid' },
+  UIG_ERR_IMAGE_PATH_NOT_FOUND: { statusCode: 400, title: 'A path given to the image builder does not exist' },
+  UIG_ERR_IMAGE_PATH_UNREADABLE: { statusCode: 400, title: 'A path given to the image builder cannot be read' },
+  UIG_ERR_IMAGE_NOT_ELF: { statusCode: 400, title: 'The file is not an ELF executable' },
+  UIG_ERR_IMAGE_UNSUPPORTED_ELF: { statusCode: 400, title: 'The ELF file is not an x86-64 executable' },
+  UIG_ERR_IMAGE_LIBRARY_NOT_FOUND: { statusCode: 400, title: 'A shared library the executable needs cannot be found' },
+  UIG_ERR_IMAGE_NO_ENTRYPOINT: { statusCode: 400, title: 'The entrypoint is missing from the source directory' },
+  UIG_ERR_IMAGE_SPEC_INVALID: { statusCode: 400, title: 'The image build spec is invalid' },
+  UIG_ERR_IMAGE_TOO_LARGE: { statusCode: 400, title: 'The image is too large for the chosen format' },
+  UIG_ERR_IMAGE_NOT_FOUND: { statusCode: 404, title: 'No image has that name and tag' },
+  UIG_ERR_IMAGE_STORE_CORRUPT: { statusCode: 500, title: 'A manifest or blob in the image store is damaged' },
+  UIG_ERR_VM_BOOT_FAILED: { statusCode: 500, title: 'The VM did not boot' },
+  UIG_ERR_VM_APP_NOT_STARTED: { statusCode: 500, title: 'The guest booted but the app could not be started' },
+  UIG_ERR_VM_TIMEOUT: { statusCode: 504, title: 'The VM did not reach the expected state in time' },
+  UIG_ERR_CONTROL_CHANNEL: { statusCode: 502, title: 'The guest control channel failed or answered badly' }
+} as const satisfies Record<string, { statusCode: number; title: string }>
+
+export type ErrorCode = keyof typeof errorCodes
+
+export class UigniterError extends Error {
+  readonly code: ErrorCode
+  readonly statusCode: number
+
+  constructor (code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options)
+    this.name = 'UigniterError'
+    this.code = code
+    this.statusCode = errorCodes[code].statusCode
+  }
+
+  toJSON (): { code: ErrorCode; message: string; statusCode: number } {
+    return { code: this.code, message: this.message, statusCode: this.statusCode }
+  }
+}
+
+/** True when a Node.js system error (from fs, child_process) carries this errno code. */
+export function hasErrno (err: unknown, ...codes: string[]): boolean {
+  return typeof err === 'object' && err !== null && 'code' in err &&
+    codes.includes(String((err as { code: unknown }).code))
+}
+
+/**
+ * Turns ENOSPC/EDQUOT into UIG_ERR_NO_SPACE so that every writer reports a full
+ * disk the same way; anything else is rethrown unchanged.
+ */
+export function rethrowNoSpace (err: unknown, where: string): never {
+  if (hasErrno(err, 'ENOSPC', 'EDQUOT')) {
+    throw new UigniterError('UIG_ERR_NO_SPACE', `no space left on the device holding ${where}; free some space and try again`, { cause: err })
+  }
+  throw err
+}
