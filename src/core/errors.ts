@@ -8,7 +8,6 @@
 export const errorCodes = {
   UIG_ERR_CONFIG_INVALID: { statusCode: 400, title: 'The configuration file or an option is invalid' },
   UIG_ERR_CLI_USAGE: { statusCode: 400, title: 'A command-line flag or argument is missing or malformed' },
-  UIG_ERR_HOST_NOT_ROOT: { statusCode: 403, title: 'The operation needs root' },
   UIG_ERR_HOST_MISSING_TOOL: { statusCode: 500, title: 'A host program or package that uigniter needs is not installed' },
   UIG_ERR_NO_SPACE: { statusCode: 507, title: 'No space left on the device that holds the data or cache directory' },
   UIG_ERR_KERNEL_BUILD_FAILED: { statusCode: 500, title: 'The guest kernel build failed' },
@@ -54,7 +53,7 @@ export class UigniterError extends Error {
 /** True when a Node.js system error (from fs, child_process) carries this errno code. */
 export function hasErrno (err: unknown, ...codes: string[]): boolean {
   return typeof err === 'object' && err !== null && 'code' in err &&
-    codes.includes(String((err as { code: unknown }).code))
+    codes.includes(String((err).code))
 }
 
 /**

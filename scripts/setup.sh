@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs everything uigniter needs on a Debian 12 host, idempotently:
+# Debian packages, npm dependencies, the TypeScript build, the guest init,
+# the example apps and the guest kernel. Safe to run again; fast when done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# qemu: the VMM. linux-source-6.1 .. libelf-dev, xz-utils, binutils: the guest kernel build.
+# gcc, libc6-dev: the static guest init and the examples. squashfs-tools, e2fsprogs: disk images.
+# cpio: tests check our archives with it. memcached: an example app.
+PACKAGES=(qemu-system-x86 linux-source-6.1 flex bison bc libelf-dev xz-utils binutils make gcc libc6-dev
+  squashfs-tools e2fsprogs cpio memcached)
+
+say() { echo "setup: $*"; }
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: these Debian packages are missing. Install them as root, then run this again:" >&2
+    echo "  apt-get update && apt-get install -y --no-install-recommends ${missing[*]}" >&2
+    exit 1
+  fi
+  say "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# npm ci only when package-lock.json changed since the last install.
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  say "installing npm dependencies"
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
+say "compiling TypeScript"
+npx tsc -p .
+chmod +x dist/src/cli/main.js
+
+# C parts: rebuilt when their source is newer than the binary.
+build_c() { # out src flags...
+  local out=$1 src=$2; shift 2
+  if [ ! -x "$out" ] || [ "$src" -nt "$out" ]; then
+    mkdir -p "$(dirname "$out")"
+    gcc "$@" -Wall -Wextra -Werror -o "$out.tmp" "$src" && mv "$out.tmp" "$out"
+  fi
+}
+build_c build/uigniter-init src/guest/init/uigniter-init.c -static -Os
+build_c build/examples/hello examples/hello/hello.c -O2
+
+node dist/src/cli/main.js kernel build

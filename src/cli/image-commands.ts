@@ -1,0 +1,227 @@
+import { readFile } from 'node:fs/promises'
+import { dirname, resolve } from 'node:path'
+import { UigniterError, hasErrno } from '../core/errors.js'
+import { formatImageRef, type ImageManifest } from '../core/image.js'
+import { formatBytes, formatDuration } from '../core/progress.js'
+import { httpGetWithRetry } from '../core/http-get.js'
+import { BootedImage } from '../vmm/qemu/image-boot.js'
+import { describeGuestExit } from '../vmm/qemu/guest-process.js'
+import { parseEnv, parseIntFlag, parseMiB, printTable, type Command } from './args.js'
+import { createContext } from './context.js'
+
+/** Turns `image build` flags into a build spec; the builder validates it like a spec file. */
+async function specFromFlags (values: Record<string, unknown>, args: string[]): Promise<{ spec: Record<string, unknown>, baseDir: string }> {
+  const str = (k: string): string | undefined => values[k] as string | undefined
+  let spec: Record<string, unknown> = {}
+  let baseDir = process.cwd()
+  const file = str('file')
+  if (file !== undefined) {
+    try {
+      spec = JSON.parse(await readFile(file, 'utf8')) as Record<string, unknown>
+    } catch (err) {
+      if (hasErrno(err, 'ENOENT')) throw new UigniterError('UIG_ERR_IMAGE_PATH_NOT_FOUND', `spec file ${file} does not exist`)
+      throw new UigniterError('UIG_ERR_IMAGE_SPEC_INVALID', `spec file ${file} is not valid JSON: ${(err as Error).message}`)
+    }
+    baseDir = dirname(resolve(file))
+  }
+  const sources = ['elf', 'node', 'rootfs', 'kernel'].filter((k) => str(k) !== undefined)
+  if (sources.length > 1) throw new UigniterError('UIG_ERR_CLI_USAGE', `give one source, not ${sources.map((s) => `--${s}`).join(' and ')}`)
+  if (str('elf') !== undefined) spec.source = { kind: 'elf', path: str('elf'), args }
+  if (str('node') !== undefined) spec.source = { kind: 'node', dir: str('node'), entry: str('entry') ?? 'index.js', args }
+  if (str('rootfs') !== undefined) spec.source = { kind: 'rootfs', dir: str('rootfs'), entrypoint: str('entrypoint'), args }
+  if (str('kernel') !== undefined) {
+    spec.source = { kind: 'unikernel', kernel: str('kernel'), cmdline: str('cmdline') ?? '', ...(str('disk') !== undefined ? { disk: str('disk') } : {}) }
+  }
+  if (spec.source === undefined) throw new UigniterError('UIG_ERR_CLI_USAGE', 'give a source: -f SPEC, --elf, --node, --rootfs or --kernel')
+  if (str('name') !== undefined) spec.name = str('name')
+  if (str('format') !== undefined) spec.format = str('format')
+  if (str('workdir') !== undefined) spec.workdir = str('workdir')
+  if (str('cpus') !== undefined) spec.vcpus = parseIntFlag(str('cpus') ?? '', '--cpus', 1, 64)
+  if (str('memory') !== undefined) spec.memoryMiB = parseMiB(str('memory') ?? '', '--memory')
+  if (str('machine') !== undefined) {
+    spec.machine = { type: str('machine'), transport: str('machine') === 'microvm' ? 'mmio' : 'pci' }
+  }
+  const env = parseEnv(values.env as string[] | undefined)
+  if (Object.keys(env).length > 0) spec.env = { ...(spec.env as Record<string, string> | undefined), ...env }
+  const ports = (values.port as string[] | undefined) ?? []
+  if (ports.length > 0) {
+    spec.ports = ports.map((p) => {
+      const [port = '', protocol = 'tcp'] = p.split('/')
+      return { port: parseIntFlag(port, '--port', 1, 65535), protocol }
+    })
+  }
+  return { spec, baseDir }
+}
+
+function printManifestSummary (m: ImageManifest): void {
+  console.log(`${formatImageRef(m)}  ${m.digest.slice(0, 19)}  ${m.format}  ${formatBytes(m.size)}`)
+}
+
+export const imageCommands: Command[] = [
+  {
+    name: 'image build',
+    summary: 'Build a single-app image from an ELF executable, a Node.js app, a root directory, or your own unikernel.',
+    usage: 'uigniter image build (-f SPEC.json | --elf PATH | --node DIR [--entry FILE] | --rootfs DIR --entrypoint PATH | --kernel FILE [--disk FILE] [--cmdline TEXT]) [-t NAME[:TAG]] [options] [-- APP ARGS...]',
+    options: {
+      file: { type: 'string', short: 'f' },
+      name: { type: 'string', short: 't' },
+      elf: { type: 'string' },
+      node: { type: 'string' },
+      entry: { type: 'string' },
+      rootfs: { type: 'string' },
+      entrypoint: { type: 'string' },
+      kernel: { type: 'string' },
+      disk: { type: 'string' },
+      cmdline: { type: 'string' },
+      machine: { type: 'string' },
+      format: { type: 'string' },
+      env: { type: 'string', short: 'e', multiple: true },
+      workdir: { type: 'string' },
+      cpus: { type: 'string' },
+      memory: { type: 'string' },
+      port: { type: 'string', multiple: true },
+      json: { type: 'boolean' }
+    },
+    help: [
+      '-f, --file SPEC       a JSON build spec (see docs/images.md); paths in it are relative to its directory',
+      '-t, --name NAME:TAG   image name (tag defaults to "latest")',
+      '--elf PATH            an ELF executable; its shared libraries are resolved from the ELF',
+      '--node DIR            a Node.js app directory (with node_modules); --entry FILE (default index.js)',
+      '--rootfs DIR          a root file system; --entrypoint /path/inside/DIR',
+      '--kernel FILE         bring your own unikernel; --disk FILE, --cmdline TEXT, --machine microvm|q35|pc',
+      '--format F            auto (default) | initramfs | squashfs | ext4',
+      '-e, --env K=V         environment of the app (repeatable)',
+      '--workdir DIR         working directory of the app',
+      '--cpus N, --memory M  default vCPUs and memory (MiB, or 512M, 1G)',
+      '--port P[/http|tcp]   a port the app exposes (repeatable)',
+      '--json                print the manifest as JSON'
+    ],
+    run: async (values, positionals) => {
+      const { builder } = createContext()
+      const { spec, baseDir } = await specFromFlags(values, positionals)
+      const started = Date.now()
+      const manifest = await builder.build(spec, baseDir)
+      if (values.json === true) console.log(JSON.stringify(manifest, null, 2))
+      else {
+        console.log(`built ${formatImageRef(manifest)} in ${formatDuration(Date.now() - started)}`)
+        printManifestSummary(manifest)
+      }
+      return 0
+    }
+  },
+  {
+    name: 'image ls',
+    summary: 'List images.',
+    usage: 'uigniter image ls [--json]',
+    options: { json: { type: 'boolean' } },
+    help: ['--json   print the manifests as JSON'],
+    run: async (values) => {
+      const images = await createContext().store.list()
+      if (values.json === true) console.log(JSON.stringify(images, null, 2))
+      else printTable(['NAME', 'TAG', 'DIGEST', 'FORMAT', 'SIZE', 'CREATED'],
+        images.map((m) => [m.name, m.tag, m.digest.slice(7, 19), m.format, formatBytes(m.size), m.createdAt]))
+      return 0
+    }
+  },
+  {
+    name: 'image inspect',
+    summary: 'Print an image\'s manifest as JSON.',
+    usage: 'uigniter image inspect NAME[:TAG]',
+    options: {},
+    help: [],
+    run: async (_values, positionals) => {
+      const ref = requireOne(positionals, 'uigniter image inspect NAME[:TAG]')
+      console.log(JSON.stringify(await createContext().store.get(ref), null, 2))
+      return 0
+    }
+  },
+  {
+    name: 'image rm',
+    summary: 'Remove images; blobs no other image uses are deleted.',
+    usage: 'uigniter image rm NAME[:TAG]...',
+    options: {},
+    help: [],
+    run: async (_values, positionals) => {
+      if (positionals.length === 0) throw new UigniterError('UIG_ERR_CLI_USAGE', 'usage: uigniter image rm NAME[:TAG]...')
+      const { store } = createContext()
+      for (const ref of positionals) console.log(`removed ${formatImageRef(await store.remove(ref))}`)
+      return 0
+    }
+  },
+  {
+    name: 'image test',
+    summary: 'Boot an image once under QEMU (user-mode network), show its console, and report whether the app started and how it exited.',
+    usage: 'uigniter image test NAME[:TAG] [-p HOST:GUEST]... [--http PORT[/PATH]] [--timeout SECONDS] [--quiet]',
+    options: {
+      publish: { type: 'string', short: 'p', multiple: true },
+      http: { type: 'string' },
+      timeout: { type: 'string' },
+      quiet: { type: 'boolean', short: 'q' }
+    },
+    help: [
+      '-p, --publish H:G   forward 127.0.0.1:H on the host to port G in the guest (repeatable)',
+      '--http PORT[/PATH]  once the app started, GET PATH on the guest\'s PORT, print the answer, then stop the guest',
+      '--timeout SECONDS   stop the guest gracefully after this long (default: wait for the app to exit)',
+      '-q, --quiet         do not echo the guest console'
+    ],
+    run: async (values, positionals) => {
+      const ctx = createContext()
+      const manifest = await ctx.store.get(requireOne(positionals, 'uigniter image test NAME[:TAG]'))
+      const forwards = ((values.publish as string[] | undefined) ?? []).map((p) => {
+        const m = /^(\d+):(\d+)$/.exec(p)
+        if (m === null) throw new UigniterError('UIG_ERR_CLI_USAGE', `--publish takes HOST:GUEST ports, not "${p}"`)
+        return { hostPort: parseIntFlag(m[1] ?? '', '--publish', 1, 65535), guestPort: parseIntFlag(m[2] ?? '', '--publish', 1, 65535) }
+      })
+      const httpCheck = parseHttpFlag(values.http as string | undefined)
+      if (httpCheck !== undefined) forwards.push({ hostPort: 0, guestPort: httpCheck.port })
+      const timeoutS = values.timeout === undefined ? undefined : parseIntFlag(values.timeout as string, '--timeout', 1, 86400)
+      const booted = await BootedImage.start({ config: ctx.config, store: ctx.store, manifest, forwards })
+      const say = (text: string): void => { process.stderr.write(`uigniter: ${text}\n`) }
+      say(`booting ${formatImageRef(manifest)} (${manifest.format}, ${booted.accel.accel}: ${booted.accel.reason})`)
+      if (values.quiet !== true) booted.guest.on('line', (line: string) => { process.stdout.write(line + '\n') })
+      const onSignal = (): void => { void booted.shutdown() }
+      process.once('SIGINT', onSignal)
+      process.once('SIGTERM', onSignal)
+      let failed = false
+      try {
+        if (manifest.init !== null) {
+          await booted.guest.waitForMarker('app-started', 120_000)
+          const t = booted.guest.timings
+          say(`app started ${formatDuration((t.appStartedAt ?? 0) - t.spawnedAt)} after QEMU started (init at ${formatDuration((t.initAt ?? 0) - t.spawnedAt)})`)
+        }
+        if (httpCheck !== undefined) {
+          const hostPort = booted.forwards.find((f) => f.guestPort === httpCheck.port)?.hostPort ?? 0
+          const answer = await httpGetWithRetry(hostPort, httpCheck.path, 60_000)
+          say(`GET ${httpCheck.path} on guest port ${httpCheck.port} answered ${answer.status}:`)
+          process.stdout.write(answer.body.endsWith('\n') ? answer.body : answer.body + '\n')
+          await booted.shutdown()
+        } else if (timeoutS !== undefined) {
+          const timer = setTimeout(() => { say(`stopping after ${timeoutS}s`); void booted.shutdown() }, timeoutS * 1000)
+          void booted.guest.exited.finally(() => clearTimeout(timer))
+        }
+      } catch (err) {
+        failed = true
+        await booted.destroy()
+        say(`${(err as Error).message}`)
+      } finally {
+        process.off('SIGINT', onSignal)
+        process.off('SIGTERM', onSignal)
+      }
+      const exit = await booted.guest.exited
+      say(describeGuestExit(exit))
+      return failed || (exit.reason !== 'app-exited' && manifest.init !== null) ? 1 : 0
+    }
+  }
+]
+
+function requireOne (positionals: string[], usage: string): string {
+  if (positionals.length !== 1 || positionals[0] === undefined) throw new UigniterError('UIG_ERR_CLI_USAGE', `usage: ${usage}`)
+  return positionals[0]
+}
+
+function parseHttpFlag (text: string | undefined): { port: number, path: string } | undefined {
+  if (text === undefined) return undefined
+  const m = /^(\d+)(\/.*)?$/.exec(text)
+  if (m === null) throw new UigniterError('UIG_ERR_CLI_USAGE', `--http takes PORT or PORT/PATH, not "${text}"`)
+  return { port: parseIntFlag(m[1] ?? '', '--http', 1, 65535), path: m[2] ?? '/' }
+}

@@ -1,0 +1,65 @@
+import { createWriteStream } from 'node:fs'
+import { chmod, copyFile, constants, mkdir, symlink, writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import { pipeline } from 'node:stream/promises'
+import { createGzip } from 'node:zlib'
+import { UigniterError } from '../core/errors.js'
+import { run } from '../core/exec.js'
+import { CpioWriter } from './cpio-writer.js'
+import type { RootfsTree } from './rootfs-tree.js'
+import { allocateFile } from './image-store.js'
+
+/** Writes the tree as a gzip-compressed cpio (newc) archive: an initramfs. */
+export async function writeInitramfs (tree: RootfsTree, outPath: string): Promise<void> {
+  const gzip = createGzip({ level: 6 })
+  const done = pipeline(gzip, createWriteStream(outPath))
+  const cpio = new CpioWriter(gzip)
+  for (const [path, entry] of tree.entries()) {
+    if (path === '/') continue
+    const name = path.slice(1)
+    if (entry.type === 'dir') await cpio.addDirectory(name, entry.mode)
+    else if (entry.type === 'symlink') await cpio.addSymlink(name, entry.target)
+    else await cpio.addFile(name, entry.source, entry.mode)
+  }
+  await cpio.close()
+  await done
+}
+
+/**
+ * Writes the tree as a read-only root disk. The tree is first laid out in a
+ * staging directory (file copies use reflinks where the file system has them),
+ * then packed: squashfs with zstd (smaller, read-only by design), or ext4
+ * without a journal (a read-only mount needs none).
+ */
+export async function writeDisk (tree: RootfsTree, format: 'squashfs' | 'ext4', stagingDir: string, outPath: string): Promise<void> {
+  await mkdir(stagingDir, { recursive: true })
+  for (const [path, entry] of tree.entries()) {
+    const target = join(stagingDir, path)
+    if (entry.type === 'dir') {
+      await mkdir(target, { recursive: true })
+      await chmod(target, entry.mode)
+    } else if (entry.type === 'symlink') {
+      await symlink(entry.target, target)
+    } else {
+      if ('hostPath' in entry.source) await copyFile(entry.source.hostPath, target, constants.COPYFILE_FICLONE)
+      else await writeFile(target, entry.source.data)
+      await chmod(target, entry.mode)
+    }
+  }
+  const fail = (tool: string) => ({ stderr, stdout }: { stderr: string, stdout: string }): Error => {
+    const text = (stderr + stdout).trim()
+    if (/No space left|ENOSPC|Could not allocate|Failed to write|write failed/i.test(text)) {
+      return new UigniterError('UIG_ERR_NO_SPACE', `no space left while writing the ${format} disk with ${tool}`)
+    }
+    return new Error(`${tool} failed: ${text.split('\n').slice(-5).join('\n')}`)
+  }
+  if (format === 'squashfs') {
+    await run('mksquashfs', [stagingDir, outPath, '-comp', 'zstd', '-noappend', '-all-root', '-no-progress', '-quiet'], { onFail: fail('mksquashfs') })
+  } else {
+    // Room for the content plus ext4's metadata: 25 % and 16 MiB is ample for read-only images.
+    const size = Math.ceil((tree.contentSize() * 1.25 + 16 * 1024 * 1024) / 4096) * 4096
+    await allocateFile(outPath, size)
+    await run('mkfs.ext4', ['-q', '-F', '-d', stagingDir, '-L', 'uigniter', '-O', '^has_journal', '-E', 'root_owner=0:0', outPath],
+      { onFail: fail('mkfs.ext4') })
+  }
+}

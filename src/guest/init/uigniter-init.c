@@ -1,0 +1,1094 @@
+/*
+ * uigniter-init: PID 1 of a uigniter guest.
+ *
+ * The guest image has no shell and exactly one application.  This program
+ * prepares what a Linux program expects (pseudo filesystems, loopback, the
+ * configured IPv4 address), starts the application, reaps everything that
+ * gets orphaned onto PID 1, and reboots as soon as the application is gone:
+ * QEMU runs with -no-reboot and the kernel with reboot=t, so that ends the VM.
+ *
+ * The host reads "UIGNITER:" marker lines on the serial console, and talks to
+ * us over the virtio-console port "uigniter.ctl" (see "control channel").
+ *
+ * Build: gcc -static -Os -Wall -Wextra -Werror -o uigniter-init uigniter-init.c
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/timerfd.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#define INIT_VERSION 1
+#define APP_CONFIG "/uigniter/config"
+#define MODULE_LIST "/uigniter/modules"
+#define CTL_PORT_NAME "uigniter.ctl"
+#define DEFAULT_PATH "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+#define CTL_LINE_MAX 4096
+#define CTL_OUT_CAP 8192
+/* Larger than any reply we build; input is not read without this much room. */
+#define CTL_REPLY_MAX 512
+#define DEFAULT_SHUTDOWN_MS 5000UL
+/* A day: anything longer is more likely a unit mistake than intended. */
+#define MAX_SHUTDOWN_MS 86400000UL
+
+#define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+/* ================================================================ output */
+
+/*
+ * Each message goes to the console in a single write(), so that a line from
+ * init is never split by output of the app and the host can match it whole.
+ */
+static void write_line(int fd, const char *prefix, const char *fmt, va_list ap)
+{
+	char buf[1024];
+	int n = snprintf(buf, sizeof(buf), "%s", prefix);
+	int m = vsnprintf(buf + n, sizeof(buf) - n, fmt, ap);
+
+	n += m > 0 ? m : 0;
+	if (n > (int)sizeof(buf) - 1)
+		n = sizeof(buf) - 1;
+	buf[n++] = '\n';
+	while (write(fd, buf, n) < 0 && errno == EINTR)
+		;
+}
+
+/* Lines the host parses; always on fd 1. */
+__attribute__((format(printf, 1, 2)))
+static void marker(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	write_line(1, "UIGNITER:", fmt, ap);
+	va_end(ap);
+}
+
+/* Diagnostics for humans reading the console. */
+__attribute__((format(printf, 1, 2)))
+static void warnmsg(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	write_line(2, "uigniter-init: ", fmt, ap);
+	va_end(ap);
+}
+
+__attribute__((noreturn))
+static void reboot_now(void)
+{
+	/*
+	 * write() on the serial tty returns once the bytes are buffered, not
+	 * sent; without draining, the last lines (typically the EXIT marker)
+	 * would be lost with the VM.
+	 */
+	tcdrain(1);
+	tcdrain(2);
+	reboot(RB_AUTOBOOT);
+	marker("INIT-FAILED error=\"reboot: %s\"", strerror(errno));
+	/* Returning from PID 1 panics the kernel; park instead. */
+	for (;;)
+		pause();
+}
+
+__attribute__((noreturn, format(printf, 1, 2)))
+static void fatal(const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	marker("INIT-FAILED error=\"%s\"", msg);
+	sync();
+	reboot_now();
+}
+
+/* =============================================================== helpers */
+
+/* Whole file as a NUL-terminated heap string; stat sizes of /proc are 0. */
+static char *read_file(const char *path, size_t cap, size_t *len_out)
+{
+	size_t size = 0, len = 0;
+	char *buf = NULL;
+	ssize_t n;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return NULL;
+	do {
+		if (len == size) {
+			char *nb = NULL;
+			if (size >= cap)
+				errno = EFBIG;
+			else
+				nb = realloc(buf, (size = size ? 2 * size : 4096) + 1);
+			if (!nb)
+				goto fail;
+			buf = nb;
+		}
+		n = read(fd, buf + len, size - len);
+		if (n > 0)
+			len += n;
+	} while (n > 0 || (n < 0 && errno == EINTR));
+	if (n < 0)
+		goto fail;
+	close(fd);
+	buf[len] = '\0';
+	if (len_out)
+		*len_out = len;
+	return buf;
+fail:
+	n = errno;
+	free(buf);
+	close(fd);
+	errno = n;
+	return NULL;
+}
+
+static int write_all(int fd, const void *data, size_t n)
+{
+	const char *p = data;
+	while (n > 0) {
+		ssize_t w = write(fd, p, n);
+		if (w < 0 && errno != EINTR)
+			return -1;
+		if (w > 0) {
+			p += w;
+			n -= w;
+		}
+	}
+	return 0;
+}
+
+static long long boottime_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_BOOTTIME, &ts);
+	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ======================================================= filesystems */
+
+static bool is_mountpoint(const char *path)
+{
+	struct stat root, st;
+	return stat("/", &root) == 0 && stat(path, &st) == 0 && st.st_dev != root.st_dev;
+}
+
+/* Returns 0 or an errno value. */
+static int mount_at(const char *src, const char *dir, const char *type,
+		    unsigned long flags, const char *data)
+{
+	/* On a read-only root the directory is expected to ship in the image. */
+	mkdir(dir, 0755);
+	return mount(src, dir, type, flags, data) == 0 ? 0 : errno;
+}
+
+/*
+ * With an initramfs the kernel neither mounts devtmpfs nor, if the archive
+ * lacks /dev/console, opens fds 0-2; so /dev comes before anything we print.
+ * With a disk root, CONFIG_DEVTMPFS_MOUNT has usually mounted it already.
+ */
+static int mount_dev(void)
+{
+	if (is_mountpoint("/dev"))
+		return 0;
+	int err = mount_at("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+	return err == EBUSY ? 0 : err;
+}
+
+static void setup_console_fds(void)
+{
+	for (int fd = 0; fd <= 2; fd++) {
+		if (fcntl(fd, F_GETFD) >= 0)
+			continue;
+		/* Lower fds are open, so this lands on fd itself. */
+		if (open("/dev/console", O_RDWR | O_NOCTTY) < 0)
+			open("/dev/null", O_RDWR);
+	}
+}
+
+static void mount_others(void)
+{
+	static const struct {
+		const char *src, *dir, *type;
+		unsigned long flags;
+		const char *data;
+	} mounts[] = {
+		{ "sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL },
+		{ "devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "mode=0620,ptmxmode=0666" },
+		{ "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" },
+		{ "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" },
+		{ "tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755" },
+	};
+	for (size_t i = 0; i < ARRAY_LEN(mounts); i++) {
+		int err = mount_at(mounts[i].src, mounts[i].dir, mounts[i].type,
+				   mounts[i].flags, mounts[i].data);
+		if (err)
+			warnmsg("mount %s: %s", mounts[i].dir, strerror(err));
+	}
+
+	/*
+	 * devtmpfs lacks these conventional links, and container-style apps
+	 * commonly log to /dev/stdout or use /dev/fd.
+	 */
+	static const char *const links[][2] = {
+		{ "/proc/self/fd", "/dev/fd" },
+		{ "/proc/self/fd/0", "/dev/stdin" },
+		{ "/proc/self/fd/1", "/dev/stdout" },
+		{ "/proc/self/fd/2", "/dev/stderr" },
+	};
+	for (size_t i = 0; i < ARRAY_LEN(links); i++)
+		symlink(links[i][0], links[i][1]);
+}
+
+/* Only a fallback distro kernel has modules; ours has everything built in. */
+static void load_modules(void)
+{
+	char *list = read_file(MODULE_LIST, 1 << 20, NULL);
+	if (!list)
+		return;
+	for (char *save = NULL, *path = strtok_r(list, "\r\n", &save); path;
+	     path = strtok_r(NULL, "\r\n", &save)) {
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0 || (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST))
+			warnmsg("module %s: %s", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+	}
+	free(list);
+}
+
+/* ==================================================== kernel command line */
+
+struct params {
+	const char *ip, *gw, *dns, *hostname;
+	bool probe;
+};
+
+/* Values point into the returned buffer, which must outlive them. */
+static char *parse_cmdline(struct params *p)
+{
+	const struct {
+		const char *prefix;
+		const char **value;
+	} keys[] = {
+		{ "uigniter.ip=", &p->ip },
+		{ "uigniter.gw=", &p->gw },
+		{ "uigniter.dns=", &p->dns },
+		{ "uigniter.hostname=", &p->hostname },
+	};
+	char *buf = read_file("/proc/cmdline", 1 << 16, NULL);
+
+	memset(p, 0, sizeof(*p));
+	if (!buf) {
+		warnmsg("/proc/cmdline: %s", strerror(errno));
+		return NULL;
+	}
+	for (char *save = NULL, *tok = strtok_r(buf, " \t\n", &save); tok;
+	     tok = strtok_r(NULL, " \t\n", &save)) {
+		if (strcmp(tok, "uigniter.probe=1") == 0)
+			p->probe = true;
+		/* Later occurrences win, as for kernel parameters. */
+		for (size_t i = 0; i < ARRAY_LEN(keys); i++)
+			if (strncmp(tok, keys[i].prefix, strlen(keys[i].prefix)) == 0)
+				*keys[i].value = tok + strlen(keys[i].prefix);
+	}
+	return buf;
+}
+
+/* =============================================================== network */
+
+static void set_inaddr(struct sockaddr *sa, in_addr_t addr)
+{
+	struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = addr };
+	memcpy(sa, &sin, sizeof(sin));
+}
+
+static int if_up(int s, const char *ifname, in_addr_t addr, in_addr_t mask)
+{
+	struct ifreq ifr;
+	const char *step;
+
+	memset(&ifr, 0, sizeof(ifr));
+	snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", ifname);
+	set_inaddr(&ifr.ifr_addr, addr);
+	step = "address";
+	if (ioctl(s, SIOCSIFADDR, &ifr) < 0)
+		goto fail;
+	set_inaddr(&ifr.ifr_netmask, mask);
+	step = "netmask";
+	if (ioctl(s, SIOCSIFNETMASK, &ifr) < 0)
+		goto fail;
+	step = "flags";
+	if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0)
+		goto fail;
+	ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+	if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
+		goto fail;
+	return 0;
+fail:
+	warnmsg("%s: set %s: %s", ifname, step, strerror(errno));
+	return -1;
+}
+
+static void add_default_route(int s, const char *ifname, const char *gw)
+{
+	char dev[IFNAMSIZ];
+	struct in_addr a;
+	struct rtentry rt;
+
+	if (inet_pton(AF_INET, gw, &a) != 1) {
+		warnmsg("uigniter.gw: invalid address '%s'", gw);
+		return;
+	}
+	snprintf(dev, sizeof(dev), "%s", ifname);
+	memset(&rt, 0, sizeof(rt));
+	set_inaddr(&rt.rt_dst, INADDR_ANY);
+	set_inaddr(&rt.rt_genmask, INADDR_ANY);
+	set_inaddr(&rt.rt_gateway, a.s_addr);
+	rt.rt_flags = RTF_UP | RTF_GATEWAY;
+	rt.rt_dev = dev;
+	if (ioctl(s, SIOCADDRT, &rt) < 0)
+		warnmsg("default route via %s: %s", gw, strerror(errno));
+}
+
+static bool parse_cidr(const char *s, in_addr_t *addr, in_addr_t *mask)
+{
+	char host[INET_ADDRSTRLEN];
+	const char *slash = strchr(s, '/');
+	struct in_addr a;
+	char *end;
+
+	if (!slash || (size_t)(slash - s) >= sizeof(host))
+		return false;
+	memcpy(host, s, slash - s);
+	host[slash - s] = '\0';
+	if (inet_pton(AF_INET, host, &a) != 1 || slash[1] < '0' || slash[1] > '9')
+		return false;
+	unsigned long prefix = strtoul(slash + 1, &end, 10);
+	if (*end || prefix > 32)
+		return false;
+	*addr = a.s_addr;
+	*mask = prefix ? htonl(0xffffffffu << (32 - prefix)) : 0;
+	return true;
+}
+
+/* /etc/resolv.conf in the image is a symlink to this file. */
+static void write_resolv_conf(char *dns)
+{
+	char buf[2048];
+	size_t len = 0;
+
+	for (char *save = NULL, *a = strtok_r(dns, ",", &save); a;
+	     a = strtok_r(NULL, ",", &save)) {
+		unsigned char bin[sizeof(struct in6_addr)];
+		if (inet_pton(AF_INET, a, bin) != 1 && inet_pton(AF_INET6, a, bin) != 1) {
+			warnmsg("uigniter.dns: ignoring invalid address '%s'", a);
+			continue;
+		}
+		int n = snprintf(buf + len, sizeof(buf) - len, "nameserver %s\n", a);
+		if (n < 0 || (size_t)n >= sizeof(buf) - len)
+			break;
+		len += n;
+	}
+	int fd = open("/run/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0 || write_all(fd, buf, len) < 0)
+		warnmsg("/run/resolv.conf: %s", strerror(errno));
+	if (fd >= 0)
+		close(fd);
+}
+
+static void setup_network(const struct params *p)
+{
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0) {
+		warnmsg("socket: %s", strerror(errno));
+	} else {
+		in_addr_t addr, mask;
+		if_up(s, "lo", htonl(INADDR_LOOPBACK), htonl(0xff000000u));
+		if (p->ip && !parse_cidr(p->ip, &addr, &mask))
+			warnmsg("uigniter.ip: invalid '%s', want ADDR/PREFIX", p->ip);
+		else if (p->ip && if_up(s, "eth0", addr, mask) == 0 && p->gw)
+			add_default_route(s, "eth0", p->gw);
+		close(s);
+	}
+	if (p->dns) {
+		char *copy = strdup(p->dns);
+		if (copy)
+			write_resolv_conf(copy);
+		free(copy);
+	}
+	if (p->hostname && sethostname(p->hostname, strlen(p->hostname)) < 0)
+		warnmsg("sethostname '%s': %s", p->hostname, strerror(errno));
+}
+
+/* ================================================================ the app */
+
+struct app {
+	char **argv, **envp;
+	const char *cwd;
+};
+
+/*
+ * The config is NUL-terminated key/value string pairs, so that arguments
+ * and environment values can hold any byte but NUL without escaping.
+ * Returns false when there is no config or it names no program.
+ */
+static bool load_app_config(struct app *app)
+{
+	size_t len;
+	char *blob = read_file(APP_CONFIG, 16 << 20, &len);
+
+	memset(app, 0, sizeof(*app));
+	if (!blob)
+		return false;
+	/* Every string could be an entry; +2 for PATH and HOME, +1 for NULL. */
+	size_t max = 1;
+	for (size_t i = 0; i < len; i++)
+		max += blob[i] == '\0';
+	app->argv = calloc(max + 1, sizeof(char *));
+	app->envp = calloc(max + 3, sizeof(char *));
+	if (!app->argv || !app->envp)
+		fatal("out of memory reading " APP_CONFIG);
+
+	size_t argc = 0, envc = 0;
+	bool have_path = false, have_home = false;
+	/* read_file's terminator ends a last string that lacks its NUL. */
+	for (char *p = blob, *end = blob + len; p < end;) {
+		char *key = p;
+		p += strlen(p) + 1;
+		if (p >= end)
+			break;
+		char *val = p;
+		p += strlen(p) + 1;
+
+		if (strcmp(key, "arg") == 0) {
+			app->argv[argc++] = val;
+		} else if (strcmp(key, "cwd") == 0) {
+			app->cwd = val;
+		} else if (strcmp(key, "env") == 0 && strchr(val, '=')) {
+			have_path |= strncmp(val, "PATH=", 5) == 0;
+			have_home |= strncmp(val, "HOME=", 5) == 0;
+			app->envp[envc++] = val;
+		}
+	}
+	if (!have_path)
+		app->envp[envc++] = "PATH=" DEFAULT_PATH;
+	if (!have_home)
+		app->envp[envc++] = "HOME=/";
+	return argc > 0;
+}
+
+/*
+ * execvpe() without its two surprises: PATH is taken from the app's
+ * environment rather than ours, and ENOEXEC is reported instead of retried
+ * with /bin/sh, which these images do not have.  Returns with errno set.
+ */
+static void exec_app(char *const argv[], char *const envp[])
+{
+	const char *name = argv[0], *path = DEFAULT_PATH;
+	bool eacces = false;
+
+	if (strchr(name, '/')) {
+		execve(name, argv, envp);
+		return;
+	}
+	for (char *const *e = envp; *e; e++)
+		if (strncmp(*e, "PATH=", 5) == 0)
+			path = *e + 5;
+
+	while (*name) {
+		size_t dlen = strcspn(path, ":");
+		char full[PATH_MAX];
+		/* An empty PATH element means the current directory. */
+		int n = snprintf(full, sizeof(full), "%.*s/%s",
+				 dlen ? (int)dlen : 1, dlen ? path : ".", name);
+		if (n > 0 && (size_t)n < sizeof(full)) {
+			execve(full, argv, envp);
+			if (errno == EACCES)
+				eacces = true;
+			else if (errno != ENOENT && errno != ENOTDIR && errno != ELOOP &&
+				 errno != ENAMETOOLONG && errno != ESTALE && errno != ENODEV)
+				return;
+		}
+		if (path[dlen] == '\0')
+			break;
+		path += dlen + 1;
+	}
+	errno = eacces ? EACCES : ENOENT;
+}
+
+__attribute__((noreturn))
+static void child_exec(const struct app *app, int report_fd)
+{
+	struct sigaction dfl = { .sa_handler = SIG_DFL };
+	sigset_t none;
+
+	/* Init's signal setup must not leak into the app. */
+	for (int sig = 1; sig < NSIG; sig++)
+		sigaction(sig, &dfl, NULL);
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+
+	/* A process group of its own lets shutdown signal the app's whole tree. */
+	setsid();
+	if (chdir(app->cwd ? app->cwd : "/") == 0)
+		exec_app(app->argv, app->envp);
+	int err = errno;
+	write_all(report_fd, &err, sizeof(err));
+	_exit(127);
+}
+
+/*
+ * Returns the app's pid, or -1 when it could not be started.  The pipe is
+ * close-on-exec: EOF means exec succeeded, otherwise it carries the errno.
+ */
+static pid_t start_app(const struct app *app)
+{
+	int pfd[2], err;
+	ssize_t n;
+
+	if (pipe2(pfd, O_CLOEXEC) < 0)
+		fatal("pipe2: %s", strerror(errno));
+	pid_t pid = fork();
+	if (pid < 0)
+		fatal("fork: %s", strerror(errno));
+	if (pid == 0)
+		child_exec(app, pfd[1]);
+	close(pfd[1]);
+	do
+		n = read(pfd[0], &err, sizeof(err));
+	while (n < 0 && errno == EINTR);
+	close(pfd[0]);
+
+	if (n == (ssize_t)sizeof(err)) {
+		waitpid(pid, NULL, 0);
+		marker("EXEC-FAILED errno=%d error=\"%s\"", err, strerror(err));
+		return -1;
+	}
+	marker("APP-STARTED pid=%d", (int)pid);
+	return pid;
+}
+
+static struct {
+	pid_t pid;
+	bool running;
+	bool signaled; /* once !running: code is a signal number */
+	int code;
+} app_state;
+
+static int timer_fd = -1;
+
+static void signal_app(int sig)
+{
+	/* The app is a session leader, so its group id is its pid. */
+	if (kill(-app_state.pid, sig) < 0)
+		kill(app_state.pid, sig);
+}
+
+/* ======================================================= control channel */
+
+/*
+ * Protocol: the host sends "VERB [key=value ...]\n"; every non-blank line
+ * gets exactly one JSON object on one line in reply.  The guest volunteers a
+ * single message, {"event":"exit",...}, just before the VM ends.
+ */
+static struct {
+	int fd;          /* -1: this VM has no control port */
+	bool idle;       /* host end closed: left out of poll() until SIGIO */
+	bool discarding; /* inside an over-long line, skipping to its '\n' */
+	size_t in_len, out_len;
+	char in[CTL_LINE_MAX + 1];
+	char out[CTL_OUT_CAP];
+} ctl = { .fd = -1 };
+
+static bool find_ctl_port(char *dev, size_t devsz)
+{
+	DIR *d = opendir("/sys/class/virtio-ports");
+	struct dirent *e;
+	bool found = false;
+
+	while (d && !found && (e = readdir(d)) != NULL) {
+		char path[300], *name;
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "/sys/class/virtio-ports/%s/name", e->d_name);
+		if (!(name = read_file(path, 4096, NULL)))
+			continue;
+		found = strcmp(name, CTL_PORT_NAME "\n") == 0 &&
+			(size_t)snprintf(dev, devsz, "/dev/%s", e->d_name) < devsz;
+		free(name);
+	}
+	if (d)
+		closedir(d);
+	return found;
+}
+
+static bool have_virtio_console(void)
+{
+	/* Bound devices appear as "virtioN" links in the driver's directory. */
+	DIR *d = opendir("/sys/bus/virtio/drivers/virtio_console");
+	struct dirent *e;
+	bool found = false;
+
+	while (d && !found && (e = readdir(d)) != NULL)
+		found = strncmp(e->d_name, "virtio", 6) == 0;
+	if (d)
+		closedir(d);
+	return found;
+}
+
+static void ctl_open(void)
+{
+	char dev[300];
+	/*
+	 * Ports and their names arrive from QEMU as asynchronous control
+	 * messages, so one may not be visible yet right after boot.  Waiting
+	 * briefly is only worth it if a virtio-serial device exists at all.
+	 */
+	bool wait = have_virtio_console();
+	for (int tries = 0; !find_ctl_port(dev, sizeof(dev)); tries++) {
+		if (!wait || tries == 25)
+			return;
+		nanosleep(&(struct timespec){ .tv_nsec = 10000000 }, NULL);
+	}
+
+	ctl.fd = open(dev, O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+	if (ctl.fd < 0) {
+		warnmsg("%s: %s", dev, strerror(errno));
+		return;
+	}
+	/*
+	 * While the host end is closed, poll() reports POLLHUP without end, so
+	 * the fd leaves the poll set then; the driver raises SIGIO on each host
+	 * connect and disconnect, which brings it back.  O_ASYNC stays on for
+	 * good so that no transition can slip between seeing the hang-up and
+	 * asking for the signal.
+	 */
+	int fl = fcntl(ctl.fd, F_GETFL);
+	if (fcntl(ctl.fd, F_SETOWN, getpid()) < 0 || fcntl(ctl.fd, F_SETFL, fl | O_ASYNC) < 0)
+		warnmsg("%s: O_ASYNC: %s", dev, strerror(errno));
+}
+
+static void ctl_hangup(void)
+{
+	/* Anything half-sent in either direction belonged to the old session. */
+	ctl.idle = true;
+	ctl.discarding = false;
+	ctl.in_len = ctl.out_len = 0;
+}
+
+__attribute__((format(printf, 1, 2)))
+static void ctl_reply(const char *fmt, ...)
+{
+	size_t room = sizeof(ctl.out) - ctl.out_len;
+	va_list ap;
+
+	va_start(ap, fmt);
+	int n = vsnprintf(ctl.out + ctl.out_len, room, fmt, ap);
+	va_end(ap);
+	/* Better no reply than a truncated JSON object. */
+	if (n < 0 || (size_t)n + 1 >= room)
+		return;
+	ctl.out[ctl.out_len + n] = '\n';
+	ctl.out_len += n + 1;
+}
+
+static void ctl_flush(void)
+{
+	size_t off = 0;
+	while (off < ctl.out_len) {
+		ssize_t w = write(ctl.fd, ctl.out + off, ctl.out_len - off);
+		if (w > 0)
+			off += w;
+		else if (!(w < 0 && errno == EINTR))
+			break;
+	}
+	memmove(ctl.out, ctl.out + off, ctl.out_len - off);
+	ctl.out_len -= off;
+}
+
+/* JSON string body of at most max input bytes, for echoing host input. */
+static void json_escape(char *dst, size_t dstsz, const char *s, size_t max)
+{
+	size_t o = 0;
+	for (; *s && max-- && o + 7 < dstsz; s++) {
+		unsigned char c = *s;
+		if (c == '"' || c == '\\')
+			o += snprintf(dst + o, dstsz - o, "\\%c", c);
+		else if (c < 0x20 || c >= 0x7f)
+			o += snprintf(dst + o, dstsz - o, "\\u%04x", c);
+		else
+			dst[o++] = c;
+	}
+	dst[o] = '\0';
+}
+
+/* ---------------------------------------------------------------- verbs */
+
+#define CTL_MAX_ARGS 16
+
+struct ctl_args {
+	int n;
+	const char *key[CTL_MAX_ARGS];
+	const char *val[CTL_MAX_ARGS]; /* "" for a bare word */
+};
+
+static const char *arg_get(const struct ctl_args *a, const char *key)
+{
+	for (int i = a->n - 1; i >= 0; i--)
+		if (strcmp(a->key[i], key) == 0)
+			return a->val[i];
+	return NULL;
+}
+
+static void cmd_ping(const struct ctl_args *a)
+{
+	(void)a;
+	ctl_reply("{\"ok\":true,\"pong\":true}");
+}
+
+static void cmd_status(const struct ctl_args *a)
+{
+	(void)a;
+	ctl_reply("{\"ok\":true,\"app\":\"%s\",\"pid\":%d,\"uptime_ms\":%lld}",
+		  app_state.running ? "running" : "exited", (int)app_state.pid, boottime_ms());
+}
+
+/* SIGTERM now, SIGKILL when timeout_ms passes; the exit path does the rest. */
+static void cmd_shutdown(const struct ctl_args *a)
+{
+	const char *v = arg_get(a, "timeout_ms");
+	unsigned long ms = DEFAULT_SHUTDOWN_MS;
+	char *end;
+
+	if (v) {
+		errno = 0;
+		ms = strtoul(v, &end, 10);
+		if (*v < '0' || *v > '9' || *end || errno || ms > MAX_SHUTDOWN_MS) {
+			ctl_reply("{\"ok\":false,\"error\":\"invalid timeout_ms\"}");
+			return;
+		}
+	}
+	ctl_reply("{\"ok\":true}");
+	if (!app_state.running)
+		return;
+	signal_app(SIGTERM);
+	if (ms == 0) {
+		signal_app(SIGKILL);
+		return;
+	}
+	/* A repeated shutdown may bring the deadline forward, never push it back. */
+	struct itimerspec cur, its = { .it_value = { ms / 1000, ms % 1000 * 1000000 } };
+	if (timerfd_gettime(timer_fd, &cur) == 0 &&
+	    (cur.it_value.tv_sec || cur.it_value.tv_nsec) &&
+	    (cur.it_value.tv_sec < its.it_value.tv_sec ||
+	     (cur.it_value.tv_sec == its.it_value.tv_sec &&
+	      cur.it_value.tv_nsec <= its.it_value.tv_nsec)))
+		return;
+	if (timerfd_settime(timer_fd, 0, &its, NULL) < 0) {
+		warnmsg("timerfd_settime: %s; killing the app now", strerror(errno));
+		signal_app(SIGKILL);
+	}
+}
+
+/* A new verb is one function and one row here. */
+static const struct {
+	const char *verb;
+	void (*run)(const struct ctl_args *);
+} ctl_verbs[] = {
+	{ "ping", cmd_ping },
+	{ "status", cmd_status },
+	{ "shutdown", cmd_shutdown },
+};
+
+static void ctl_dispatch(char *line)
+{
+	char *save = NULL, *tok;
+	char *verb = strtok_r(line, " \t\r", &save);
+	struct ctl_args args = { 0 };
+
+	/* Blank lines get no reply, so the host may use them as keep-alives. */
+	if (!verb)
+		return;
+	while ((tok = strtok_r(NULL, " \t\r", &save)) != NULL) {
+		if (args.n == CTL_MAX_ARGS) {
+			ctl_reply("{\"ok\":false,\"error\":\"too many arguments\"}");
+			return;
+		}
+		char *eq = strchr(tok, '=');
+		if (eq)
+			*eq++ = '\0';
+		args.key[args.n] = tok;
+		args.val[args.n++] = eq ? eq : "";
+	}
+	for (size_t i = 0; i < ARRAY_LEN(ctl_verbs); i++) {
+		if (strcmp(verb, ctl_verbs[i].verb) == 0) {
+			ctl_verbs[i].run(&args);
+			return;
+		}
+	}
+	char esc[7 * 32 + 1];
+	json_escape(esc, sizeof(esc), verb, 32);
+	ctl_reply("{\"ok\":false,\"error\":\"unknown command: %s\"}", esc);
+}
+
+static bool ctl_reply_room(void)
+{
+	return sizeof(ctl.out) - ctl.out_len >= CTL_REPLY_MAX;
+}
+
+/* Handles buffered complete lines for as long as replies have room. */
+static void ctl_process(void)
+{
+	while (ctl.in_len > 0 && ctl_reply_room()) {
+		char *nl = memchr(ctl.in, '\n', ctl.in_len);
+		if (!nl) {
+			/* A full buffer without '\n' is a line over CTL_LINE_MAX. */
+			if (ctl.in_len < sizeof(ctl.in))
+				return;
+			if (!ctl.discarding)
+				ctl_reply("{\"ok\":false,\"error\":\"line too long\"}");
+			ctl.discarding = true;
+			ctl.in_len = 0;
+			return;
+		}
+		*nl = '\0';
+		if (!ctl.discarding)
+			ctl_dispatch(ctl.in);
+		ctl.discarding = false;
+		ctl.in_len -= nl + 1 - ctl.in;
+		memmove(ctl.in, nl + 1, ctl.in_len);
+	}
+}
+
+static short ctl_poll_events(void)
+{
+	short ev = ctl.out_len ? POLLOUT : 0;
+	if (ctl.in_len < sizeof(ctl.in) && ctl_reply_room())
+		ev |= POLLIN;
+	return ev;
+}
+
+/*
+ * Loops until nothing moves: replies are only produced while there is room
+ * for them, so buffered lines must be revisited after every flush, not only
+ * when more input arrives.
+ */
+static void ctl_service(short revents)
+{
+	size_t in_before, out_before;
+
+	do {
+		in_before = ctl.in_len;
+		out_before = ctl.out_len;
+		ctl_flush();
+		ctl_process();
+		if (ctl.in_len == sizeof(ctl.in) || !ctl_reply_room())
+			continue;
+		ssize_t n = read(ctl.fd, ctl.in + ctl.in_len, sizeof(ctl.in) - ctl.in_len);
+		if (n > 0) {
+			ctl.in_len += n;
+		} else if (n == 0) {
+			/* The host end is closed and everything it sent was read. */
+			ctl_hangup();
+			return;
+		} else if (errno == ENODEV) {
+			warnmsg("control port unplugged");
+			close(ctl.fd);
+			ctl.fd = -1;
+			return;
+		}
+	} while (ctl.in_len != in_before || ctl.out_len != out_before);
+
+	if (revents & (POLLHUP | POLLERR))
+		ctl_hangup();
+}
+
+/* Best effort: the host may be gone or not reading. */
+static void ctl_send_exit_event(void)
+{
+	if (ctl.fd < 0)
+		return;
+	if (app_state.signaled)
+		ctl_reply("{\"event\":\"exit\",\"signal\":%d}", app_state.code);
+	else
+		ctl_reply("{\"event\":\"exit\",\"code\":%d}", app_state.code);
+
+	long long deadline = boottime_ms() + 200;
+	for (;;) {
+		ctl_flush();
+		long long left = deadline - boottime_ms();
+		if (ctl.out_len == 0 || left <= 0)
+			return;
+		struct pollfd p = { .fd = ctl.fd, .events = POLLOUT };
+		if (poll(&p, 1, (int)left) < 0 && errno != EINTR)
+			return;
+		/* Without a host connection nothing will ever drain. */
+		if ((p.revents & (POLLHUP | POLLERR)) && !(p.revents & POLLOUT))
+			return;
+	}
+}
+
+/* ============================================================ lifecycle */
+
+__attribute__((noreturn))
+static void app_gone(void)
+{
+	if (app_state.signaled)
+		marker("EXIT signal=%d", app_state.code);
+	else
+		marker("EXIT code=%d", app_state.code);
+	ctl_send_exit_event();
+	/* Spares PID 1 only; daemonised leftovers must not outlive the app. */
+	kill(-1, SIGKILL);
+	sync();
+	reboot_now();
+}
+
+static void reap_children(void)
+{
+	int status;
+	pid_t pid;
+
+	while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+		if (pid != app_state.pid || !app_state.running)
+			continue;
+		app_state.running = false;
+		app_state.signaled = WIFSIGNALED(status);
+		app_state.code = app_state.signaled ? WTERMSIG(status) : WEXITSTATUS(status);
+	}
+}
+
+static int setup_signals(void)
+{
+	sigset_t mask;
+
+	/*
+	 * Blocked before anything is forked or the port opened, so neither
+	 * signal is lost.  Blocked signals queue even for PID 1, which would
+	 * otherwise discard signals it has no handler for.
+	 */
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGCHLD);
+	sigaddset(&mask, SIGIO);
+	if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0)
+		fatal("sigprocmask: %s", strerror(errno));
+	int fd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+	if (fd < 0)
+		fatal("signalfd: %s", strerror(errno));
+	return fd;
+}
+
+__attribute__((noreturn))
+static void event_loop(int sig_fd)
+{
+	/* No timeouts: an idle guest must not wake up at all. */
+	for (;;) {
+		struct pollfd pfd[3] = {
+			{ .fd = sig_fd, .events = POLLIN },
+			{ .fd = timer_fd, .events = POLLIN },
+			{ .fd = -1 },
+		};
+		if (ctl.fd >= 0 && !ctl.idle)
+			pfd[2] = (struct pollfd){ .fd = ctl.fd, .events = ctl_poll_events() };
+
+		if (poll(pfd, ARRAY_LEN(pfd), -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			fatal("poll: %s", strerror(errno));
+		}
+		if (pfd[0].revents) {
+			struct signalfd_siginfo si;
+			while (read(sig_fd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
+				if (si.ssi_signo == SIGCHLD)
+					reap_children();
+				else if (si.ssi_signo == SIGIO)
+					ctl.idle = false;
+			}
+		}
+		if (pfd[1].revents) {
+			uint64_t expirations;
+			if (read(timer_fd, &expirations, sizeof(expirations)) > 0 && app_state.running) {
+				warnmsg("shutdown timeout: sending SIGKILL to the app");
+				signal_app(SIGKILL);
+			}
+		}
+		if (pfd[2].fd >= 0 && pfd[2].revents)
+			ctl_service(pfd[2].revents);
+		if (!app_state.running)
+			app_gone();
+	}
+}
+
+int main(void)
+{
+	struct params params;
+	struct app app;
+
+	int dev_err = mount_dev();
+	setup_console_fds();
+	marker("INIT version=%d", INIT_VERSION);
+	if (dev_err)
+		warnmsg("mount /dev: %s", strerror(dev_err));
+
+	if (!is_mountpoint("/proc")) {
+		int err = mount_at("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+		if (err)
+			fatal("mount /proc: %s", strerror(err));
+	}
+	char *cmdline = parse_cmdline(&params);
+	if (params.probe) {
+		marker("PROBE-OK");
+		reboot_now();
+	}
+
+	mount_others();
+	load_modules();
+	setup_network(&params);
+	free(cmdline);
+
+	int sig_fd = setup_signals();
+	timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+	if (timer_fd < 0)
+		fatal("timerfd_create: %s", strerror(errno));
+	ctl_open();
+
+	if (!load_app_config(&app)) {
+		marker("EXEC-FAILED errno=%d error=\"no app configured\"", ENOENT);
+		app_state.code = 127;
+		app_gone();
+	}
+	app_state.pid = start_app(&app);
+	if (app_state.pid < 0) {
+		app_state.code = 127;
+		app_gone();
+	}
+	app_state.running = true;
+	event_loop(sig_fd);
+}
