@@ -47,7 +47,7 @@ build_c() { # out src flags...
     gcc "$@" -Wall -Wextra -Werror -o "$out.tmp" "$src" && mv "$out.tmp" "$out"
   fi
 }
-build_c build/uigniter-init src/guest/init/uigniter-init.c -static -Os
+build_c build/uigniter-init src/guest/init/uigniter-init.c -static -Os -s
 build_c build/examples/hello examples/hello/hello.c -O2
 
 node dist/src/cli/main.js kernel build

@@ -120,6 +120,6 @@ export const ImageManifestSchema = Type.Object({
   memoryMiB: Type.Integer({ minimum: 32 }),
   ports: Type.Array(PortSchema),
   machine: MachineSchema,
-  createdAt: Type.String({ format: 'date-time' })
+  createdAt: Type.String({ description: 'ISO 8601 time of the build' })
 }, { additionalProperties: false })
 export type ImageManifest = Static<typeof ImageManifestSchema>
