@@ -108,9 +108,9 @@ export class ImageBuilder {
   async #appParts (spec: BuildSpec, baseDir: string, work: string, progress: Progress): Promise<Parts> {
     if (spec.source.kind === 'unikernel') throw new Error('unreachable')
     progress.update('collecting files')
+    const { tree, argv, workdir } = await loadSource(spec.source, baseDir)
     const kernel = await this.#kernels.get()
     const init = await guestInit()
-    const { tree, argv, workdir } = await loadSource(spec.source, baseDir)
     const format = pickFormat(spec.format, tree.contentSize())
     addGuestFiles(tree, format, init.size, encodeGuestConfig(argv, spec.env, spec.workdir ?? workdir))
     progress.update(`writing ${format} (${formatBytes(tree.contentSize())} of files)`)

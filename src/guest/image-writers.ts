@@ -12,17 +12,22 @@ import { allocateFile } from './image-store.js'
 /** Writes the tree as a gzip-compressed cpio (newc) archive: an initramfs. */
 export async function writeInitramfs (tree: RootfsTree, outPath: string): Promise<void> {
   const gzip = createGzip({ level: 6 })
-  const done = pipeline(gzip, createWriteStream(outPath))
+  const flushed = pipeline(gzip, createWriteStream(outPath))
   const cpio = new CpioWriter(gzip)
-  for (const [path, entry] of tree.entries()) {
-    if (path === '/') continue
-    const name = path.slice(1)
-    if (entry.type === 'dir') await cpio.addDirectory(name, entry.mode)
-    else if (entry.type === 'symlink') await cpio.addSymlink(name, entry.target)
-    else await cpio.addFile(name, entry.source, entry.mode)
-  }
-  await cpio.close()
-  await done
+  const written = (async () => {
+    for (const [path, entry] of tree.entries()) {
+      if (path === '/') continue
+      const name = path.slice(1)
+      if (entry.type === 'dir') await cpio.addDirectory(name, entry.mode)
+      else if (entry.type === 'symlink') await cpio.addSymlink(name, entry.target)
+      else await cpio.addFile(name, entry.source, entry.mode)
+    }
+    await cpio.close()
+  })()
+  // A full disk fails the file stream first; the writer may then wait for a
+  // 'drain' that never comes, so the pipeline's error must win the race.
+  written.catch(() => {})
+  await Promise.all([written, flushed])
 }
 
 /**

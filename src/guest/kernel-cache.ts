@@ -53,7 +53,7 @@ export class KernelCache {
       return JSON.parse(await readFile(join(this.#dir, key, 'info.json'), 'utf8')) as KernelInfo
     } catch (err) {
       if (hasErrno(err, 'ENOENT')) return undefined
-      throw err
+      throw new UigniterError('UIG_ERR_CONFIG_INVALID', `cannot read the kernel cache in ${this.#dir}: ${(err as Error).message}; set cacheDir (UIGNITER_CACHE_DIR) to a directory you can read`, { cause: err })
     }
   }
 

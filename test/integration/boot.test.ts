@@ -65,6 +65,11 @@ describe('booting images under QEMU', () => {
     booted.guest.on('line', (l: string) => lines.push(l))
     try {
       const started = await booted.guest.waitForMarker('app-started', 60_000)
+      // The init reports the exec; wait until hello has set its SIGTERM handler and listens.
+      await new Promise<void>((resolve) => {
+        const check = (): void => { if (lines.some((l) => l.includes('hello: listening'))) resolve(); else booted.guest.once('line', check) }
+        check()
+      })
       const status = await (await booted.control()).request('status')
       assert.equal(status.app, 'running')
       assert.equal(status.pid, started.kind === 'app-started' ? started.pid : -1)

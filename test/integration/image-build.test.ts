@@ -131,7 +131,7 @@ describe('image build', () => {
         await mkdir(dataDir)
         await chmod(dataDir, 0o777)
         const cli = await runCli(['image', 'build', '--elf', join(secretDir, 'memcached'), '-t', 'x'],
-          { env: { ...ctx.env, UIGNITER_DATA_DIR: dataDir }, uid: 65534 })
+          { env: { ...ctx.env, UIGNITER_DATA_DIR: dataDir, UIGNITER_CACHE_DIR: ctx.config.cacheDir }, uid: 65534 })
         assert.equal(cli.code, 1, cli.stderr)
         assert.match(cli.stderr, /UIG_ERR_IMAGE_PATH_UNREADABLE/)
       } finally {

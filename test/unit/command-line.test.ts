@@ -22,7 +22,7 @@ test('our image on microvm: virtio-mmio devices, read-only shared disk, init par
     console: { kind: 'stdio' }, controlSocket: '/run/ctl.sock', network: { mode: 'user', forwards: [{ hostAddress: '127.0.0.1', hostPort: 18080, guestPort: 8080 }] },
     guestNetwork: USER_NETWORK, hostname: 'web-1'
   })
-  assert.deepEqual(argAfter(args, '-M'), ['microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off'])
+  assert.deepEqual(argAfter(args, '-M'), ['microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off'])
   assert.deepEqual(argAfter(args, '-accel'), ['tcg'])
   assert.deepEqual(argAfter(args, '-smp'), ['2'])
   assert.deepEqual(argAfter(args, '-m'), ['96M'])

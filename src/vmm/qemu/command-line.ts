@@ -43,7 +43,9 @@ export function buildQemuArgs (spec: LaunchSpec): string[] {
 
   if (manifest.machine.type === 'microvm') {
     // acpi=off: QEMU then lists the virtio-mmio devices on the kernel command line itself (fact 2).
-    args.push('-M', 'microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off')
+    // rtc=on: without an RTC the kernel waits about 1 s for the CMOS clock at boot
+    // ("Unable to read current time from RTC"); measured here: 2.26 s → 1.36 s to init.
+    args.push('-M', 'microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off')
   } else {
     args.push('-M', manifest.machine.type)
   }
