@@ -92,7 +92,8 @@ const MACHINE_NAMES: ReadonlyMap<number, string> = new Map([
 interface ProgramHeader {
   type: number
   offset: number
-  vaddr: number
+  /** bigint: kernels are linked at 0xffffffff8..., beyond Number's safe range. */
+  vaddr: bigint
   filesz: number
   align: number
 }
@@ -110,9 +111,8 @@ interface ProgramHeader {
  *   a valid ELF file for another class, byte order or machine.
  */
 export async function readElf (path: string): Promise<ElfInfo> {
-  const handle = await openForReading(path)
+  const { handle, size } = await openForReading(path)
   try {
-    const size = (await handle.stat()).size
     return await new ElfParser(path, handle, size).parse()
   } finally {
     await handle.close()
@@ -129,7 +129,7 @@ export async function readElf (path: string): Promise<ElfInfo> {
  *   when the file cannot be opened.
  */
 export async function isBzImage (path: string): Promise<boolean> {
-  const handle = await openForReading(path)
+  const { handle } = await openForReading(path)
   try {
     const magic = Buffer.alloc(4)
     const { bytesRead } = await readFully(handle, path, magic, 0x202)
@@ -144,15 +144,17 @@ export async function isBzImage (path: string): Promise<boolean> {
  * FIFO given as the path from blocking a libuv thread forever in open(2); it
  * has no effect on regular files.
  */
-async function openForReading (path: string): Promise<FileHandle> {
+async function openForReading (path: string): Promise<{ handle: FileHandle; size: number }> {
   let handle: FileHandle
   try {
     handle = await open(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK)
   } catch (err) {
     throw translateFsError(err, path)
   }
+  let size: number
   try {
     const stats = await handle.stat()
+    size = stats.size
     if (stats.isDirectory()) {
       throw new UigniterError('UIG_ERR_IMAGE_PATH_UNREADABLE', `${path} is a directory, not a file`)
     }
@@ -163,7 +165,7 @@ async function openForReading (path: string): Promise<FileHandle> {
     await handle.close()
     throw err
   }
-  return handle
+  return { handle, size }
 }
 
 function translateFsError (err: unknown, path: string): unknown {
@@ -284,7 +286,7 @@ class ElfParser {
       const phdr: ProgramHeader = {
         type: table.readUInt32LE(base),
         offset: this.u64(table, base + 8, 'p_offset'),
-        vaddr: this.u64(table, base + 16, 'p_vaddr'),
+        vaddr: table.readBigUInt64LE(base + 16),
         filesz: this.u64(table, base + 32, 'p_filesz'),
         align: this.u64(table, base + 48, 'p_align')
       }
@@ -314,14 +316,14 @@ class ElfParser {
 
     // First pass: collect tags; string offsets can only be resolved once
     // DT_STRTAB is known, and it may come after the entries that use it.
-    let strtabAddr: number | undefined
+    let strtabAddr: bigint | undefined
     let strsz: number | undefined
     const strings: Array<{ tag: bigint; offset: number }> = []
     for (let pos = 0; pos + ELF64_DYN_SIZE <= table.length; pos += ELF64_DYN_SIZE) {
       const tag = table.readBigInt64LE(pos)
       if (tag === DT_NULL) break
       const value = table.readBigUInt64LE(pos + 8)
-      if (tag === DT_STRTAB) strtabAddr = this.toNumber(value, 'DT_STRTAB')
+      if (tag === DT_STRTAB) strtabAddr = value
       else if (tag === DT_STRSZ) strsz = this.toNumber(value, 'DT_STRSZ')
       else if (tag === DT_NEEDED || tag === DT_SONAME || tag === DT_RPATH || tag === DT_RUNPATH) {
         strings.push({ tag, offset: this.toNumber(value, 'a dynamic string offset') })
@@ -341,10 +343,10 @@ class ElfParser {
   }
 
   /** DT_STRTAB holds a virtual address; the PT_LOAD segment containing it maps it back to a file offset. */
-  private async readStringTable (addr: number, strsz: number | undefined, phdrs: ProgramHeader[]): Promise<Buffer> {
-    const load = phdrs.find((p) => p.type === PT_LOAD && addr >= p.vaddr && addr < p.vaddr + p.filesz)
+  private async readStringTable (addr: bigint, strsz: number | undefined, phdrs: ProgramHeader[]): Promise<Buffer> {
+    const load = phdrs.find((p) => p.type === PT_LOAD && addr >= p.vaddr && addr < p.vaddr + BigInt(p.filesz))
     if (load === undefined) throw this.notElf('its DT_STRTAB address is not inside any PT_LOAD segment')
-    const offset = load.offset + (addr - load.vaddr)
+    const offset = load.offset + Number(addr - load.vaddr)
     const available = load.offset + load.filesz - offset
     const length = Math.min(strsz ?? available, available, MAX_STRTAB_BYTES)
     return await this.readRange(offset, length, 'the dynamic string table')

@@ -157,7 +157,8 @@ class Resolver {
   }
 
   private async find (name: string, requester: LoadedObject): Promise<{ path: string; info: ElfInfo }> {
-    // ld.so expands $ORIGIN in DT_NEEDED too, and takes a name with a slash as a path.
+    // ld.so expands $ORIGIN in DT_NEEDED too, and takes a name with a slash as
+    // a path (a relative one from the current directory, as ld.so would).
     const expanded = expandOrigin(name, requester.origin)
     const candidates = expanded.includes('/')
       ? [resolve(expanded)]

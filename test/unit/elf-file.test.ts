@@ -1,13 +1,15 @@
 import assert from 'node:assert/strict'
 import { execFile } from 'node:child_process'
-import { chmod, copyFile, mkdtemp, readFile, rm, truncate, writeFile } from 'node:fs/promises'
+import { chmod, copyFile, mkdtemp, open, readFile, rm, truncate, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { test, type TestContext } from 'node:test'
 import { promisify } from 'node:util'
 
 import { UigniterError, type ErrorCode } from '../../src/core/errors.js'
+import { loadConfig } from '../../src/core/config.js'
 import { isBzImage, readElf } from '../../src/guest/elf-file.js'
+import { KernelCache } from '../../src/guest/kernel-cache.js'
 
 const run = promisify(execFile)
 
@@ -171,9 +173,24 @@ void test('missing files, directories and FIFOs get path errors, not parse error
   await rejectsWith(readElf(join(dir, 'missing')), 'UIG_ERR_IMAGE_PATH_NOT_FOUND', join(dir, 'missing'))
   await rejectsWith(readElf(join(dir, 'missing', 'below')), 'UIG_ERR_IMAGE_PATH_NOT_FOUND')
   await rejectsWith(readElf(dir), 'UIG_ERR_IMAGE_PATH_UNREADABLE', dir)
-  await run('mkfifo', [join(dir, 'fifo')])
-  // Without O_NONBLOCK, opening a FIFO nobody writes to would hang here.
-  await rejectsWith(readElf(join(dir, 'fifo')), 'UIG_ERR_IMAGE_PATH_UNREADABLE', 'not a regular file')
+
+  // Opening a FIFO nobody writes to blocks (unless O_NONBLOCK is used); if
+  // that happens, become the writer so the test fails instead of hanging.
+  const fifo = join(dir, 'fifo')
+  await run('mkfifo', [fifo])
+  const attempt = readElf(fifo)
+  let timer: NodeJS.Timeout | undefined
+  const hung = await Promise.race([
+    attempt.then(() => false, () => false),
+    new Promise<boolean>((resolve) => { timer = setTimeout(() => { resolve(true) }, 5000) })
+  ])
+  clearTimeout(timer)
+  if (hung) {
+    await (await open(fifo, 'w')).close()
+    await attempt.catch(() => {})
+    assert.fail('readElf blocked opening a FIFO')
+  }
+  await rejectsWith(attempt, 'UIG_ERR_IMAGE_PATH_UNREADABLE', 'not a regular file')
 })
 
 void test('a file without read permission is PATH_UNREADABLE', { skip: process.getuid?.() === 0 ? 'root can read any file' : false }, async (t) => {
@@ -232,4 +249,11 @@ void test('isBzImage looks for "HdrS" at 0x202', async (t) => {
   assert.equal(await isBzImage('/bin/true'), false)
   await rejectsWith(isBzImage(join(dir, 'missing')), 'UIG_ERR_IMAGE_PATH_NOT_FOUND')
   await rejectsWith(isBzImage(dir), 'UIG_ERR_IMAGE_PATH_UNREADABLE')
+})
+
+test('our guest kernel: linked above 2^53, and bootable by PVH', async () => {
+  const kernel = await new KernelCache(loadConfig().cacheDir).get()
+  const info = await readElf(kernel.path)
+  assert.equal(info.type, 'exec')
+  assert.equal(info.pvhEntry, true)
 })

@@ -126,6 +126,13 @@ void test('$ORIGIN: libraries next to the app are found, transitively, under the
   assert.ok(byName(libraries, 'libc.so.6'))
   await assertClosed(app, libraries)
 
+  // Started through a symlink elsewhere, $ORIGIN is still the real binary's directory (ld.so reads /proc/self/exe).
+  const elsewhere = join(dir, 'elsewhere')
+  await mkdir(elsewhere)
+  await symlink(app, join(elsewhere, 'app'))
+  assert.equal((await run(join(elsewhere, 'app'))).stdout, '42\n')
+  assert.deepEqual(await resolveLibraries(join(elsewhere, 'app')), libraries)
+
   await rm(join(lib, 'libbar.so.1'))
   await rejectsWith(resolveLibraries(app), 'UIG_ERR_IMAGE_LIBRARY_NOT_FOUND',
     'libbar.so.1 (needed by ' + join(lib, 'libfoo.so.1') + ')', `${lib}, `, '/lib/x86_64-linux-gnu')
