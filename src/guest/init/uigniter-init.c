@@ -621,6 +621,7 @@ static void signal_app(int sig)
 static struct {
 	int fd;          /* -1: this VM has no control port */
 	bool idle;       /* host end closed: left out of poll() until SIGIO */
+	bool connected;  /* host end seen open since the last hang-up */
 	bool discarding; /* inside an over-long line, skipping to its '\n' */
 	size_t in_len, out_len;
 	char in[CTL_LINE_MAX + 1];
@@ -693,14 +694,6 @@ static void ctl_open(void)
 	int fl = fcntl(ctl.fd, F_GETFL);
 	if (fcntl(ctl.fd, F_SETOWN, getpid()) < 0 || fcntl(ctl.fd, F_SETFL, fl | O_ASYNC) < 0)
 		warnmsg("%s: O_ASYNC: %s", dev, strerror(errno));
-}
-
-static void ctl_hangup(void)
-{
-	/* Anything half-sent in either direction belonged to the old session. */
-	ctl.idle = true;
-	ctl.discarding = false;
-	ctl.in_len = ctl.out_len = 0;
 }
 
 __attribute__((format(printf, 1, 2)))
@@ -902,8 +895,11 @@ static short ctl_poll_events(void)
  */
 static void ctl_service(short revents)
 {
+	bool hup = revents & (POLLHUP | POLLERR);
 	size_t in_before, out_before;
 
+	if (!hup)
+		ctl.connected = true;
 	do {
 		in_before = ctl.in_len;
 		out_before = ctl.out_len;
@@ -916,8 +912,8 @@ static void ctl_service(short revents)
 			ctl.in_len += n;
 		} else if (n == 0) {
 			/* The host end is closed and everything it sent was read. */
-			ctl_hangup();
-			return;
+			hup = true;
+			break;
 		} else if (errno == ENODEV) {
 			warnmsg("control port unplugged");
 			close(ctl.fd);
@@ -926,8 +922,21 @@ static void ctl_service(short revents)
 		}
 	} while (ctl.in_len != in_before || ctl.out_len != out_before);
 
-	if (revents & (POLLHUP | POLLERR))
-		ctl_hangup();
+	if (!hup)
+		return;
+	/*
+	 * The driver learns of a host connect from its control queue, which it
+	 * handles after data: a new client's first line can arrive while the
+	 * port still reads as closed.  So only a hang-up that ends a period
+	 * seen as connected drops the old session's half-lines and replies;
+	 * anything else is kept for the session whose SIGIO is on its way.
+	 */
+	if (ctl.connected) {
+		ctl.in_len = ctl.out_len = 0;
+		ctl.discarding = false;
+	}
+	ctl.connected = false;
+	ctl.idle = true;
 }
 
 /* Best effort: the host may be gone or not reading. */
