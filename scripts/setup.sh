@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 # qemu: the VMM. linux-source-6.1 .. libelf-dev, xz-utils, binutils: the guest kernel build.
 # gcc, libc6-dev: the static guest init and the examples. squashfs-tools, e2fsprogs: disk images.
 # cpio: tests check our archives with it. memcached: an example app.
+# linux-image-cloud-amd64: the fallback guest kernel (kernel.source "debian-cloud"), its modules
+# and their modules.dep; zstd: decompresses the bzImage payload or modules when Debian compresses them so.
 PACKAGES=(qemu-system-x86 linux-source-6.1 flex bison bc libelf-dev xz-utils binutils make gcc libc6-dev
-  squashfs-tools e2fsprogs cpio memcached)
+  squashfs-tools e2fsprogs cpio memcached linux-image-cloud-amd64 zstd)
 
 say() { echo "setup: $*"; }
 

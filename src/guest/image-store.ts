@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto'
 import { createReadStream } from 'node:fs'
-import { copyFile, mkdir, open, readdir, readFile, rename, rm, stat, utimes } from 'node:fs/promises'
+import { copyFile, mkdir, open, readdir, readFile, rename, rm, rmdir, stat, utimes } from 'node:fs/promises'
 import { join } from 'node:path'
 import { Value } from '@sinclair/typebox/value'
 import { UigniterError, hasErrno, rethrowNoSpace } from '../core/errors.js'
@@ -145,7 +145,8 @@ export class ImageStore {
   async remove (ref: string): Promise<ImageManifest> {
     const manifest = await this.get(ref)
     await rm(this.#refPath(manifest.name, manifest.tag))
-    await rm(join(this.root, 'refs', encodeURIComponent(manifest.name))).catch(() => {})
+    // The name's directory goes when its last tag does; rmdir refuses while other tags remain.
+    await rmdir(join(this.root, 'refs', encodeURIComponent(manifest.name))).catch(() => {})
     await this.gc()
     return manifest
   }

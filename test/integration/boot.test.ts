@@ -158,9 +158,10 @@ describe('booting images under QEMU', () => {
   })
 
   test('acceleration: an explicit setting wins; auto gives a choice and its reason', async () => {
-    const kernel = ctx.store.blobPath(images.hello!.kernel.blob.digest)
-    assert.deepEqual((await chooseAccel(loadConfig({ ...ctx.env, UIGNITER_ACCEL: 'tcg' }), kernel)).accel, 'tcg')
-    const auto = await chooseAccel(loadConfig({ ...ctx.env, UIGNITER_ACCEL: 'auto' }), kernel)
+    const digest = images.hello!.kernel.blob.digest
+    const kernel = ctx.store.blobPath(digest)
+    assert.deepEqual((await chooseAccel(loadConfig({ ...ctx.env, UIGNITER_ACCEL: 'tcg' }), kernel, digest)).accel, 'tcg')
+    const auto = await chooseAccel(loadConfig({ ...ctx.env, UIGNITER_ACCEL: 'auto' }), kernel, digest)
     assert.ok(auto.accel === 'kvm' || auto.accel === 'tcg')
     assert.ok(auto.reason.length > 10, auto.reason)
   })

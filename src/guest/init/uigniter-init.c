@@ -800,9 +800,7 @@ static void cmd_shutdown(const struct ctl_args *a)
 	struct itimerspec cur, its = { .it_value = { ms / 1000, ms % 1000 * 1000000 } };
 	if (timerfd_gettime(timer_fd, &cur) == 0 &&
 	    (cur.it_value.tv_sec || cur.it_value.tv_nsec) &&
-	    (cur.it_value.tv_sec < its.it_value.tv_sec ||
-	     (cur.it_value.tv_sec == its.it_value.tv_sec &&
-	      cur.it_value.tv_nsec <= its.it_value.tv_nsec)))
+	    cur.it_value.tv_sec * 1000 + cur.it_value.tv_nsec / 1000000 <= (long long)ms)
 		return;
 	if (timerfd_settime(timer_fd, 0, &its, NULL) < 0) {
 		warnmsg("timerfd_settime: %s; killing the app now", strerror(errno));

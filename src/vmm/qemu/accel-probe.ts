@@ -22,9 +22,9 @@ export const QEMU_BINARY = 'qemu-system-x86_64'
  * guest (our kernel and an initramfs holding only the init, which answers
  * `uigniter.probe=1` and reboots) boots under KVM with a deadline; if it does
  * not reach init, or QEMU reports a KVM error, TCG is used. The answer is
- * cached per host boot and kernel, since neither changes while the host runs.
+ * cached per host boot and kernel digest, since neither changes while the host runs.
  */
-export async function chooseAccel (config: Config, kernelPath: string): Promise<AccelChoice> {
+export async function chooseAccel (config: Config, kernelPath: string, kernelDigest: string): Promise<AccelChoice> {
   if (config.accel !== 'auto') return { accel: config.accel, reason: `accel "${config.accel}" is set in the configuration` }
   try {
     await access('/dev/kvm', constants.R_OK | constants.W_OK)
@@ -32,14 +32,13 @@ export async function chooseAccel (config: Config, kernelPath: string): Promise<
     return { accel: 'tcg', reason: '/dev/kvm is missing or not accessible' }
   }
   const bootId = (await readFile('/proc/sys/kernel/random/boot_id', 'utf8')).trim()
-  const kernelStamp = `${kernelPath}:${(await stat(kernelPath)).mtimeMs}`
   const cachePath = join(config.cacheDir, 'accel-probe.json')
   try {
-    const cached = JSON.parse(await readFile(cachePath, 'utf8')) as AccelChoice & { bootId: string, kernelStamp: string }
-    if (cached.bootId === bootId && cached.kernelStamp === kernelStamp) return { accel: cached.accel, reason: cached.reason }
+    const cached = JSON.parse(await readFile(cachePath, 'utf8')) as AccelChoice & { bootId: string, kernelDigest: string }
+    if (cached.bootId === bootId && cached.kernelDigest === kernelDigest) return { accel: cached.accel, reason: cached.reason }
   } catch { /* no cache yet */ }
   const choice = await probeKvm(config.cacheDir, kernelPath)
-  await writeFileAtomic(cachePath, JSON.stringify({ ...choice, bootId, kernelStamp }) + '\n')
+  await writeFileAtomic(cachePath, JSON.stringify({ ...choice, bootId, kernelDigest }) + '\n')
   return choice
 }
 

@@ -42,7 +42,7 @@ export class BootedImage {
   static async start (options: BootOptions): Promise<BootedImage> {
     const { config, store, manifest } = options
     const kernelPath = store.blobPath(manifest.kernel.blob.digest)
-    const accel = await chooseAccel(config, kernelPath)
+    const accel = await chooseAccel(config, kernelPath, manifest.kernel.blob.digest)
     const runDir = join(config.dataDir, 'run', `boot-${process.pid}-${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`)
     await mkdir(runDir, { recursive: true })
     const forwards: PortForward[] = []
