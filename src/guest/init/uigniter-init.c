@@ -621,7 +621,7 @@ static void signal_app(int sig)
 static struct {
 	int fd;          /* -1: this VM has no control port */
 	bool idle;       /* host end closed: left out of poll() until SIGIO */
-	bool connected;  /* host end seen open since the last hang-up */
+	bool connected;  /* the host end was open at the last poll() */
 	bool discarding; /* inside an over-long line, skipping to its '\n' */
 	size_t in_len, out_len;
 	char in[CTL_LINE_MAX + 1];
@@ -887,17 +887,26 @@ static short ctl_poll_events(void)
 }
 
 /*
- * Loops until nothing moves: replies are only produced while there is room
- * for them, so buffered lines must be revisited after every flush, not only
- * when more input arrives.
+ * Session boundaries are fuzzy: the driver learns of host connects and
+ * disconnects from a control queue that it handles after data, so a new
+ * client's first line can arrive while the port still reads as closed.  A
+ * hang-up therefore only drops what was left over from before it was seen
+ * (a half-sent line, replies nobody read); what arrives with or after it is
+ * handled and its replies wait for the connect that SIGIO will announce.
+ *
+ * Then it loops until nothing moves: replies are only produced while there
+ * is room for them, so buffered lines are revisited after every flush.
  */
 static void ctl_service(short revents)
 {
 	bool hup = revents & (POLLHUP | POLLERR);
 	size_t in_before, out_before;
 
-	if (!hup)
-		ctl.connected = true;
+	if (hup && ctl.connected) {
+		ctl.in_len = ctl.out_len = 0;
+		ctl.discarding = false;
+	}
+	ctl.connected = !hup;
 	do {
 		in_before = ctl.in_len;
 		out_before = ctl.out_len;
@@ -920,21 +929,10 @@ static void ctl_service(short revents)
 		}
 	} while (ctl.in_len != in_before || ctl.out_len != out_before);
 
-	if (!hup)
-		return;
-	/*
-	 * The driver learns of a host connect from its control queue, which it
-	 * handles after data: a new client's first line can arrive while the
-	 * port still reads as closed.  So only a hang-up that ends a period
-	 * seen as connected drops the old session's half-lines and replies;
-	 * anything else is kept for the session whose SIGIO is on its way.
-	 */
-	if (ctl.connected) {
-		ctl.in_len = ctl.out_len = 0;
-		ctl.discarding = false;
+	if (hup) {
+		ctl.connected = false;
+		ctl.idle = true;
 	}
-	ctl.connected = false;
-	ctl.idle = true;
 }
 
 /* Best effort: the host may be gone or not reading. */
