@@ -2,34 +2,18 @@ import assert from 'node:assert/strict'
 import { execFile } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { createWriteStream } from 'node:fs'
-import { lstat, mkdir, mkdtemp, readFile, readlink, rm, truncate, writeFile } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
+import { lstat, mkdir, readFile, readlink, truncate, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
-import { test, type TestContext } from 'node:test'
+import { test } from 'node:test'
 import { promisify } from 'node:util'
 import { createGzip, gunzipSync } from 'node:zlib'
 
-import { UigniterError, type ErrorCode } from '../../src/core/errors.js'
 import { CpioWriter } from '../../src/guest/cpio-writer.js'
+import { rejectsWith, tempDir } from '../helpers/assertions.js'
 
 const run = promisify(execFile)
-
-async function tempDir (t: TestContext): Promise<string> {
-  const dir = await mkdtemp(join(tmpdir(), 'uigniter-cpio-'))
-  t.after(async () => { await rm(dir, { recursive: true, force: true }) })
-  return dir
-}
-
-async function rejectsWith (promise: Promise<unknown>, code: ErrorCode, ...fragments: string[]): Promise<void> {
-  await assert.rejects(promise, (err: unknown) => {
-    assert.ok(err instanceof UigniterError, `expected a UigniterError, got ${String(err)}`)
-    assert.equal(err.code, code, err.message)
-    for (const fragment of fragments) assert.ok(err.message.includes(fragment), `"${err.message}" should mention "${fragment}"`)
-    return true
-  })
-}
 
 /** A Writable that keeps everything written to it. */
 class Collector extends Writable {
@@ -94,7 +78,7 @@ async function writeSample (output: Writable, hostFile: string): Promise<void> {
 }
 
 void test('cpio -idm extracts what was written: contents, modes, link targets', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-cpio-')
   // 1 MiB + 3 bytes: several read chunks, and a length that needs padding.
   const content = randomBytes(1024 * 1024 + 3)
   const hostFile = join(dir, 'app.bin')
@@ -131,7 +115,7 @@ void test('cpio -idm extracts what was written: contents, modes, link targets', 
 })
 
 void test('the same input gives identical bytes, with the fixed header fields', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-cpio-')
   const hostFile = join(dir, 'app.bin')
   await writeFile(hostFile, randomBytes(5000))
 
@@ -161,7 +145,7 @@ void test('the same input gives identical bytes, with the fixed header fields', 
 })
 
 void test('backpressure: a slow stream never holds more than a chunk or so', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-cpio-')
   const content = randomBytes(8 * 1024 * 1024)
   const hostFile = join(dir, 'big.bin')
   await writeFile(hostFile, content)
@@ -192,7 +176,7 @@ void test('backpressure: a slow stream never holds more than a chunk or so', asy
 })
 
 void test('a file of 4 GiB or more is UIG_ERR_IMAGE_TOO_LARGE, and the archive stays usable', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-cpio-')
   const huge = join(dir, 'huge')
   await writeFile(huge, '')
   await truncate(huge, 2 ** 32) // sparse: no disk used
@@ -205,7 +189,7 @@ void test('a file of 4 GiB or more is UIG_ERR_IMAGE_TOO_LARGE, and the archive s
 })
 
 void test('bad inputs are rejected before anything is written', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-cpio-')
   const output = new Collector()
   const writer = new CpioWriter(output)
   await rejectsWith(writer.addFile('a', { hostPath: join(dir, 'missing') }, 0o644), 'UIG_ERR_IMAGE_PATH_NOT_FOUND', join(dir, 'missing'))

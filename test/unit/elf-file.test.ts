@@ -1,32 +1,17 @@
 import assert from 'node:assert/strict'
 import { execFile } from 'node:child_process'
-import { chmod, copyFile, mkdtemp, open, readFile, rm, truncate, writeFile } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
+import { chmod, copyFile, open, readFile, truncate, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
-import { test, type TestContext } from 'node:test'
+import { test } from 'node:test'
 import { promisify } from 'node:util'
 
-import { UigniterError, type ErrorCode } from '../../src/core/errors.js'
+import { UigniterError } from '../../src/core/errors.js'
 import { loadConfig } from '../../src/core/config.js'
 import { isBzImage, readElf } from '../../src/guest/elf-file.js'
 import { KernelCache } from '../../src/guest/kernel-cache.js'
+import { rejectsWith, tempDir } from '../helpers/assertions.js'
 
 const run = promisify(execFile)
-
-async function tempDir (t: TestContext): Promise<string> {
-  const dir = await mkdtemp(join(tmpdir(), 'uigniter-elf-'))
-  t.after(async () => { await rm(dir, { recursive: true, force: true }) })
-  return dir
-}
-
-async function rejectsWith (promise: Promise<unknown>, code: ErrorCode, ...fragments: string[]): Promise<void> {
-  await assert.rejects(promise, (err: unknown) => {
-    assert.ok(err instanceof UigniterError, `expected a UigniterError, got ${String(err)}`)
-    assert.equal(err.code, code, err.message)
-    for (const fragment of fragments) assert.ok(err.message.includes(fragment), `"${err.message}" should mention "${fragment}"`)
-    return true
-  })
-}
 
 /** A copy of /bin/true with some bytes overwritten, for crafting ELF files the toolchain will not produce. */
 async function patchedTrue (dir: string, name: string, patches: Array<[offset: number, bytes: number[]]>): Promise<string> {
@@ -75,7 +60,7 @@ void test('the node binary (~100 MB) parses', async () => {
 })
 
 void test('only the needed ranges are read: a 3 GiB file (too big for one Buffer) parses', async (t) => {
-  const path = join(await tempDir(t), 'huge')
+  const path = join(await tempDir(t, 'uigniter-elf-'), 'huge')
   await copyFile('/bin/true', path)
   // Sparse, so it costs no disk; readFile() on it would fail with ERR_FS_FILE_TOO_LARGE.
   await truncate(path, 3 * 1024 ** 3)
@@ -92,7 +77,7 @@ void test('/bin/true needs exactly libc', async () => {
 })
 
 void test('a static executable has no interpreter and no needed libraries', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-elf-')
   await writeFile(join(dir, 'static.c'), 'int main(void) { return 0; }\n')
   await run('gcc', ['-static', '-o', join(dir, 'static'), join(dir, 'static.c')])
   const info = await readElf(join(dir, 'static'))
@@ -102,7 +87,7 @@ void test('a static executable has no interpreter and no needed libraries', asyn
 })
 
 void test('a shared library: soname, needed, RPATH and RUNPATH', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-elf-')
   const source = join(dir, 'lib.c')
   await writeFile(source, '#include <math.h>\ndouble f(double x) { return sqrt(x); }\n')
   await run('gcc', ['-shared', '-fPIC', '-o', join(dir, 'librp.so'), source, '-lm',
@@ -125,19 +110,19 @@ void test('a shared library: soname, needed, RPATH and RUNPATH', async (t) => {
 })
 
 void test('the Xen PHYS32_ENTRY note (type 18) sets pvhEntry; another type does not', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-elf-')
   assert.equal((await readElf(await compileWithXenNote(dir, 18))).pvhEntry, true)
   assert.equal((await readElf(await compileWithXenNote(dir, 17))).pvhEntry, false)
 })
 
 void test('a text file is NOT_ELF and the message names it', async (t) => {
-  const path = join(await tempDir(t), 'script.sh')
+  const path = join(await tempDir(t, 'uigniter-elf-'), 'script.sh')
   await writeFile(path, '#!/bin/sh\necho this is not an ELF file but it is long enough to hold a header\n')
   await rejectsWith(readElf(path), 'UIG_ERR_IMAGE_NOT_ELF', path)
 })
 
 void test('an empty file and a file cut inside the ELF header are NOT_ELF', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-elf-')
   const bytes = await readFile('/bin/true')
   for (const length of [0, 3, 18, 40]) {
     const path = join(dir, `cut-${length}`)
@@ -147,7 +132,7 @@ void test('an empty file and a file cut inside the ELF header are NOT_ELF', asyn
 })
 
 void test('an ELF cut inside its program headers or segments is NOT_ELF', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-elf-')
   const bytes = await readFile('/bin/true')
   for (const length of [100, 1000, Math.floor(bytes.length / 2), bytes.length - 1]) {
     const path = join(dir, `cut-${length}`)
@@ -157,7 +142,7 @@ void test('an ELF cut inside its program headers or segments is NOT_ELF', async 
 })
 
 void test('valid ELF files for other machines, classes or byte orders are UNSUPPORTED_ELF', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-elf-')
   // e_machine (offset 18, little-endian) = 183 (EM_AARCH64)
   await rejectsWith(readElf(await patchedTrue(dir, 'aarch64', [[18, [183, 0]]])), 'UIG_ERR_IMAGE_UNSUPPORTED_ELF', 'AArch64')
   // EI_CLASS = ELFCLASS32 and e_machine = 3 (EM_386)
@@ -169,7 +154,7 @@ void test('valid ELF files for other machines, classes or byte orders are UNSUPP
 })
 
 void test('missing files, directories and FIFOs get path errors, not parse errors', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-elf-')
   await rejectsWith(readElf(join(dir, 'missing')), 'UIG_ERR_IMAGE_PATH_NOT_FOUND', join(dir, 'missing'))
   await rejectsWith(readElf(join(dir, 'missing', 'below')), 'UIG_ERR_IMAGE_PATH_NOT_FOUND')
   await rejectsWith(readElf(dir), 'UIG_ERR_IMAGE_PATH_UNREADABLE', dir)
@@ -194,14 +179,14 @@ void test('missing files, directories and FIFOs get path errors, not parse error
 })
 
 void test('a file without read permission is PATH_UNREADABLE', { skip: process.getuid?.() === 0 ? 'root can read any file' : false }, async (t) => {
-  const path = join(await tempDir(t), 'secret')
+  const path = join(await tempDir(t, 'uigniter-elf-'), 'secret')
   await copyFile('/bin/true', path)
   await chmod(path, 0o000)
   await rejectsWith(readElf(path), 'UIG_ERR_IMAGE_PATH_UNREADABLE', path)
 })
 
 void test('corrupted headers give UigniterErrors or a result, never a crash', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-elf-')
   const original = await readFile('/bin/true')
   // A fixed-seed generator, so a failure reproduces.
   let seed = 0x5eed
@@ -233,7 +218,7 @@ void test('corrupted headers give UigniterErrors or a result, never a crash', as
 })
 
 void test('isBzImage looks for "HdrS" at 0x202', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-elf-')
   const image = Buffer.alloc(2048)
   image.write('HdrS', 0x202, 'latin1')
   await writeFile(join(dir, 'bzImage'), image)

@@ -1,32 +1,16 @@
 import assert from 'node:assert/strict'
 import { execFile } from 'node:child_process'
-import { mkdir, mkdtemp, readFile, realpath, rm, symlink, writeFile } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
+import { mkdir, readFile, realpath, rm, symlink, writeFile } from 'node:fs/promises'
 import { basename, join } from 'node:path'
-import { test, type TestContext } from 'node:test'
+import { test } from 'node:test'
 import { promisify } from 'node:util'
 
-import { UigniterError, type ErrorCode } from '../../src/core/errors.js'
+import { UigniterError } from '../../src/core/errors.js'
 import { readElf } from '../../src/guest/elf-file.js'
 import { resolveLibraries, type ResolvedLibrary } from '../../src/guest/library-resolver.js'
+import { rejectsWith, tempDir } from '../helpers/assertions.js'
 
 const run = promisify(execFile)
-
-/** A temp dir, by its realpath: $ORIGIN of an executable is symlink-free. */
-async function tempDir (t: TestContext): Promise<string> {
-  const dir = await realpath(await mkdtemp(join(tmpdir(), 'uigniter-libs-')))
-  t.after(async () => { await rm(dir, { recursive: true, force: true }) })
-  return dir
-}
-
-async function rejectsWith (promise: Promise<unknown>, code: ErrorCode, ...fragments: string[]): Promise<void> {
-  await assert.rejects(promise, (err: unknown) => {
-    assert.ok(err instanceof UigniterError, `expected a UigniterError, got ${String(err)}`)
-    assert.equal(err.code, code, err.message)
-    for (const fragment of fragments) assert.ok(err.message.includes(fragment), `"${err.message}" should mention "${fragment}"`)
-    return true
-  })
-}
 
 /**
  * Builds lib<name>.so.1.0.0 with soname lib<name>.so.1 in `dir`, plus the
@@ -105,14 +89,14 @@ void test('node: the same libraries as ldd, each once', async () => {
 })
 
 void test('a static executable needs nothing', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-libs-')
   await writeFile(join(dir, 'static.c'), 'int main(void) { return 0; }\n')
   await run('gcc', ['-static', '-o', join(dir, 'static'), join(dir, 'static.c')])
   assert.deepEqual(await resolveLibraries(join(dir, 'static')), [])
 })
 
 void test('$ORIGIN: libraries next to the app are found, transitively, under their soname', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-libs-')
   const lib = join(dir, 'lib')
   await buildLibrary(lib, 'bar', 'int bar(void) { return 41; }\n')
   await buildLibrary(lib, 'foo', 'int bar(void);\nint foo(void) { return bar() + 1; }\n', ['-L', lib, '-lbar', '-Wl,-rpath,$ORIGIN'])
@@ -143,7 +127,7 @@ void test('$ORIGIN: libraries next to the app are found, transitively, under the
 })
 
 void test('DT_RPATH of the executable serves its libraries too; DT_RUNPATH does not (as in ld.so)', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-libs-')
   const deps = join(dir, 'deps')
   await buildLibrary(deps, 'bar', 'int bar(void) { return 6; }\n')
   // libfoo needs libbar but has no search path of its own.
@@ -163,7 +147,7 @@ void test('DT_RPATH of the executable serves its libraries too; DT_RUNPATH does 
 })
 
 void test('searchPaths are searched, in order, and candidates that are not x86-64 are skipped', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-libs-')
   const good = join(dir, 'good')
   const wrong = join(dir, 'wrong')
   await buildLibrary(good, 'foo', 'int foo(void) { return 1; }\n')
@@ -184,7 +168,7 @@ void test('searchPaths are searched, in order, and candidates that are not x86-6
 })
 
 void test('ld.so.conf: include globs are followed in order; comments and hwcap lines are ignored', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-libs-')
   const first = join(dir, 'first')
   const second = join(dir, 'second')
   const excluded = join(dir, 'excluded')
@@ -216,7 +200,7 @@ void test('ld.so.conf: include globs are followed in order; comments and hwcap l
 })
 
 void test('a missing interpreter or executable is reported', async (t) => {
-  const dir = await tempDir(t)
+  const dir = await tempDir(t, 'uigniter-libs-')
   await writeFile(join(dir, 'main.c'), 'int main(void) { return 0; }\n')
   await run('gcc', ['-o', join(dir, 'app'), join(dir, 'main.c'), '-Wl,--dynamic-linker=/nonexistent/ld-custom.so.1'])
   await rejectsWith(resolveLibraries(join(dir, 'app')), 'UIG_ERR_IMAGE_LIBRARY_NOT_FOUND', '/nonexistent/ld-custom.so.1', join(dir, 'app'))
