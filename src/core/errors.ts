@@ -29,6 +29,14 @@ export const errorCodes = {
   UIG_ERR_VM_BOOT_FAILED: { statusCode: 500, title: 'The VM did not boot' },
   UIG_ERR_VM_APP_NOT_STARTED: { statusCode: 500, title: 'The guest booted but the app could not be started' },
   UIG_ERR_VM_TIMEOUT: { statusCode: 504, title: 'The VM did not reach the expected state in time' },
+  UIG_ERR_STORE: { statusCode: 500, title: 'The state database cannot be used' },
+  UIG_ERR_VM_NOT_FOUND: { statusCode: 404, title: 'No VM has that id or name' },
+  UIG_ERR_VM_NAME_IN_USE: { statusCode: 409, title: 'A VM with that name already exists' },
+  UIG_ERR_VM_INVALID_STATE: { statusCode: 409, title: 'The VM is not in a state that allows this operation' },
+  UIG_ERR_API_VALIDATION: { statusCode: 400, title: 'The request body, path or query is invalid' },
+  UIG_ERR_API_UNAUTHORIZED: { statusCode: 401, title: 'The request lacks the bearer token this daemon requires' },
+  UIG_ERR_API_NOT_FOUND: { statusCode: 404, title: 'No such API route' },
+  UIG_ERR_DAEMON_UNREACHABLE: { statusCode: 503, title: 'The CLI cannot reach the daemon and could not start one' },
   UIG_ERR_CONTROL_CHANNEL: { statusCode: 502, title: 'The guest control channel failed or answered badly' }
 } as const satisfies Record<string, { statusCode: number; title: string }>
 

@@ -1,0 +1,77 @@
+import { Type, type Static } from '@sinclair/typebox'
+
+/**
+ * VM schemas: what a client asks for (VmCreateRequest) and what uigniter
+ * records and reports (Vm). The state of the QEMU process is kept apart from
+ * the lifecycle state of the resource: `state` is the resource, `exit` says
+ * how the process ended.
+ */
+
+export const VmStateSchema = Type.Union([
+  Type.Literal('starting'), Type.Literal('running'), Type.Literal('paused'),
+  Type.Literal('stopping'), Type.Literal('exited'), Type.Literal('failed')
+])
+export type VmState = Static<typeof VmStateSchema>
+
+export const PublishSchema = Type.Object({
+  hostPort: Type.Integer({ minimum: 1, maximum: 65535 }),
+  guestPort: Type.Integer({ minimum: 1, maximum: 65535 }),
+  hostAddress: Type.String({ default: '127.0.0.1', description: 'Host address to listen on' })
+}, { additionalProperties: false })
+export type Publish = Static<typeof PublishSchema>
+
+export const ShareSchema = Type.Object({
+  hostPath: Type.String({ pattern: '^/' }),
+  guestPath: Type.String({ pattern: '^/' }),
+  readOnly: Type.Boolean({ default: true })
+}, { additionalProperties: false })
+export type Share = Static<typeof ShareSchema>
+
+export const VmCreateRequestSchema = Type.Object({
+  name: Type.Optional(Type.String({ pattern: '^[a-z0-9][a-z0-9_.-]{0,62}$', description: 'Unique; generated when absent' })),
+  image: Type.String({ minLength: 1, description: 'name[:tag]' }),
+  args: Type.Optional(Type.Array(Type.String(), { description: 'Replace the image\'s app arguments' })),
+  env: Type.Record(Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' }), Type.String(), { default: {} }),
+  vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),
+  memoryMiB: Type.Optional(Type.Integer({ minimum: 32, maximum: 1048576 })),
+  cpuAffinity: Type.Optional(Type.Array(Type.Integer({ minimum: 0 }), { minItems: 1, description: 'Host CPUs for the VM\'s threads' })),
+  network: Type.Union([Type.Literal('bridge'), Type.Literal('user'), Type.Literal('none')], { default: 'bridge' }),
+  publish: Type.Array(PublishSchema, { default: [] }),
+  overlaySizeMiB: Type.Optional(Type.Integer({ minimum: 16, maximum: 1048576, description: 'A writable overlay over the read-only root, deleted with the VM' })),
+  shares: Type.Array(ShareSchema, { default: [] })
+}, { additionalProperties: false })
+export type VmCreateRequest = Static<typeof VmCreateRequestSchema>
+
+export const VmExitSchema = Type.Object({
+  reason: Type.Union([
+    Type.Literal('app-exited'), Type.Literal('exec-failed'), Type.Literal('stopped'), Type.Literal('killed'),
+    Type.Literal('crashed'), Type.Literal('out-of-memory'), Type.Literal('died-while-daemon-down'), Type.Literal('boot-failed')
+  ]),
+  appExitCode: Type.Optional(Type.Integer()),
+  appSignal: Type.Optional(Type.Integer()),
+  detail: Type.String(),
+  at: Type.String()
+}, { additionalProperties: false })
+export type VmExit = Static<typeof VmExitSchema>
+
+export const VmSchema = Type.Object({
+  id: Type.String(),
+  name: Type.String(),
+  image: Type.String({ description: 'name:tag it was created from' }),
+  imageDigest: Type.String(),
+  state: VmStateSchema,
+  vcpus: Type.Integer(),
+  memoryMiB: Type.Integer(),
+  network: Type.Union([Type.Literal('bridge'), Type.Literal('user'), Type.Literal('none')]),
+  ipAddress: Type.Union([Type.String(), Type.Null()]),
+  macAddress: Type.Union([Type.String(), Type.Null()]),
+  tap: Type.Union([Type.String(), Type.Null()]),
+  publish: Type.Array(PublishSchema),
+  pid: Type.Union([Type.Integer(), Type.Null()]),
+  accel: Type.String(),
+  stateDir: Type.String(),
+  createdAt: Type.String(),
+  startedAt: Type.Union([Type.String(), Type.Null()]),
+  exit: Type.Union([VmExitSchema, Type.Null()])
+}, { additionalProperties: false })
+export type Vm = Static<typeof VmSchema>

@@ -1,0 +1,107 @@
+import { mkdirSync } from 'node:fs'
+import { dirname } from 'node:path'
+import Database from 'better-sqlite3'
+import { UigniterError } from '../core/errors.js'
+import type { Vm, VmState } from '../core/vm.js'
+
+const SCHEMA_VERSION = 1
+
+export interface VmFilter { state?: VmState[], image?: string, name?: string }
+
+/**
+ * The daemon's state in an embedded SQLite database (`<dataDir>/uigniter.db`):
+ * no server to run. WAL mode keeps readers off the writer's back; each write
+ * is one statement or one transaction, so a crash leaves it consistent.
+ * VM records are stored whole as JSON, with the columns queries filter on.
+ */
+export class SqliteStore {
+  readonly #db: Database.Database
+
+  constructor (path: string) {
+    mkdirSync(dirname(path), { recursive: true })
+    this.#db = new Database(path)
+    this.#db.pragma('journal_mode = WAL')
+    this.#db.pragma('busy_timeout = 5000')
+    this.#migrate()
+  }
+
+  #migrate (): void {
+    const version = this.#db.pragma('user_version', { simple: true }) as number
+    if (version > SCHEMA_VERSION) {
+      throw new UigniterError('UIG_ERR_STORE', `the database was written by a newer uigniter (schema ${version}); upgrade uigniter`)
+    }
+    if (version === SCHEMA_VERSION) return
+    this.#db.exec(`
+      CREATE TABLE IF NOT EXISTS vms (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        state TEXT NOT NULL,
+        image TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        record TEXT NOT NULL
+      );
+      CREATE TABLE IF NOT EXISTS ip_allocations (
+        ip TEXT PRIMARY KEY,
+        owner TEXT NOT NULL
+      );
+      PRAGMA user_version = ${SCHEMA_VERSION};
+    `)
+  }
+
+  /** Inserts a new VM; a taken name is UIG_ERR_VM_NAME_IN_USE. */
+  insertVm (vm: Vm): void {
+    try {
+      this.#db.prepare('INSERT INTO vms (id, name, state, image, created_at, record) VALUES (?, ?, ?, ?, ?, ?)')
+        .run(vm.id, vm.name, vm.state, vm.image, vm.createdAt, JSON.stringify(vm))
+    } catch (err) {
+      if ((err as { code?: string }).code === 'SQLITE_CONSTRAINT_UNIQUE') {
+        throw new UigniterError('UIG_ERR_VM_NAME_IN_USE', `a VM named "${vm.name}" already exists; choose another name or remove it first`, { cause: err })
+      }
+      throw err
+    }
+  }
+
+  updateVm (vm: Vm): void {
+    this.#db.prepare('UPDATE vms SET state = ?, record = ? WHERE id = ?').run(vm.state, JSON.stringify(vm), vm.id)
+  }
+
+  /** By id, or by name. */
+  findVm (idOrName: string): Vm | undefined {
+    const row = this.#db.prepare('SELECT record FROM vms WHERE id = ? OR name = ?').get(idOrName, idOrName) as { record: string } | undefined
+    return row === undefined ? undefined : JSON.parse(row.record) as Vm
+  }
+
+  listVms (filter: VmFilter = {}): Vm[] {
+    const where: string[] = []
+    const params: string[] = []
+    if (filter.state !== undefined && filter.state.length > 0) {
+      where.push(`state IN (${filter.state.map(() => '?').join(', ')})`)
+      params.push(...filter.state)
+    }
+    if (filter.image !== undefined) { where.push('image = ?'); params.push(filter.image) }
+    if (filter.name !== undefined) { where.push('name = ?'); params.push(filter.name) }
+    const sql = `SELECT record FROM vms ${where.length > 0 ? `WHERE ${where.join(' AND ')}` : ''} ORDER BY created_at, id`
+    return (this.#db.prepare(sql).all(...params) as Array<{ record: string }>).map((r) => JSON.parse(r.record) as Vm)
+  }
+
+  deleteVm (id: string): void {
+    this.#db.transaction(() => {
+      this.#db.prepare('DELETE FROM ip_allocations WHERE owner = ?').run(id)
+      this.#db.prepare('DELETE FROM vms WHERE id = ?').run(id)
+    })()
+  }
+
+  /** IP allocations: the UNIQUE primary key makes `reserve` atomic across processes. */
+  readonly ipAllocations = {
+    list: (): Array<{ ip: string, owner: string }> =>
+      this.#db.prepare('SELECT ip, owner FROM ip_allocations ORDER BY ip').all() as Array<{ ip: string, owner: string }>,
+    reserve: (ip: string, owner: string): boolean =>
+      this.#db.prepare('INSERT OR IGNORE INTO ip_allocations (ip, owner) VALUES (?, ?)').run(ip, owner).changes === 1,
+    release: (ip: string): void => { this.#db.prepare('DELETE FROM ip_allocations WHERE ip = ?').run(ip) },
+    releaseOwner: (owner: string): void => { this.#db.prepare('DELETE FROM ip_allocations WHERE owner = ?').run(owner) }
+  }
+
+  close (): void {
+    this.#db.close()
+  }
+}
