@@ -12,16 +12,40 @@ export interface Command {
   /** Lines of help under the usage line, one per flag or note. */
   help: string[]
   run: (values: Record<string, unknown>, positionals: string[]) => Promise<number>
+  /** Everything from the first positional on is positional (`run IMAGE -vv`: -vv is the app's). */
+  positionalTail?: boolean
 }
 
 /** Parses argv for one command; unknown or malformed flags are UIG_ERR_CLI_USAGE. */
 export function parseCommandArgs (command: Command, argv: string[]): { values: Record<string, unknown>, positionals: string[] } {
+  const options: Options = { ...command.options, help: { type: 'boolean', short: 'h' } }
+  let tail: string[] = []
+  if (command.positionalTail === true) {
+    const at = firstPositional(argv, options)
+    tail = argv.slice(at)
+    argv = argv.slice(0, at)
+  }
   try {
-    const { values, positionals } = parseArgs({ args: argv, options: { ...command.options, help: { type: 'boolean', short: 'h' } }, allowPositionals: true, strict: true })
-    return { values, positionals }
+    const { values, positionals } = parseArgs({ args: argv, options, allowPositionals: true, strict: true })
+    return { values, positionals: [...positionals, ...tail] }
   } catch (err) {
     throw new UigniterError('UIG_ERR_CLI_USAGE', `${(err as Error).message}\nusage: ${command.usage}`)
   }
+}
+
+/** Index of the first token that is not an option or an option's value. */
+function firstPositional (argv: string[], options: Options): number {
+  for (let i = 0; i < argv.length; i++) {
+    const token = argv[i] ?? ''
+    if (token === '--') return i + 1
+    if (!token.startsWith('-') || token === '-') return i
+    if (token.includes('=')) continue
+    const option = token.startsWith('--')
+      ? options[token.slice(2)]
+      : Object.values(options).find((o) => o.short === token.slice(1))
+    if (option?.type === 'string') i++
+  }
+  return argv.length
 }
 
 export function helpText (command: Command): string {

@@ -20,12 +20,21 @@ export const ConfigSchema = Type.Object({
   }, { additionalProperties: false }),
   accel: Type.Union([Type.Literal('auto'), Type.Literal('kvm'), Type.Literal('tcg')], {
     description: '"auto" probes KVM with a tiny guest and falls back to TCG. Env: UIGNITER_ACCEL'
-  })
+  }),
+  api: Type.Object({
+    listen: Type.String({ description: 'host:port of the REST API. Env: UIGNITER_API_LISTEN' }),
+    socket: Type.String({ description: 'Unix socket of the REST API (mode 0660). Env: UIGNITER_SOCKET' }),
+    token: Type.Optional(Type.String({ minLength: 16, description: 'Bearer token; required when listen is not a loopback address. Env: UIGNITER_TOKEN' }))
+  }, { additionalProperties: false }),
+  network: Type.Object({
+    mode: Type.Union([Type.Literal('bridge'), Type.Literal('user')], { description: '"bridge": a tap per VM on a host bridge (root); "user": QEMU user-mode networking. Env: UIGNITER_NETWORK' }),
+    bridge: Type.String({ pattern: '^[a-zA-Z0-9_-]{1,15}$' }),
+    subnet: Type.String({ description: 'IPv4 CIDR of the bridge; the first address is the gateway' }),
+    nat: Type.Boolean({ description: 'Masquerade VM traffic leaving the host' })
+  }, { additionalProperties: false })
 }, { additionalProperties: false })
 
 export type Config = Readonly<Static<typeof ConfigSchema>>
-
-const PartialConfigSchema = Type.Partial(ConfigSchema, { additionalProperties: false })
 
 function defaults (): Static<typeof ConfigSchema> {
   const root = process.getuid?.() === 0
@@ -33,7 +42,9 @@ function defaults (): Static<typeof ConfigSchema> {
     dataDir: root ? '/var/lib/uigniter' : join(homedir(), '.local/share/uigniter'),
     cacheDir: root ? '/var/cache/uigniter' : join(homedir(), '.cache/uigniter'),
     kernel: { source: 'build' },
-    accel: 'auto'
+    accel: 'auto',
+    api: { listen: '127.0.0.1:7377', socket: root ? '/run/uigniter/uigniter.sock' : join(homedir(), '.local/share/uigniter/uigniter.sock') },
+    network: { mode: root ? 'bridge' : 'user', bridge: 'uigniter0', subnet: '10.77.0.0/24', nat: true }
   }
 }
 
@@ -57,16 +68,33 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env): Config {
       throw new UigniterError('UIG_ERR_CONFIG_INVALID', `cannot read config file ${file}: ${(err as Error).message}`, { cause: err })
     }
   }
-  if (!Value.Check(PartialConfigSchema, fromFile)) {
-    throw new UigniterError('UIG_ERR_CONFIG_INVALID', `config file ${file} is invalid: ${describeSchemaErrors(PartialConfigSchema, fromFile)}`)
+  if (typeof fromFile !== 'object' || fromFile === null || Array.isArray(fromFile)) {
+    throw new UigniterError('UIG_ERR_CONFIG_INVALID', `config file ${file} must hold a JSON object`)
   }
-  const merged: Record<string, unknown> = { ...defaults(), ...fromFile }
+  // One level deep: a file may set `api.token` alone and keep the other api defaults.
+  const merged: Record<string, unknown> = { ...defaults() }
+  for (const [key, value] of Object.entries(fromFile)) {
+    const base = merged[key]
+    merged[key] = isPlainObject(base) && isPlainObject(value) ? { ...base, ...value } : value
+  }
   if (env.UIGNITER_DATA_DIR !== undefined) merged.dataDir = env.UIGNITER_DATA_DIR
   if (env.UIGNITER_CACHE_DIR !== undefined) merged.cacheDir = env.UIGNITER_CACHE_DIR
   if (env.UIGNITER_ACCEL !== undefined) merged.accel = env.UIGNITER_ACCEL
   if (env.UIGNITER_KERNEL_SOURCE !== undefined) merged.kernel = { source: env.UIGNITER_KERNEL_SOURCE }
+  const api = { ...(merged.api as object) } as Record<string, unknown>
+  if (env.UIGNITER_API_LISTEN !== undefined) api.listen = env.UIGNITER_API_LISTEN
+  if (env.UIGNITER_SOCKET !== undefined) api.socket = env.UIGNITER_SOCKET
+  if (env.UIGNITER_TOKEN !== undefined) api.token = env.UIGNITER_TOKEN
+  merged.api = api
+  if (env.UIGNITER_NETWORK !== undefined) merged.network = { ...(merged.network as object), mode: env.UIGNITER_NETWORK }
+  if (env.UIGNITER_BRIDGE !== undefined) merged.network = { ...(merged.network as object), bridge: env.UIGNITER_BRIDGE }
+  if (env.UIGNITER_SUBNET !== undefined) merged.network = { ...(merged.network as object), subnet: env.UIGNITER_SUBNET }
   if (!Value.Check(ConfigSchema, merged)) {
-    throw new UigniterError('UIG_ERR_CONFIG_INVALID', `configuration is invalid: ${describeSchemaErrors(ConfigSchema, merged)}`)
+    throw new UigniterError('UIG_ERR_CONFIG_INVALID', `configuration (${file} and UIGNITER_* variables) is invalid: ${describeSchemaErrors(ConfigSchema, merged)}`)
   }
   return Object.freeze(merged)
+}
+
+function isPlainObject (v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v)
 }

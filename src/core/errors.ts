@@ -9,6 +9,7 @@ export const errorCodes = {
   UIG_ERR_CONFIG_INVALID: { statusCode: 400, title: 'The configuration file or an option is invalid' },
   UIG_ERR_CLI_USAGE: { statusCode: 400, title: 'A command-line flag or argument is missing or malformed' },
   UIG_ERR_HOST_MISSING_TOOL: { statusCode: 500, title: 'A host program or package that uigniter needs is not installed' },
+  UIG_ERR_HOST_NOT_ROOT: { statusCode: 500, title: 'Bridge networking needs root (CAP_NET_ADMIN) on the host' },
   UIG_ERR_NO_SPACE: { statusCode: 507, title: 'No space left on the device that holds the data or cache directory' },
   UIG_ERR_KERNEL_BUILD_FAILED: { statusCode: 500, title: 'The guest kernel build failed' },
   UIG_ERR_KERNEL_CONFIG_MISMATCH: { statusCode: 500, title: 'Kconfig dropped an option the config fragment asks for' },
@@ -37,6 +38,15 @@ export const errorCodes = {
   UIG_ERR_API_UNAUTHORIZED: { statusCode: 401, title: 'The request lacks the bearer token this daemon requires' },
   UIG_ERR_API_NOT_FOUND: { statusCode: 404, title: 'No such API route' },
   UIG_ERR_DAEMON_UNREACHABLE: { statusCode: 503, title: 'The CLI cannot reach the daemon and could not start one' },
+  UIG_ERR_INTERNAL: { statusCode: 500, title: 'An unexpected error; the daemon log has the details' },
+  UIG_ERR_NET_INVALID_SUBNET: { statusCode: 400, title: 'The configured subnet is not a private IPv4 /16../29 network' },
+  UIG_ERR_NET_SUBNET_CONFLICT: { statusCode: 409, title: 'The configured subnet overlaps an address of another host interface' },
+  UIG_ERR_NET_BRIDGE_CONFLICT: { statusCode: 409, title: 'A device with the bridge\'s name exists with another type or address' },
+  UIG_ERR_NET_POOL_EXHAUSTED: { statusCode: 503, title: 'Every address of the subnet is allocated' },
+  UIG_ERR_NET_PORT_IN_USE: { statusCode: 409, title: 'The host port is already published or in use on the host' },
+  UIG_ERR_NET_PUBLISH_INVALID: { statusCode: 400, title: 'A port publication names an address or port that cannot be used' },
+  UIG_ERR_NET_NOT_ATTACHED: { statusCode: 409, title: 'The VM has no address on the bridge network' },
+  UIG_ERR_NET_SETUP_FAILED: { statusCode: 500, title: 'A host network command (ip, nft) failed' },
   UIG_ERR_CONTROL_CHANNEL: { statusCode: 502, title: 'The guest control channel failed or answered badly' }
 } as const satisfies Record<string, { statusCode: number; title: string }>
 

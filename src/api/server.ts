@@ -1,0 +1,56 @@
+import swagger from '@fastify/swagger'
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify'
+import { UigniterError } from '../core/errors.js'
+import type { Logger } from '../core/logger.js'
+import type { ImageStore } from '../guest/image-store.js'
+import type { VmManager } from '../daemon/vm-manager.js'
+import { installErrorHandlers } from './errors.js'
+import { imageRoutes } from './image-routes.js'
+import { legacyRoutes } from './legacy-routes.js'
+import { createMetrics, systemRoutes, type DaemonInfo } from './system-routes.js'
+import { vmRoutes } from './vm-routes.js'
+
+export interface ApiOptions {
+  manager: VmManager
+  images: ImageStore
+  info: DaemonInfo
+  log: Logger
+  /** When set, TCP requests must carry `Authorization: Bearer <token>`; the unix socket is guarded by its file mode. */
+  token?: string
+}
+
+/**
+ * The REST API: one plugin per resource, TypeBox schemas for validation and
+ * for the OpenAPI document at /openapi.json. Unknown body fields are errors,
+ * not silently dropped.
+ */
+export async function buildApi (options: ApiOptions): Promise<FastifyInstance> {
+  const app = Fastify({
+    loggerInstance: options.log.child({ component: 'api' }) as FastifyBaseLogger,
+    disableRequestLogging: true,
+    ajv: { customOptions: { removeAdditional: false, useDefaults: true, coerceTypes: 'array', allErrors: false } }
+  })
+  await app.register(swagger, {
+    openapi: {
+      info: { title: 'uigniter', version: options.info.version, description: 'Run each service of an application as a single-purpose microVM.' },
+      components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer' } } }
+    }
+  })
+  installErrorHandlers(app)
+  if (options.token !== undefined) {
+    const expected = `Bearer ${options.token}`
+    app.addHook('onRequest', async (request) => {
+      // Requests over the unix socket have no remote address.
+      if (request.socket.remoteAddress === undefined) return
+      if (request.headers.authorization !== expected) {
+        throw new UigniterError('UIG_ERR_API_UNAUTHORIZED', 'this daemon requires "Authorization: Bearer <token>" (the token is api.token in its configuration)')
+      }
+    })
+  }
+  const metrics = createMetrics(options.manager)
+  await app.register(systemRoutes(options.manager, options.info, metrics))
+  await app.register(imageRoutes(options.images))
+  await app.register(vmRoutes(options.manager))
+  await app.register(legacyRoutes(options.manager))
+  return app
+}

@@ -1,0 +1,79 @@
+import { Type } from '@sinclair/typebox'
+import type { FastifyInstance } from 'fastify'
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client'
+import type { VmEvent, VmManager } from '../daemon/vm-manager.js'
+
+export interface DaemonInfo {
+  version: string
+  accel: { accel: string, reason: string }
+  network: { mode: string, bridge?: string, subnet?: string, reason?: string }
+  dataDir: string
+  startedAt: string
+  recovered: { adopted: number, died: number }
+}
+
+/** Prometheus metrics of one daemon; its own registry, no global state. */
+export function createMetrics (manager: VmManager): Registry {
+  const registry = new Registry()
+  collectDefaultMetrics({ register: registry, prefix: 'uigniter_daemon_' })
+  new Gauge({
+    name: 'uigniter_vms',
+    help: 'VMs by state',
+    labelNames: ['state'],
+    registers: [registry],
+    collect () {
+      this.reset()
+      const counts = new Map<string, number>()
+      for (const vm of manager.list({})) counts.set(vm.state, (counts.get(vm.state) ?? 0) + 1)
+      for (const [state, n] of counts) this.set({ state }, n)
+    }
+  })
+  const exits = new Counter({ name: 'uigniter_vm_exits_total', help: 'VM ends by reason', labelNames: ['reason'], registers: [registry] })
+  const starts = new Counter({ name: 'uigniter_vm_starts_total', help: 'VMs that reached running', registers: [registry] })
+  manager.on('vm', (event: VmEvent) => {
+    if (event.vm.state === 'running' && event.vm.startedAt !== null) starts.inc()
+    if ((event.vm.state === 'exited' || event.vm.state === 'failed') && event.vm.exit !== null) exits.inc({ reason: event.vm.exit.reason })
+  })
+  return registry
+}
+
+/** Health, info, metrics, OpenAPI and the server-sent event stream. */
+export function systemRoutes (manager: VmManager, info: DaemonInfo, metrics: Registry) {
+  return async function system (app: FastifyInstance): Promise<void> {
+    app.get('/healthz', {
+      schema: { tags: ['system'], summary: 'Liveness', response: { 200: Type.Object({ status: Type.Literal('ok') }) } }
+    }, async () => ({ status: 'ok' as const }))
+
+    app.get('/v1/info', { schema: { tags: ['system'], summary: 'Daemon facts: accelerator and why, network, data dir' } }, async () => info)
+
+    app.get('/metrics', { schema: { tags: ['system'], summary: 'Prometheus metrics', hide: false } }, async (_request, reply) => {
+      return await reply.type(metrics.contentType).send(await metrics.metrics())
+    })
+
+    app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger())
+
+    app.get<{ Querystring: { vm?: string } }>('/v1/events', {
+      schema: {
+        tags: ['system'],
+        summary: 'Server-sent events: `vm.state` with the VM record at each state change',
+        querystring: Type.Object({ vm: Type.Optional(Type.String({ description: 'Only this VM id' })) }, { additionalProperties: false })
+      }
+    }, async (request, reply) => {
+      reply.hijack()
+      const raw = reply.raw
+      raw.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' })
+      raw.write(': uigniter events\n\n')
+      const onVm = (event: VmEvent): void => {
+        if (request.query.vm !== undefined && event.vm.id !== request.query.vm) return
+        raw.write(`event: ${event.type}\ndata: ${JSON.stringify(event.vm)}\n\n`)
+      }
+      // A comment every 15 s keeps proxies from closing an idle stream.
+      const keepAlive = setInterval(() => raw.write(': keep-alive\n\n'), 15_000)
+      manager.on('vm', onVm)
+      request.raw.on('close', () => {
+        clearInterval(keepAlive)
+        manager.off('vm', onVm)
+      })
+    })
+  }
+}

@@ -1,0 +1,250 @@
+import { loadConfig } from '../core/config.js'
+import { UigniterError } from '../core/errors.js'
+import { createLogger } from '../core/logger.js'
+import { formatBytes } from '../core/progress.js'
+import type { ImageManifest } from '../core/image.js'
+import type { Vm } from '../core/vm.js'
+import { startDaemon } from '../daemon/daemon.js'
+import { ApiClient } from './api-client.js'
+import { parseEnv, parseIntFlag, parseMiB, printTable, type Command } from './args.js'
+
+async function client (): Promise<ApiClient> {
+  const api = new ApiClient(loadConfig())
+  await api.ensureDaemon()
+  return api
+}
+
+function ports (vm: Vm): string {
+  return vm.publish.map((p) => `${p.hostAddress}:${p.hostPort}->${p.guestPort}`).join(', ')
+}
+
+function ago (iso: string | null): string {
+  if (iso === null) return '-'
+  const s = Math.round((Date.now() - Date.parse(iso)) / 1000)
+  return s < 60 ? `${s}s ago` : s < 3600 ? `${Math.round(s / 60)}m ago` : `${Math.round(s / 3600)}h ago`
+}
+
+function exitText (vm: Vm): string {
+  if (vm.exit === null) return vm.state
+  const code = vm.exit.appExitCode !== undefined ? ` (${vm.exit.appExitCode})` : vm.exit.appSignal !== undefined ? ` (signal ${vm.exit.appSignal})` : ''
+  return `${vm.state}: ${vm.exit.reason}${code}`
+}
+
+function requireSome (positionals: string[], usage: string): string[] {
+  if (positionals.length === 0) throw new UigniterError('UIG_ERR_CLI_USAGE', `usage: ${usage}`)
+  return positionals
+}
+
+/** Does each of `ids` in turn; prints what it did. */
+function eachVm (verb: string, action: (api: ApiClient, id: string, values: Record<string, unknown>) => Promise<Vm>): Command['run'] {
+  return async (values, positionals) => {
+    const api = await client()
+    for (const id of requireSome(positionals, `uigniter ${verb} VM...`)) {
+      const vm = await action(api, id, values)
+      console.log(`${vm.name}  ${exitText(vm)}`)
+    }
+    return 0
+  }
+}
+
+const enc = encodeURIComponent
+
+export const vmCommands: Command[] = [
+  {
+    name: 'run',
+    summary: 'Create a VM from an image and start it; without -d, follow its console until it ends.',
+    positionalTail: true,
+    usage: 'uigniter run [-d] [--name NAME] [--cpus N] [--memory M] [-p HOST:GUEST]... [-e K=V]... [--network bridge|user|none] [--overlay SIZE] [-v HOST:GUEST[:rw]]... IMAGE [ARGS...]',
+    options: {
+      detach: { type: 'boolean', short: 'd' },
+      name: { type: 'string' },
+      cpus: { type: 'string' },
+      memory: { type: 'string' },
+      publish: { type: 'string', short: 'p', multiple: true },
+      env: { type: 'string', short: 'e', multiple: true },
+      network: { type: 'string' },
+      overlay: { type: 'string' },
+      volume: { type: 'string', short: 'v', multiple: true },
+      json: { type: 'boolean' }
+    },
+    help: [
+      '-d, --detach          print the VM id and return',
+      '--name NAME           a unique name (default: IMAGE-<id>)',
+      '--cpus N, --memory M  resources (memory in MiB, or 512M, 1G); default: the image\'s',
+      '-p, --publish H:G     publish host port H (on 127.0.0.1; or ADDR:H:G) to the VM\'s port G',
+      '-e, --env K=V         environment for the app (repeatable)',
+      '--network MODE        bridge (default as root), user, none',
+      '--overlay SIZE        a writable overlay over the read-only root (MiB, or 512M)',
+      '-v, --volume H:G[:rw] share host directory H at G in the guest (read-only unless :rw)',
+      'ARGS                  replace the image\'s app arguments'
+    ],
+    run: async (values, positionals) => {
+      const [image, ...args] = requireSome(positionals, 'uigniter run [options] IMAGE [ARGS...]')
+      const body: Record<string, unknown> = { image: image ?? '', env: parseEnv(values.env as string[] | undefined) }
+      if (args.length > 0) body.args = args
+      if (values.name !== undefined) body.name = values.name
+      if (values.cpus !== undefined) body.vcpus = parseIntFlag(values.cpus as string, '--cpus', 1, 64)
+      if (values.memory !== undefined) body.memoryMiB = parseMiB(values.memory as string, '--memory')
+      if (values.network !== undefined) body.network = values.network
+      if (values.overlay !== undefined) body.overlaySizeMiB = parseMiB(values.overlay as string, '--overlay')
+      body.publish = ((values.publish as string[] | undefined) ?? []).map(parsePublish)
+      body.shares = ((values.volume as string[] | undefined) ?? []).map(parseVolume)
+      const api = await client()
+      const vm = await api.call<Vm>('POST', '/v1/vms', body)
+      if (values.json === true) console.log(JSON.stringify(vm, null, 2))
+      else if (values.detach === true) console.log(vm.id)
+      if (values.detach === true || values.json === true) return 0
+      await api.stream(`/v1/vms/${enc(vm.id)}/logs?follow=true&tail=0`, (text) => process.stdout.write(text))
+      const ended = await api.call<Vm>('GET', `/v1/vms/${enc(vm.id)}`)
+      process.stderr.write(`uigniter: ${ended.name} ${exitText(ended)}${ended.exit !== null ? `: ${ended.exit.detail}` : ''}\n`)
+      return ended.exit?.appExitCode ?? (ended.exit?.reason === 'app-exited' ? 0 : 1)
+    }
+  },
+  {
+    name: 'ps',
+    summary: 'List running VMs (-a: all).',
+    usage: 'uigniter ps [-a] [--json]',
+    options: { all: { type: 'boolean', short: 'a' }, json: { type: 'boolean' } },
+    help: ['-a, --all   include VMs that ended', '--json      print JSON'],
+    run: async (values) => {
+      const vms = await (await client()).call<Vm[]>('GET', `/v1/vms${values.all === true ? '?all=true' : ''}`)
+      if (values.json === true) console.log(JSON.stringify(vms, null, 2))
+      else printTable(['ID', 'NAME', 'IMAGE', 'STATE', 'IP', 'PORTS', 'CREATED'],
+        vms.map((vm) => [vm.id.slice(0, 12), vm.name, vm.image, exitText(vm), vm.ipAddress ?? '-', ports(vm), ago(vm.createdAt)]))
+      return 0
+    }
+  },
+  {
+    name: 'logs',
+    summary: 'Show a VM\'s console (-f: follow).',
+    usage: 'uigniter logs [-f] [--tail BYTES] VM',
+    options: { follow: { type: 'boolean', short: 'f' }, tail: { type: 'string' } },
+    help: ['-f, --follow   keep printing until the VM ends', '--tail BYTES   how much of the end to show (default 65536)'],
+    run: async (values, positionals) => {
+      const [id] = requireSome(positionals, 'uigniter logs [-f] VM')
+      const tail = values.tail === undefined ? 65536 : parseIntFlag(values.tail as string, '--tail', 0, 16 * 1024 * 1024)
+      const api = await client()
+      const path = `/v1/vms/${enc(id ?? '')}/logs?tail=${tail}${values.follow === true ? '&follow=true' : ''}`
+      await api.stream(path, (text) => process.stdout.write(text))
+      return 0
+    }
+  },
+  {
+    name: 'stop',
+    summary: 'Stop VMs gracefully: SIGTERM to the app, then QMP quit, then SIGKILL.',
+    usage: 'uigniter stop [-t SECONDS] VM...',
+    options: { time: { type: 'string', short: 't' } },
+    help: ['-t, --time SECONDS   grace period before escalating (default 10)'],
+    run: eachVm('stop', async (api, id, values) => {
+      const seconds = values.time === undefined ? 10 : parseIntFlag(values.time as string, '--time', 0, 600)
+      return await api.call<Vm>('POST', `/v1/vms/${enc(id)}/stop?timeoutMs=${seconds * 1000}`)
+    })
+  },
+  {
+    name: 'kill',
+    summary: 'Kill VMs at once (SIGKILL to QEMU).',
+    usage: 'uigniter kill VM...',
+    options: {},
+    help: [],
+    run: eachVm('kill', async (api, id) => await api.call<Vm>('POST', `/v1/vms/${enc(id)}/kill`))
+  },
+  {
+    name: 'pause',
+    summary: 'Pause VMs (their vCPUs stop; memory stays).',
+    usage: 'uigniter pause VM...',
+    options: {},
+    help: [],
+    run: eachVm('pause', async (api, id) => await api.call<Vm>('POST', `/v1/vms/${enc(id)}/pause`))
+  },
+  {
+    name: 'resume',
+    summary: 'Resume paused VMs.',
+    usage: 'uigniter resume VM...',
+    options: {},
+    help: [],
+    run: eachVm('resume', async (api, id) => await api.call<Vm>('POST', `/v1/vms/${enc(id)}/resume`))
+  },
+  {
+    name: 'rm',
+    summary: 'Remove VMs and their state (-f: kill running ones first).',
+    usage: 'uigniter rm [-f] VM...',
+    options: { force: { type: 'boolean', short: 'f' } },
+    help: ['-f, --force   remove running VMs too (they are killed)'],
+    run: eachVm('rm', async (api, id, values) => await api.call<Vm>('DELETE', `/v1/vms/${enc(id)}${values.force === true ? '?force=true' : ''}`))
+  },
+  {
+    name: 'inspect',
+    summary: 'Print VMs as JSON.',
+    usage: 'uigniter inspect VM...',
+    options: {},
+    help: [],
+    run: async (_values, positionals) => {
+      const api = await client()
+      const vms = []
+      for (const id of requireSome(positionals, 'uigniter inspect VM...')) vms.push(await api.call<Vm>('GET', `/v1/vms/${enc(id)}`))
+      console.log(JSON.stringify(vms.length === 1 ? vms[0] : vms, null, 2))
+      return 0
+    }
+  },
+  {
+    name: 'images',
+    summary: 'List the daemon\'s images.',
+    usage: 'uigniter images [--json]',
+    options: { json: { type: 'boolean' } },
+    help: ['--json   print the manifests as JSON'],
+    run: async (values) => {
+      const images = await (await client()).call<ImageManifest[]>('GET', '/v1/images')
+      if (values.json === true) console.log(JSON.stringify(images, null, 2))
+      else printTable(['NAME', 'TAG', 'DIGEST', 'FORMAT', 'SIZE'], images.map((m) => [m.name, m.tag, m.digest.slice(7, 19), m.format, formatBytes(m.size)]))
+      return 0
+    }
+  },
+  {
+    name: 'info',
+    summary: 'Show the daemon: version, accelerator and why, network, data directory.',
+    usage: 'uigniter info [--json]',
+    options: { json: { type: 'boolean' } },
+    help: ['--json   print JSON'],
+    run: async (values) => {
+      const info = await (await client()).call<Record<string, unknown>>('GET', '/v1/info')
+      if (values.json === true) { console.log(JSON.stringify(info, null, 2)); return 0 }
+      const accel = info.accel as { accel: string, reason: string }
+      const net = info.network as Record<string, string>
+      console.log(`version:      ${String(info.version)}\naccelerator:  ${accel.accel} (${accel.reason})\nnetwork:      ${net.mode}${net.bridge !== undefined ? ` on ${net.bridge} ${net.subnet}` : ''}${net.reason !== undefined ? ` (${net.reason})` : ''}\ndata dir:     ${String(info.dataDir)}\nstarted:      ${String(info.startedAt)}`)
+      return 0
+    }
+  },
+  {
+    name: 'daemon',
+    summary: 'Run the daemon in the foreground (the CLI starts one in the background when needed).',
+    usage: 'uigniter daemon',
+    options: {},
+    help: ['Config: /etc/uigniter/config.json or UIGNITER_CONFIG; see README.md. Log level: UIGNITER_LOG_LEVEL (default info).'],
+    run: async () => {
+      const log = createLogger(process.env.UIGNITER_LOG_LEVEL ?? 'info')
+      const daemon = await startDaemon(loadConfig(), log)
+      await new Promise<void>((resolve) => {
+        const stop = (): void => { resolve() }
+        process.once('SIGINT', stop)
+        process.once('SIGTERM', stop)
+      })
+      log.info('shutting down; VMs keep running')
+      await daemon.close()
+      return 0
+    }
+  }
+]
+
+function parsePublish (text: string): { hostAddress: string, hostPort: number, guestPort: number } {
+  const parts = text.split(':')
+  if (parts.length < 2 || parts.length > 3) throw new UigniterError('UIG_ERR_CLI_USAGE', `--publish takes HOST:GUEST or ADDR:HOST:GUEST, not "${text}"`)
+  const guest = parts.pop() ?? ''
+  const host = parts.pop() ?? ''
+  return { hostAddress: parts[0] ?? '127.0.0.1', hostPort: parseIntFlag(host, '--publish', 1, 65535), guestPort: parseIntFlag(guest, '--publish', 1, 65535) }
+}
+
+function parseVolume (text: string): { hostPath: string, guestPath: string, readOnly: boolean } {
+  const m = /^(\/[^:]*):(\/[^:]*)(?::(ro|rw))?$/.exec(text)
+  if (m === null) throw new UigniterError('UIG_ERR_CLI_USAGE', `--volume takes /HOST/DIR:/GUEST/DIR[:ro|rw], not "${text}"`)
+  return { hostPath: m[1] ?? '', guestPath: m[2] ?? '', readOnly: m[3] !== 'rw' }
+}

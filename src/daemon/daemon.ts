@@ -1,0 +1,113 @@
+import { chmod, mkdir, rm } from 'node:fs/promises'
+import { request } from 'node:http'
+import { dirname, join } from 'node:path'
+import type { FastifyInstance } from 'fastify'
+import { buildApi } from '../api/server.js'
+import type { DaemonInfo } from '../api/system-routes.js'
+import type { Config } from '../core/config.js'
+import { UigniterError } from '../core/errors.js'
+import type { Logger } from '../core/logger.js'
+import { ImageStore } from '../guest/image-store.js'
+import { KernelCache } from '../guest/kernel-cache.js'
+import { HostNetwork } from '../net/host-network.js'
+import { SqliteStore } from '../store/sqlite-store.js'
+import { chooseAccel, type AccelChoice } from '../vmm/qemu/accel-probe.js'
+import { QemuDriver } from '../vmm/qemu/qemu-driver.js'
+import { VmManager } from './vm-manager.js'
+
+export const VERSION = '0.2.0'
+
+export interface RunningDaemon {
+  app: FastifyInstance
+  manager: VmManager
+  info: DaemonInfo
+  /** Stops serving; VMs keep running and are adopted by the next daemon. */
+  close: () => Promise<void>
+}
+
+/**
+ * The composition root: the one place that picks concrete pieces (SQLite,
+ * QEMU, the host network) and wires them together, then serves the API on
+ * a unix socket and a TCP address.
+ */
+export async function startDaemon (config: Config, log: Logger): Promise<RunningDaemon> {
+  const [host, portText] = splitHostPort(config.api.listen)
+  if (!isLoopback(host) && config.api.token === undefined) {
+    throw new UigniterError('UIG_ERR_CONFIG_INVALID', `api.listen is ${config.api.listen}, beyond loopback: set api.token (UIGNITER_TOKEN, 16+ characters) so that requests must carry it`)
+  }
+  if (await socketAnswers(config.api.socket)) {
+    throw new UigniterError('UIG_ERR_CONFIG_INVALID', `another daemon already serves ${config.api.socket}`)
+  }
+  await mkdir(config.dataDir, { recursive: true })
+  const store = new SqliteStore(join(config.dataDir, 'uigniter.db'))
+  const images = new ImageStore(config.dataDir)
+  const accel = await probeAccel(config, log)
+  log.info({ accel }, `accelerator: ${accel.accel} (${accel.reason})`)
+
+  let network: HostNetwork | undefined
+  let networkInfo: DaemonInfo['network']
+  if (config.network.mode === 'bridge' && process.getuid?.() === 0) {
+    network = new HostNetwork({ bridge: config.network.bridge, subnet: config.network.subnet, nat: config.network.nat, store: store.ipAllocations })
+    await network.setup()
+    networkInfo = { mode: 'bridge', bridge: config.network.bridge, subnet: config.network.subnet }
+  } else {
+    const reason = config.network.mode === 'user' ? 'network.mode is "user"' : 'not root: taps need root, so VMs use QEMU user-mode networking'
+    log.warn(reason)
+    networkInfo = { mode: 'user', reason }
+  }
+
+  const driver = new QemuDriver({ log: log.child({ component: 'qemu' }) })
+  const manager = new VmManager({ config, store, images, driver, network, accel, log: log.child({ component: 'vms' }) })
+  const recovered = await manager.recover()
+  log.info(recovered, 'recovered VMs from the previous daemon')
+
+  const info: DaemonInfo = { version: VERSION, accel, network: networkInfo, dataDir: config.dataDir, startedAt: new Date().toISOString(), recovered }
+  const app = await buildApi({ manager, images, info, log, token: config.api.token })
+  await mkdir(dirname(config.api.socket), { recursive: true })
+  await rm(config.api.socket, { force: true })
+  await app.listen({ path: config.api.socket })
+  await chmod(config.api.socket, 0o660)
+  await app.listen({ host, port: Number(portText) })
+  log.info({ socket: config.api.socket, listen: config.api.listen }, 'serving the API')
+
+  return {
+    app,
+    manager,
+    info,
+    close: async () => {
+      await app.close()
+      manager.close()
+      store.close()
+    }
+  }
+}
+
+async function probeAccel (config: Config, log: Logger): Promise<AccelChoice> {
+  const kernel = await new KernelCache(config.cacheDir).find()
+  if (kernel === undefined) {
+    if (config.accel !== 'auto') return { accel: config.accel, reason: `accel "${config.accel}" is set in the configuration` }
+    log.warn('no guest kernel to probe KVM with; using TCG until "uigniter kernel build" has run')
+    return { accel: 'tcg', reason: 'no guest kernel was built yet to probe KVM with' }
+  }
+  return await chooseAccel(config, kernel.path, kernel.key)
+}
+
+function splitHostPort (listen: string): [string, string] {
+  const m = /^\[?([^\]]+?)\]?:(\d{1,5})$/.exec(listen)
+  if (m === null || Number(m[2]) > 65535) throw new UigniterError('UIG_ERR_CONFIG_INVALID', `api.listen must be host:port, not "${listen}"`)
+  return [m[1] ?? '', m[2] ?? '']
+}
+
+function isLoopback (host: string): boolean {
+  return host === 'localhost' || host === '::1' || host.startsWith('127.')
+}
+
+/** True when something answers HTTP on the socket: a live daemon, not a stale file. */
+export async function socketAnswers (socketPath: string): Promise<boolean> {
+  return await new Promise((resolve) => {
+    const req = request({ socketPath, path: '/healthz', timeout: 2000 }, (res) => { res.resume(); resolve(res.statusCode === 200) })
+    req.on('error', () => resolve(false))
+    req.on('timeout', () => { req.destroy(); resolve(false) })
+    req.end()
+  })
+}
