@@ -1,0 +1,188 @@
+import assert from 'node:assert/strict'
+import { readFile } from 'node:fs/promises'
+import { connect } from 'node:net'
+import { join } from 'node:path'
+import { after, before, describe, test } from 'node:test'
+import { httpGetWithRetry } from '../../src/core/http-get.js'
+import type { Vm } from '../../src/core/vm.js'
+import { SqliteStore } from '../../src/store/sqlite-store.js'
+import { freePort } from '../../src/vmm/qemu/image-boot.js'
+import { DaemonProcess } from '../helpers/daemon-process.js'
+import { createTestContext, exampleSpec, packageRoot, runCli, type TestContext } from '../helpers/fixtures.js'
+import { rejectsWith } from '../helpers/assertions.js'
+
+/** One memcached text command to ADDRESS:PORT, retried until the app listens. */
+async function memcached (host: string, port: number, command: string, timeoutMs = 60_000): Promise<string> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    try {
+      return await new Promise((resolve, reject) => {
+        const socket = connect(port, host)
+        let reply = ''
+        socket.setTimeout(3000, () => socket.destroy(new Error('timeout')))
+        socket.on('connect', () => socket.write(command))
+        socket.on('data', (c: Buffer) => { reply += c.toString(); if (reply.endsWith('\r\n')) { socket.end(); resolve(reply) } })
+        socket.on('error', reject)
+        socket.on('close', () => reject(new Error('closed before a reply')))
+      })
+    } catch (err) {
+      if (Date.now() > deadline) throw err
+      await new Promise((resolve) => setTimeout(resolve, 200))
+    }
+  }
+}
+
+async function waitForState (daemon: DaemonProcess, id: string, states: string[], timeoutMs = 30_000): Promise<Vm> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const vm = await daemon.api.call<Vm>('GET', `/v1/vms/${id}`)
+    if (states.includes(vm.state)) return vm
+    if (Date.now() > deadline) throw new Error(`VM ${id} is ${vm.state}, expected ${states.join('|')}`)
+    await new Promise((resolve) => setTimeout(resolve, 100))
+  }
+}
+
+describe('the daemon: VMs on a real bridge, driven through the REST API', () => {
+  let ctx: TestContext & { cleanup: () => Promise<void> }
+  let daemon: DaemonProcess
+  const subnetByte = 100 + Math.floor(Math.random() * 100)
+
+  before(async () => {
+    ctx = await createTestContext()
+    await ctx.builder.build(JSON.parse(await readFile(exampleSpec('memcached'), 'utf8')), join(packageRoot, 'examples/memcached'))
+    await ctx.builder.build(JSON.parse(await readFile(exampleSpec('hello'), 'utf8')), join(packageRoot, 'examples/hello'))
+    daemon = await DaemonProcess.create(ctx.dataDir, { UIGNITER_SUBNET: `10.249.${subnetByte}.0/24` })
+    await daemon.start()
+  })
+  after(async () => {
+    for (const vm of await daemon.api.call<Vm[]>('GET', '/v1/vms?all=true').catch(() => [])) {
+      await daemon.api.call('DELETE', `/v1/vms/${vm.id}?force=true`).catch(() => {})
+    }
+    await daemon.stop()
+    await ctx.cleanup()
+  })
+
+  const vms: Vm[] = []
+
+  test('two memcached VMs answer on their own addresses on the bridge', async () => {
+    for (const name of ['mc-a', 'mc-b']) vms.push(await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'memcached', name }))
+    const [a, b] = vms
+    assert.ok(a?.ipAddress !== null && b?.ipAddress !== null)
+    assert.notEqual(a?.ipAddress, b?.ipAddress)
+    assert.notEqual(a?.macAddress, b?.macAddress)
+    for (const vm of vms) {
+      assert.equal(vm.state, 'running')
+      assert.match(vm.ipAddress ?? '', new RegExp(`^10\\.249\\.${subnetByte}\\.`))
+      assert.match(await memcached(vm.ipAddress ?? '', 11211, 'version\r\n'), /^VERSION 1\./)
+    }
+  })
+
+  test('a published port reaches the VM through 127.0.0.1', async () => {
+    const hostPort = await freePort()
+    const vm = await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'hello', name: 'web', publish: [{ hostPort, guestPort: 8080 }] })
+    const answer = await httpGetWithRetry(hostPort, '/', 60_000)
+    assert.equal(answer.status, 200)
+    assert.match(answer.body, /Hello from uigniter! \(web\)/)
+    const stopped = await daemon.api.call<Vm>('POST', `/v1/vms/${vm.id}/stop`)
+    assert.equal(stopped.state, 'exited')
+    assert.equal(stopped.exit?.reason, 'app-exited')
+    assert.equal(stopped.exit?.appExitCode, 0)
+    const again = await daemon.api.call<Vm>('POST', `/v1/vms/${vm.id}/stop`)
+    assert.deepEqual(again.exit, stopped.exit, 'stopping a stopped VM changes nothing')
+  })
+
+  test('bad input gets its code', async () => {
+    await rejectsWith(daemon.api.call('POST', '/v1/vms', { image: 'no-such-image' }), 'UIG_ERR_IMAGE_NOT_FOUND')
+    await rejectsWith(daemon.api.call('POST', '/v1/vms', { image: 'memcached', name: 'mc-a' }), 'UIG_ERR_VM_NAME_IN_USE')
+    await rejectsWith(daemon.api.call('POST', '/v1/vms', { image: 'memcached', memoryMiB: 1024 * 1024 }), 'UIG_ERR_VM_RESOURCES', 'MiB')
+    await rejectsWith(daemon.api.call('POST', '/v1/vms', { image: 'memcached', colour: 'blue' }), 'UIG_ERR_API_VALIDATION')
+    await rejectsWith(daemon.api.call('POST', '/v1/vms', { image: 'memcached', vcpus: 'many' }), 'UIG_ERR_API_VALIDATION', 'vcpus')
+    await rejectsWith(daemon.api.call('GET', '/v1/vms/nope'), 'UIG_ERR_VM_NOT_FOUND')
+    await rejectsWith(daemon.api.call('GET', '/v1/nothing'), 'UIG_ERR_API_NOT_FOUND')
+    await rejectsWith(daemon.api.call('DELETE', `/v1/vms/${vms[0]?.id ?? ''}`), 'UIG_ERR_VM_INVALID_STATE')
+  })
+
+  test('an exhausted address pool is a clear error', async () => {
+    // Another process takes every free address, as a crowd of VMs would.
+    const store = new SqliteStore(join(ctx.dataDir, 'uigniter.db'))
+    const taken: string[] = []
+    try {
+      for (let host = 2; host < 255; host++) {
+        const ip = `10.249.${subnetByte}.${host}`
+        if (store.ipAllocations.reserve(ip, 'test-crowd')) taken.push(ip)
+      }
+      await rejectsWith(daemon.api.call('POST', '/v1/vms', { image: 'memcached' }), 'UIG_ERR_NET_POOL_EXHAUSTED')
+    } finally {
+      store.ipAllocations.releaseOwner('test-crowd')
+      store.close()
+    }
+  })
+
+  test('kill -9 of a QEMU is noticed and reported with a reason', async () => {
+    const vm = await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'hello', name: 'victim' })
+    assert.ok(vm.pid !== null)
+    process.kill(vm.pid, 'SIGKILL')
+    const ended = await waitForState(daemon, vm.id, ['exited', 'failed'])
+    assert.equal(ended.exit?.reason, 'killed')
+    assert.ok((ended.exit?.detail ?? '').length > 0)
+  })
+
+  test('kill -9 of the daemon, then a restart, re-adopts every running VM with its address', async () => {
+    const before = await daemon.api.call<Vm[]>('GET', '/v1/vms')
+    assert.ok(before.length >= 2)
+    await daemon.crash()
+    for (const vm of before) assert.match(await memcached(vm.ipAddress ?? '', 11211, 'version\r\n'), /^VERSION/, 'VMs outlive the daemon')
+    await daemon.start()
+    const afterRestart = await daemon.api.call<Vm[]>('GET', '/v1/vms')
+    assert.deepEqual(afterRestart.map((vm) => [vm.id, vm.state, vm.ipAddress, vm.pid]), before.map((vm) => [vm.id, vm.state, vm.ipAddress, vm.pid]))
+    const store = new SqliteStore(join(ctx.dataDir, 'uigniter.db'))
+    try {
+      assert.deepEqual(store.ipAllocations.list().map((a) => [a.ip, a.owner]).sort(), before.map((vm) => [vm.ipAddress, vm.id]).sort())
+    } finally {
+      store.close()
+    }
+    const info = await daemon.api.call<{ recovered: { adopted: number } }>('GET', '/v1/info')
+    assert.equal(info.recovered.adopted, before.length)
+    // Adopted VMs are still under control: stop one and see its exit.
+    const stopped = await daemon.api.call<Vm>('POST', `/v1/vms/${before[0]?.id ?? ''}/stop`)
+    assert.equal(stopped.state, 'exited')
+  })
+
+  test('a VM that dies while the daemon is down is marked with the reason', async () => {
+    const vm = await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'hello', name: 'orphan' })
+    await daemon.crash()
+    process.kill(vm.pid ?? 0, 'SIGKILL')
+    await daemon.start()
+    const marked = await daemon.api.call<Vm>('GET', `/v1/vms/${vm.id}`)
+    assert.equal(marked.state, 'exited')
+    assert.equal(marked.exit?.reason, 'died-while-daemon-down')
+  })
+
+  test('the original Uigniter API works unchanged', async () => {
+    const created = await daemon.api.call<{ id: string, ip_address: string }>('POST', '/vm/run', { image_name: 'memcached', cmdline: '', read_only: true })
+    assert.deepEqual(Object.keys(created).sort(), ['id', 'ip_address'])
+    assert.match(await memcached(created.ip_address, 11211, 'version\r\n'), /^VERSION/)
+    const stopped = await daemon.api.call<{ id: string, state: string }>('POST', `/vm/${created.id}/stop`)
+    assert.equal(stopped.state, 'exited')
+  })
+
+  test('OpenAPI, metrics, health and the CLI', async () => {
+    const openapi = await daemon.api.call<{ openapi: string, paths: Record<string, unknown> }>('GET', '/openapi.json')
+    assert.match(openapi.openapi, /^3\./)
+    for (const path of ['/v1/vms', '/v1/vms/{id}/stop', '/vm/run', '/vm/{id}/stop', '/v1/images']) assert.ok(path in openapi.paths, path)
+    const metrics = await daemon.api.call<string>('GET', '/metrics')
+    assert.match(metrics, /uigniter_vms\{state="running"\} \d+/)
+    assert.match(metrics, /uigniter_vm_exits_total\{reason="killed"\} 1/)
+    const ps = await runCli(['ps'], { env: daemon.env })
+    assert.equal(ps.code, 0, ps.stderr)
+    assert.match(ps.stdout, /^ID\s+NAME\s+IMAGE\s+STATE/)
+    assert.match(ps.stdout, /mc-b\s+memcached:latest\s+running/)
+    const inspect = await runCli(['inspect', 'mc-b'], { env: daemon.env })
+    assert.equal((JSON.parse(inspect.stdout) as Vm).name, 'mc-b')
+    const missing = await runCli(['stop', 'nope'], { env: daemon.env })
+    assert.equal(missing.code, 1)
+    assert.match(missing.stderr, /UIG_ERR_VM_NOT_FOUND/)
+    assert.ok(!(await runCli(['run', '-d', '--memory', 'lots', 'hello'], { env: daemon.env })).stderr.includes('unexpected'))
+  })
+})
+

@@ -1,0 +1,74 @@
+import { spawn, type ChildProcess } from 'node:child_process'
+import { randomBytes } from 'node:crypto'
+import { join } from 'node:path'
+import { ApiClient } from '../../src/cli/api-client.js'
+import { loadConfig } from '../../src/core/config.js'
+import { socketAnswers } from '../../src/daemon/daemon.js'
+import { freePort } from '../../src/vmm/qemu/image-boot.js'
+import { packageRoot } from './fixtures.js'
+
+/**
+ * A real `uigniter daemon` process for tests: its own data dir, socket,
+ * port, bridge and subnet, so that tests never touch the machine's daemon.
+ */
+export class DaemonProcess {
+  readonly env: NodeJS.ProcessEnv
+  readonly api: ApiClient
+  #child: ChildProcess | undefined
+  output = ''
+
+  constructor (dataDir: string, overrides: NodeJS.ProcessEnv = {}, apiPort = 0) {
+    const suffix = randomBytes(3).toString('hex')
+    this.env = {
+      ...process.env,
+      UIGNITER_DATA_DIR: dataDir,
+      UIGNITER_SOCKET: join(dataDir, 'uigniter.sock'),
+      UIGNITER_API_LISTEN: `127.0.0.1:${apiPort}`,
+      UIGNITER_BRIDGE: `uigd${suffix}`,
+      UIGNITER_LOG_LEVEL: 'info',
+      ...overrides
+    }
+    this.api = new ApiClient(loadConfig(this.env), this.env)
+  }
+
+  static async create (dataDir: string, overrides: NodeJS.ProcessEnv = {}): Promise<DaemonProcess> {
+    return new DaemonProcess(dataDir, overrides, await freePort())
+  }
+
+  get pid (): number | undefined {
+    return this.#child?.pid
+  }
+
+  /** Starts the daemon and waits until it answers on its socket. */
+  async start (timeoutMs = 60_000): Promise<void> {
+    const child = spawn(process.execPath, [join(packageRoot, 'dist/src/cli/main.js'), 'daemon'], { env: this.env, stdio: ['ignore', 'pipe', 'pipe'] })
+    this.#child = child
+    child.stdout?.on('data', (c: Buffer) => { this.output += c.toString() })
+    child.stderr?.on('data', (c: Buffer) => { this.output += c.toString() })
+    const deadline = Date.now() + timeoutMs
+    while (Date.now() < deadline) {
+      if (await socketAnswers(this.env.UIGNITER_SOCKET ?? '')) return
+      if (child.exitCode !== null) break
+      await new Promise((resolve) => setTimeout(resolve, 100))
+    }
+    throw new Error(`the daemon did not start:\n${this.output.slice(-3000)}`)
+  }
+
+  /** SIGTERM and wait: VMs keep running. */
+  async stop (): Promise<void> {
+    await this.#signal('SIGTERM')
+  }
+
+  /** kill -9, as a crash would. */
+  async crash (): Promise<void> {
+    await this.#signal('SIGKILL')
+  }
+
+  async #signal (signal: NodeJS.Signals): Promise<void> {
+    const child = this.#child
+    if (child === undefined || child.exitCode !== null || child.signalCode !== null) return
+    const closed = new Promise((resolve) => child.once('close', resolve))
+    child.kill(signal)
+    await closed
+  }
+}
