@@ -15,6 +15,7 @@ export const errorCodes = {
   UIG_ERR_KERNEL_CONFIG_MISMATCH: { statusCode: 500, title: 'Kconfig dropped an option the config fragment asks for' },
   UIG_ERR_KERNEL_NOT_BUILT: { statusCode: 409, title: 'The guest kernel is not in the cache yet' },
   UIG_ERR_KERNEL_NOT_BOOTABLE: { statusCode: 400, title: 'The kernel file cannot be booted by QEMU' },
+  UIG_ERR_KERNEL_MODULE_MISSING: { statusCode: 500, title: 'The packaged guest kernel lacks a driver the guest needs, as a module or built in' },
   UIG_ERR_INIT_NOT_BUILT: { statusCode: 409, title: 'The guest init binary has not been built' },
   UIG_ERR_IMAGE_INVALID_NAME: { statusCode: 400, title: 'An image name or tag is not valid' },
   UIG_ERR_IMAGE_PATH_NOT_FOUND: { statusCode: 400, title: 'A path given to the image builder does not exist' },
@@ -25,6 +26,7 @@ export const errorCodes = {
   UIG_ERR_IMAGE_NO_ENTRYPOINT: { statusCode: 400, title: 'The entrypoint is missing from the source directory' },
   UIG_ERR_IMAGE_SPEC_INVALID: { statusCode: 400, title: 'The image build spec is invalid' },
   UIG_ERR_IMAGE_TOO_LARGE: { statusCode: 400, title: 'The image is too large for the chosen format' },
+  UIG_ERR_IMAGE_KERNEL_MISMATCH: { statusCode: 400, title: 'The image format or machine asked for cannot boot with the configured guest kernel' },
   UIG_ERR_IMAGE_NOT_FOUND: { statusCode: 404, title: 'No image has that name and tag' },
   UIG_ERR_IMAGE_STORE_CORRUPT: { statusCode: 500, title: 'A manifest or blob in the image store is damaged' },
   UIG_ERR_VM_BOOT_FAILED: { statusCode: 500, title: 'The VM did not boot' },
@@ -47,6 +49,11 @@ export const errorCodes = {
   UIG_ERR_NET_PUBLISH_INVALID: { statusCode: 400, title: 'A port publication names an address or port that cannot be used' },
   UIG_ERR_NET_NOT_ATTACHED: { statusCode: 409, title: 'The VM has no address on the bridge network' },
   UIG_ERR_NET_SETUP_FAILED: { statusCode: 500, title: 'A host network command (ip, nft) failed' },
+  UIG_ERR_VM_RESOURCES: { statusCode: 400, title: 'The VM asks for more vCPUs, memory or host CPUs than the host has' },
+  UIG_ERR_VM_CMDLINE_INVALID: { statusCode: 400, title: 'The guest kernel command line would exceed 2048 bytes, or an argument holds a NUL byte' },
+  UIG_ERR_VM_SHARE_INVALID: { statusCode: 400, title: 'A directory to share into the VM is missing, or its guest path cannot be used' },
+  UIG_ERR_VM_STATE_DIR: { statusCode: 500, title: 'A VM\'s state directory is missing, damaged, or its paths are too long' },
+  UIG_ERR_QMP: { statusCode: 502, title: 'QEMU\'s monitor (QMP) failed or refused a command' },
   UIG_ERR_CONTROL_CHANNEL: { statusCode: 502, title: 'The guest control channel failed or answered badly' }
 } as const satisfies Record<string, { statusCode: number; title: string }>
 

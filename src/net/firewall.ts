@@ -1,0 +1,114 @@
+import { UigniterError } from '../core/errors.js'
+import { run } from '../core/exec.js'
+import { NOT_ROOT_ADVICE, runNetTool } from './net-tool.js'
+import { NftFirewall } from './nft-firewall.js'
+import type { Subnet } from './subnet.js'
+
+/** The name of uigniter's firewall table: cleanup is deleting it. */
+export const DEFAULT_FIREWALL_TABLE = 'uigniter'
+
+/** What the base rules protect and translate. */
+export interface FirewallBase {
+  /** The bridge the VMs' taps are plugged into. */
+  bridge: string
+  subnet: Subnet
+  /** Masquerade VM traffic that leaves the host; without it, VMs reach only the bridge. */
+  nat: boolean
+  /**
+   * TCP ports on the gateway address that VMs may connect to (e.g. the
+   * service gateway). Empty by default: VMs reach no host service at all.
+   */
+  allowedHostPorts?: number[]
+}
+
+/** One TCP port forward from the host to a VM. */
+export interface PortPublish {
+  /** `0.0.0.0` for every host address, else one address of the host (`127.0.0.1` included). */
+  hostAddress: string
+  hostPort: number
+  vmIp: string
+  guestPort: number
+}
+
+/** A port forward as found in the firewall, with the VM it belongs to. */
+export interface PublishedPort extends PortPublish {
+  vmId: string
+}
+
+/**
+ * NAT and isolation for the bridge network. The implementation keeps every
+ * rule in its own table(s), so setting up is idempotent and removing
+ * uigniter's rules is deleting those tables.
+ */
+export interface Firewall {
+  /** Which tool does the work. */
+  readonly backend: 'nftables' | 'iptables'
+  /**
+   * Installs (or replaces) the base rules: egress masquerade when `nat`,
+   * forwarding, loopback access to published ports, and isolation (VMs cannot
+   * reach host services, nor published ports through the host). Keeps the
+   * published ports. Idempotent.
+   */
+  ensureBase(base: FirewallBase): Promise<void>
+  /**
+   * Forwards `hostAddress:hostPort` to `vmIp:guestPort` for traffic from
+   * elsewhere and from the host itself, `127.0.0.1` included. Throws
+   * UIG_ERR_NET_PORT_IN_USE when the port is published already or a host
+   * program listens on it. Publishing the same forward again for the same VM
+   * is a no-op.
+   */
+  publish(vmId: string, rule: PortPublish): Promise<void>
+  /** Removes one port forward of the VM; no-op when absent. */
+  unpublish(vmId: string, rule: PortPublish): Promise<void>
+  /** Removes every port forward of the VM; no-op when it has none. */
+  unpublishAll(vmId: string): Promise<void>
+  /** Every port forward in place. */
+  listPublished(): Promise<PublishedPort[]>
+  /**
+   * Makes the port forwards match `expected`: removes those of VMs not in the
+   * list (orphans of a crashed daemon) and, for VMs that list `publishes`,
+   * removes the ones not listed and adds the missing ones. A VM listed
+   * without `publishes` keeps what it has.
+   */
+  reconcile(expected: Array<{ vmId: string, publishes?: PortPublish[] }>): Promise<void>
+  /** Deletes every rule uigniter installed (its tables). */
+  destroy(): Promise<void>
+}
+
+/**
+ * Finds the firewall tool of this host, once per daemon start: nftables when
+ * `nft` is installed and the kernel has nf_tables. Hosts with only iptables
+ * are not supported yet and get a clear error naming the package to install.
+ *
+ * @example
+ * const firewall = await detectFirewall()
+ * await firewall.ensureBase({ bridge: 'uigniter0', subnet, nat: true })
+ */
+export async function detectFirewall (options: { table?: string } = {}): Promise<Firewall> {
+  const table = options.table ?? DEFAULT_FIREWALL_TABLE
+  if (await hasTool('nft')) {
+    // Also proves the kernel has nf_tables and that we may use it.
+    await runNetTool('nft', ['list', 'tables'])
+    return new NftFirewall({ table })
+  }
+  if (process.geteuid?.() !== 0) {
+    throw new UigniterError('UIG_ERR_HOST_NOT_ROOT', `cannot set up the firewall: ${NOT_ROOT_ADVICE}`)
+  }
+  const iptablesOnly = await hasTool('iptables')
+  throw new UigniterError('UIG_ERR_HOST_MISSING_TOOL',
+    (iptablesOnly
+      ? 'this host has iptables but not nftables, and uigniter\'s firewall supports only nftables so far; '
+      : 'neither nft nor iptables is installed; ') +
+    'install nftables (apt-get install nftables; it coexists with iptables), or use network: user')
+}
+
+async function hasTool (tool: string): Promise<boolean> {
+  try {
+    await run(tool, ['--version'])
+    return true
+  } catch (err) {
+    if (err instanceof UigniterError && err.code === 'UIG_ERR_HOST_MISSING_TOOL') return false
+    // Installed but unhappy with --version: still installed.
+    return true
+  }
+}

@@ -1,0 +1,223 @@
+import { readFile } from 'node:fs/promises'
+import { UigniterError, hasErrno } from '../core/errors.js'
+import type { Logger } from '../core/logger.js'
+import { DEFAULT_BRIDGE, deleteBridge, ensureBridge } from './bridge.js'
+import { DEFAULT_FIREWALL_TABLE, detectFirewall, type Firewall, type PortPublish, type PublishedPort } from './firewall.js'
+import { Ipam, type IpAllocationStore } from './ipam.js'
+import { macForVm } from './mac-address.js'
+import { NOT_ROOT_ADVICE } from './net-tool.js'
+import { DEFAULT_SUBNET, Subnet, parseIpv4 } from './subnet.js'
+import { DEFAULT_TAP_PREFIX, createTap, deleteTap, listTaps, tapNameFor } from './tap.js'
+
+/** How HostNetwork is configured; the daemon fills it from the `network` section of its config. */
+export interface HostNetworkOptions {
+  /** Bridge name; default `uigniter0`. */
+  bridge?: string
+  /** The VMs' subnet (private, /16../29); default `10.77.0.0/24`. */
+  subnet?: string
+  /** Masquerade VM traffic leaving the host. */
+  nat: boolean
+  /** Where IP allocations persist. */
+  store: IpAllocationStore
+  /** TCP ports on the gateway address VMs may reach (e.g. the service gateway); default none. */
+  allowedHostPorts?: number[]
+  /** Taps are named this plus a hash of the VM id; default `uig`. Orphan cleanup deletes unknown taps with it. */
+  tapPrefix?: string
+  /** The firewall's table name; default `uigniter`. */
+  firewallTable?: string
+  /** A firewall to use instead of detecting the host's. */
+  firewall?: Firewall
+  /** Where the host's nameservers are read from; default `/etc/resolv.conf`. */
+  resolvConf?: string
+  logger?: Logger
+}
+
+/** What a VM needs to join the bridge network: QEMU takes `tap` and `mac`, the guest the rest. */
+export interface VmNetwork {
+  tap: string
+  mac: string
+  ip: string
+  prefix: number
+  gateway: string
+  /** IPv4 nameservers for the guest; empty when the host's resolver is on loopback, which guests cannot reach. */
+  dns: string[]
+}
+
+/** A port to publish, as a VM's create request gives it. */
+export interface PublishRequest {
+  /** Default `127.0.0.1`; `0.0.0.0` publishes on every host address. */
+  hostAddress?: string
+  hostPort: number
+  guestPort: number
+}
+
+/**
+ * The host side of bridge networking, for the daemon: one bridge with the
+ * subnet's gateway address, a tap and an address per VM, port publishing and
+ * isolation in the firewall, and cleanup of what a crashed daemon left.
+ *
+ * @example
+ * const network = new HostNetwork({ nat: true, store })
+ * await network.setup()
+ * await network.cleanupOrphans(liveVmIds)
+ * const { tap, mac, ip } = await network.attach(vm.id)
+ * await network.publish(vm.id, [{ hostPort: 8080, guestPort: 80 }])
+ * await network.detach(vm.id)
+ */
+export class HostNetwork {
+  readonly bridge: string
+  readonly subnet: Subnet
+  readonly ipam: Ipam
+  readonly #options: HostNetworkOptions
+  readonly #tapPrefix: string
+  #firewall: Firewall | undefined
+
+  constructor (options: HostNetworkOptions) {
+    this.#options = options
+    this.bridge = options.bridge ?? DEFAULT_BRIDGE
+    this.subnet = Subnet.parseForVms(options.subnet ?? DEFAULT_SUBNET)
+    this.ipam = new Ipam(this.subnet, options.store)
+    this.#tapPrefix = options.tapPrefix ?? DEFAULT_TAP_PREFIX
+    this.#firewall = options.firewall
+  }
+
+  /**
+   * Creates or checks the bridge and installs the firewall's base rules.
+   * Idempotent; run it at every daemon start, before cleanupOrphans().
+   * Throws UIG_ERR_HOST_NOT_ROOT when not root.
+   */
+  async setup (): Promise<void> {
+    if (process.geteuid?.() !== 0) {
+      throw new UigniterError('UIG_ERR_HOST_NOT_ROOT', `bridge networking needs root: ${NOT_ROOT_ADVICE}`)
+    }
+    await ensureBridge({ name: this.bridge, subnet: this.subnet })
+    this.#firewall ??= await detectFirewall({ table: this.#options.firewallTable ?? DEFAULT_FIREWALL_TABLE })
+    await this.#firewall.ensureBase({
+      bridge: this.bridge, subnet: this.subnet, nat: this.#options.nat, allowedHostPorts: this.#options.allowedHostPorts ?? []
+    })
+    this.#options.logger?.info({ bridge: this.bridge, subnet: this.subnet.cidr, nat: this.#options.nat, firewall: this.#firewall.backend }, 'host network ready')
+  }
+
+  /**
+   * Gives the VM its address (the one it has, if any) and a tap on the
+   * bridge. Idempotent, so a re-adopted VM gets the same answer. Throws
+   * UIG_ERR_NET_POOL_EXHAUSTED when the subnet is full.
+   */
+  async attach (vmId: string): Promise<VmNetwork> {
+    const had = this.ipam.lookup(vmId)
+    const ip = this.ipam.allocate(vmId)
+    const tap = tapNameFor(vmId, this.#tapPrefix)
+    try {
+      await createTap(tap, this.bridge)
+    } catch (err) {
+      if (had === undefined) this.ipam.release(vmId)
+      throw err
+    }
+    return { tap, mac: macForVm(vmId), ip, prefix: this.subnet.prefix, gateway: this.subnet.gateway, dns: await this.nameservers() }
+  }
+
+  /**
+   * Removes the VM's published ports and its tap and, unless told to keep
+   * it, frees its address. Idempotent.
+   */
+  async detach (vmId: string, options: { releaseIp?: boolean } = {}): Promise<void> {
+    await this.#requireFirewall().unpublishAll(vmId)
+    await deleteTap(tapNameFor(vmId, this.#tapPrefix))
+    if (options.releaseIp ?? true) this.ipam.release(vmId)
+  }
+
+  /**
+   * Publishes host ports to the attached VM: all of them, or none (a clash
+   * undoes the ones this call added). Throws UIG_ERR_NET_PORT_IN_USE,
+   * UIG_ERR_NET_PUBLISH_INVALID or UIG_ERR_NET_NOT_ATTACHED.
+   */
+  async publish (vmId: string, publishes: PublishRequest[]): Promise<void> {
+    const firewall = this.#requireFirewall()
+    const vmIp = this.ipam.lookup(vmId)
+    if (vmIp === undefined) {
+      throw new UigniterError('UIG_ERR_NET_NOT_ATTACHED', `VM ${vmId} has no address on bridge ${this.bridge}; ports can be published only for VMs with network: bridge`)
+    }
+    const rules: PortPublish[] = publishes.map((p) => ({ hostAddress: p.hostAddress ?? '127.0.0.1', hostPort: p.hostPort, vmIp, guestPort: p.guestPort }))
+    rules.forEach((rule, i) => {
+      const twin = rules.findIndex((r) => r.hostPort === rule.hostPort && (r.hostAddress === rule.hostAddress || r.hostAddress === '0.0.0.0' || rule.hostAddress === '0.0.0.0'))
+      if (twin !== i) {
+        throw new UigniterError('UIG_ERR_NET_PORT_IN_USE', `host port ${rule.hostAddress}:${rule.hostPort} is published twice in the same request`)
+      }
+    })
+    const before = (await firewall.listPublished()).filter((p) => p.vmId === vmId)
+    const added: PortPublish[] = []
+    try {
+      for (const rule of rules) {
+        await firewall.publish(vmId, rule)
+        if (!before.some((p) => sameForward(p, rule))) added.push(rule)
+      }
+    } catch (err) {
+      for (const rule of added) await firewall.unpublish(vmId, rule)
+      throw err
+    }
+  }
+
+  /**
+   * Removes what a crashed daemon left behind: taps with our prefix and
+   * firewall rules of VMs not in `liveVmIds`. IP allocations stay: they are
+   * the caller's to release through the store. Returns what was removed.
+   */
+  async cleanupOrphans (liveVmIds: string[]): Promise<{ taps: string[], publishes: PublishedPort[] }> {
+    const live = new Set(liveVmIds)
+    const liveTaps = new Set(liveVmIds.map((id) => tapNameFor(id, this.#tapPrefix)))
+    const taps = (await listTaps(this.#tapPrefix)).filter((name) => !liveTaps.has(name))
+    for (const name of taps) await deleteTap(name)
+    const firewall = this.#requireFirewall()
+    const publishes = (await firewall.listPublished()).filter((p) => !live.has(p.vmId))
+    await firewall.reconcile(liveVmIds.map((vmId) => ({ vmId })))
+    if (taps.length > 0 || publishes.length > 0) {
+      this.#options.logger?.info({ taps, publishes: publishes.map((p) => `${p.vmId} ${p.hostAddress}:${p.hostPort}`) }, 'removed orphaned network resources')
+    }
+    return { taps, publishes }
+  }
+
+  /**
+   * Removes everything this network put on the host: the firewall rules,
+   * every tap with our prefix, and the bridge. IP allocations stay in the store.
+   */
+  async teardown (): Promise<void> {
+    const firewall = this.#firewall ?? await detectFirewall({ table: this.#options.firewallTable ?? DEFAULT_FIREWALL_TABLE })
+    await firewall.destroy()
+    for (const name of await listTaps(this.#tapPrefix)) await deleteTap(name)
+    await deleteBridge(this.bridge)
+  }
+
+  /**
+   * The host's IPv4 nameservers that guests can reach: those of
+   * /etc/resolv.conf, except loopback ones (a local stub resolver such as
+   * systemd-resolved's 127.0.0.53 is not reachable from a VM).
+   */
+  async nameservers (): Promise<string[]> {
+    let text: string
+    try {
+      text = await readFile(this.#options.resolvConf ?? '/etc/resolv.conf', 'utf8')
+    } catch (err) {
+      if (hasErrno(err, 'ENOENT')) return []
+      throw err
+    }
+    const servers: string[] = []
+    for (const line of text.split('\n')) {
+      const [keyword, address] = line.trim().split(/\s+/)
+      if (keyword !== 'nameserver' || address === undefined) continue
+      const value = parseIpv4(address)
+      if (value === undefined || value >>> 24 === 127 || value === 0) continue
+      // The C library reads at most three.
+      if (!servers.includes(address) && servers.length < 3) servers.push(address)
+    }
+    return servers
+  }
+
+  #requireFirewall (): Firewall {
+    if (this.#firewall === undefined) throw new UigniterError('UIG_ERR_NET_SETUP_FAILED', 'the host network is not set up yet; call setup() first')
+    return this.#firewall
+  }
+}
+
+function sameForward (a: PortPublish, b: PortPublish): boolean {
+  return a.hostAddress === b.hostAddress && a.hostPort === b.hostPort && a.vmIp === b.vmIp && a.guestPort === b.guestPort
+}

@@ -1,0 +1,74 @@
+import { createHash } from 'node:crypto'
+import { UigniterError } from '../core/errors.js'
+import { ipJson, runNetTool, type IpLink } from './net-tool.js'
+
+/** Every tap uigniter creates starts with this, so that orphans can be found by name. */
+export const DEFAULT_TAP_PREFIX = 'uig'
+
+/** Linux limits interface names to 15 bytes; at least 8 hex digits keep names apart. */
+const MAX_NAME = 15
+const MIN_HASH = 8
+
+const NO_DEVICE = /does not exist|Cannot find device/
+
+/**
+ * The tap name of a VM: the prefix and as many hex digits of a hash of the id
+ * as fit in 15 bytes (`uig` + 12 by default). Hashing makes any id fit, and
+ * the same id always gives the same name, so a restarted daemon finds its
+ * taps again.
+ *
+ * @example
+ * tapNameFor('0f6c1a2e-...') // 'uig' followed by 12 hex digits
+ */
+export function tapNameFor (vmId: string, prefix = DEFAULT_TAP_PREFIX): string {
+  assertPrefix(prefix)
+  const hash = createHash('sha256').update(vmId).digest('hex')
+  return prefix + hash.slice(0, MAX_NAME - prefix.length)
+}
+
+/**
+ * Creates tap `name` plugged into `bridge` and up, ready for QEMU to open
+ * (`-netdev tap,ifname=NAME,script=no,downscript=no`). The tap is persistent:
+ * it outlives QEMU, and deleteTap() removes it. Idempotent: an existing tap
+ * is re-plugged and brought up.
+ */
+export async function createTap (name: string, bridge: string): Promise<void> {
+  if (name.length > MAX_NAME || !/^[A-Za-z0-9_.-]+$/.test(name)) {
+    throw new TypeError(`"${name}" is not a valid interface name`)
+  }
+  const link = (await ipJson<IpLink>(['-d', 'link', 'show', 'dev', name], { tolerate: NO_DEVICE }))?.[0]
+  if (link === undefined) {
+    await runNetTool('ip', ['tuntap', 'add', 'dev', name, 'mode', 'tap'], { tolerate: /File exists|Device or resource busy/ })
+  } else if (link.linkinfo?.info_kind !== 'tun' || link.linkinfo.info_data?.type !== 'tap') {
+    throw new UigniterError('UIG_ERR_NET_SETUP_FAILED', `a device named ${name} exists and is not a tap; delete it (ip link del ${name})`)
+  }
+  if (link?.master !== bridge) await runNetTool('ip', ['link', 'set', 'dev', name, 'master', bridge])
+  if (link?.flags?.includes('UP') !== true) await runNetTool('ip', ['link', 'set', 'dev', name, 'up'])
+}
+
+/** Deletes tap `name`; no-op when it does not exist. */
+export async function deleteTap (name: string): Promise<void> {
+  await runNetTool('ip', ['link', 'del', 'dev', name], { tolerate: NO_DEVICE })
+}
+
+/**
+ * The names of every tap that tapNameFor() could have made with `prefix` (the
+ * prefix, then hex digits up to 15 bytes): after a crash, the candidates for
+ * cleanup. Taps of other tools, or of another prefix that merely starts the
+ * same (`uigt...` for `uig`), do not match.
+ */
+export async function listTaps (prefix = DEFAULT_TAP_PREFIX): Promise<string[]> {
+  assertPrefix(prefix)
+  const ours = new RegExp(`^${prefix}[0-9a-f]{${MAX_NAME - prefix.length}}$`)
+  const links = await ipJson<IpLink>(['-d', 'link', 'show', 'type', 'tun']) ?? []
+  return links
+    .filter((l) => ours.test(l.ifname) && l.linkinfo?.info_data?.type === 'tap')
+    .map((l) => l.ifname)
+    .sort()
+}
+
+function assertPrefix (prefix: string): void {
+  if (prefix === '' || prefix.length > MAX_NAME - MIN_HASH || !/^[A-Za-z0-9_-]+$/.test(prefix)) {
+    throw new TypeError(`tap prefix "${prefix}" must be 1 to ${MAX_NAME - MIN_HASH} letters, digits, "_" or "-"`)
+  }
+}
