@@ -25,8 +25,10 @@ export interface ApiOptions {
  * not silently dropped.
  */
 export async function buildApi (options: ApiOptions): Promise<FastifyInstance> {
+  // Typed as fastify's logger so that route plugins see one logger type.
+  const logger: FastifyBaseLogger = options.log.child({ component: 'api' })
   const app = Fastify({
-    loggerInstance: options.log.child({ component: 'api' }) as FastifyBaseLogger,
+    loggerInstance: logger,
     disableRequestLogging: true,
     ajv: { customOptions: { removeAdditional: false, useDefaults: true, coerceTypes: 'array', allErrors: false } }
   })

@@ -8,7 +8,7 @@ import type { Config } from '../core/config.js'
 import { UigniterError } from '../core/errors.js'
 import type { Logger } from '../core/logger.js'
 import { ImageStore } from '../guest/image-store.js'
-import { KernelCache } from '../guest/kernel-cache.js'
+import { createKernelSource } from '../guest/guest-kernel.js'
 import { HostNetwork } from '../net/host-network.js'
 import { SqliteStore } from '../store/sqlite-store.js'
 import { chooseAccel, type AccelChoice } from '../vmm/qemu/accel-probe.js'
@@ -83,7 +83,7 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
 }
 
 async function probeAccel (config: Config, log: Logger): Promise<AccelChoice> {
-  const kernel = await new KernelCache(config.cacheDir).find()
+  const kernel = await createKernelSource(config).find()
   if (kernel === undefined) {
     if (config.accel !== 'auto') return { accel: config.accel, reason: `accel "${config.accel}" is set in the configuration` }
     log.warn('no guest kernel to probe KVM with; using TCG until "uigniter kernel build" has run')

@@ -1,6 +1,5 @@
 import { randomBytes } from 'node:crypto'
 import { EventEmitter } from 'node:events'
-import { rm } from 'node:fs/promises'
 import { freemem, cpus, totalmem } from 'node:os'
 import { join } from 'node:path'
 import type { Config } from '../core/config.js'
@@ -12,8 +11,8 @@ import type { ImageStore } from '../guest/image-store.js'
 import type { HostNetwork } from '../net/host-network.js'
 import type { SqliteStore, VmFilter } from '../store/sqlite-store.js'
 import type { AccelChoice } from '../vmm/qemu/accel-probe.js'
-import { USER_NETWORK, type LaunchSpec } from '../vmm/qemu/command-line.js'
-import type { QemuDriver } from '../vmm/qemu/qemu-driver.js'
+import { USER_NETWORK } from '../vmm/qemu/command-line.js'
+import type { GuestLaunch, QemuDriver } from '../vmm/qemu/qemu-driver.js'
 import type { QemuVm } from '../vmm/qemu/qemu-vm.js'
 import { freePort } from '../vmm/qemu/image-boot.js'
 
@@ -110,7 +109,7 @@ export class VmManager extends EventEmitter {
     this.#emit(vm)
     try {
       const launch = await this.#launchSpec(vm, manifest, request)
-      const qemu = await this.#deps.driver.start({ id, stateDir: vm.stateDir, launch, cpuAffinity: request.cpuAffinity })
+      const qemu = await this.#deps.driver.start({ id, stateDir: vm.stateDir, launch, ...(request.cpuAffinity !== undefined ? { cpuAffinity: request.cpuAffinity } : {}) })
       vm.pid = qemu.pid
       vm.state = 'running'
       vm.startedAt = new Date().toISOString()
@@ -126,7 +125,7 @@ export class VmManager extends EventEmitter {
     }
   }
 
-  async #launchSpec (vm: Vm, manifest: ImageManifest, request: VmCreateRequest): Promise<LaunchSpec> {
+  async #launchSpec (vm: Vm, manifest: ImageManifest, request: VmCreateRequest): Promise<GuestLaunch> {
     const { images } = this.#deps
     const base = {
       manifest,
@@ -139,7 +138,7 @@ export class VmManager extends EventEmitter {
       appArgs: request.args,
       appEnv: request.env,
       shares: request.shares,
-      overlaySizeMiB: request.overlaySizeMiB
+      ...(request.overlaySizeMiB !== undefined ? { overlaySizeMiB: request.overlaySizeMiB } : {})
     }
     if (vm.network === 'bridge' && this.#deps.network !== undefined) {
       const attached = await this.#deps.network.attach(vm.id)
@@ -151,15 +150,15 @@ export class VmManager extends EventEmitter {
         ...base,
         network: { mode: 'tap', tap: attached.tap, mac: attached.mac },
         guestNetwork: { address: attached.ip, prefix: attached.prefix, gateway: attached.gateway, dns: attached.dns }
-      } as LaunchSpec
+      }
     }
     if (vm.network === 'user') {
       const forwards = []
       for (const p of vm.publish) forwards.push({ hostAddress: p.hostAddress, hostPort: p.hostPort === 0 ? await freePort() : p.hostPort, guestPort: p.guestPort })
       vm.ipAddress = USER_NETWORK.address
-      return { ...base, network: { mode: 'user', forwards }, guestNetwork: USER_NETWORK } as LaunchSpec
+      return { ...base, network: { mode: 'user', forwards }, guestNetwork: USER_NETWORK }
     }
-    return { ...base, network: { mode: 'none' } } as LaunchSpec
+    return { ...base, network: { mode: 'none' } }
   }
 
   /** Follows a QEMU process to its end and records how it ended. */
@@ -262,8 +261,8 @@ export class VmManager extends EventEmitter {
       if (!force) throw new UigniterError('UIG_ERR_VM_INVALID_STATE', `VM ${vm.name} is ${vm.state}; stop it first, or remove it with force (rm -f)`)
       vm = await this.kill(vm.id)
     }
+    await this.#deps.driver.remove(vm.stateDir)
     this.#deps.store.deleteVm(vm.id)
-    await rm(vm.stateDir, { recursive: true, force: true })
     this.emit('vm', { type: 'vm.state', vm: { ...vm, state: 'exited' } } satisfies VmEvent)
     return vm
   }
