@@ -15,7 +15,7 @@ import { packageRoot } from '../src/core/package-paths.js'
 import { formatBytes } from '../src/core/progress.js'
 import { ImageBuilder } from '../src/guest/image-builder.js'
 import { ImageStore } from '../src/guest/image-store.js'
-import { KernelCache } from '../src/guest/kernel-cache.js'
+import { createKernelSource } from '../src/guest/guest-kernel.js'
 import { describeGuestExit } from '../src/vmm/qemu/guest-process.js'
 import { BootedImage } from '../src/vmm/qemu/image-boot.js'
 
@@ -25,7 +25,7 @@ const runs = Number(values.runs)
 const dataDir = await mkdtemp(join(tmpdir(), 'uigniter-bench-'))
 const config = loadConfig({ ...process.env, UIGNITER_DATA_DIR: dataDir })
 const store = new ImageStore(dataDir)
-const kernels = new KernelCache(config.cacheDir)
+const kernels = createKernelSource(config)
 const builder = new ImageBuilder(store, kernels)
 
 const spec = async (name: string): Promise<Record<string, unknown>> =>
@@ -68,7 +68,7 @@ try {
   const first = await BootedImage.start({ config, store, manifest: images[0]! })
   const accel = first.accel
   await first.destroy()
-  console.log(`guest kernel ${kernel.key}: ${formatBytes(kernel.size)}, built in ${kernel.buildSeconds} s`)
+  console.log(`guest kernel ${kernel.key} (${kernel.source}): ${formatBytes(kernel.size)}${kernel.source === 'build' ? `, built in ${kernel.buildSeconds} s` : `, ${kernel.modules.length} modules`}`)
   console.log(`accelerator: ${accel.accel} (${accel.reason}); ${runs} boots per image, one after another\n`)
   const rows: Array<{ name: string, format: string, size: number, init: number, exec: number, out: number }> = []
   for (const m of images) {

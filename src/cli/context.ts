@@ -1,19 +1,20 @@
 import { loadConfig, type Config } from '../core/config.js'
+import { createKernelSource } from '../guest/guest-kernel.js'
 import { ImageBuilder } from '../guest/image-builder.js'
 import { ImageStore } from '../guest/image-store.js'
-import { KernelCache } from '../guest/kernel-cache.js'
 
 /** The pieces a command works with, made from the validated configuration. */
 export interface Context {
   config: Config
   store: ImageStore
-  kernels: KernelCache
+  /** The guest kernel of `kernel.source`: our build, or Debian's cloud kernel. */
+  kernels: ReturnType<typeof createKernelSource>
   builder: ImageBuilder
 }
 
 export function createContext (): Context {
   const config = loadConfig()
   const store = new ImageStore(config.dataDir)
-  const kernels = new KernelCache(config.cacheDir)
+  const kernels = createKernelSource(config)
   return { config, store, kernels, builder: new ImageBuilder(store, kernels) }
 }

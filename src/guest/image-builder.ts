@@ -11,7 +11,7 @@ import { isBzImage, readElf } from './elf-file.js'
 import { digestFile, type ImageStore } from './image-store.js'
 import { checkReadable, loadSource } from './image-sources.js'
 import { writeDisk, writeInitramfs } from './image-writers.js'
-import type { KernelCache } from './kernel-cache.js'
+import type { GuestKernel, KernelSource } from './guest-kernel.js'
 import { RootfsTree } from './rootfs-tree.js'
 
 /** Images whose files add up to more than this become a shared read-only disk (design.md fact 7). */
@@ -44,16 +44,21 @@ export function encodeGuestConfig (argv: string[], env: Record<string, string>, 
   return Buffer.from(parts.map((p) => p + '\0').join(''))
 }
 
+const MIB = 1024 * 1024
+const MICROVM: ImageManifest['machine'] = { type: 'microvm', transport: 'mmio' }
+
 /**
- * Builds images: source → file tree (+ guest init) → initramfs or disk →
- * blobs → manifest. Everything is written inside a work dir of the store and
- * moved in by rename at the end, so a failed build leaves nothing behind.
+ * Builds images: source → file tree (+ guest init, + kernel modules) →
+ * initramfs or disk → blobs → manifest. Everything is written inside a work
+ * dir of the store and moved in by rename at the end, so a failed build
+ * leaves nothing behind. App images get the kernel of the configured source
+ * (`createKernelSource`); unikernels bring their own.
  */
 export class ImageBuilder {
   readonly #store: ImageStore
-  readonly #kernels: KernelCache
+  readonly #kernels: KernelSource
 
-  constructor (store: ImageStore, kernels: KernelCache) {
+  constructor (store: ImageStore, kernels: KernelSource) {
     this.#store = store
     this.#kernels = kernels
   }
@@ -66,7 +71,7 @@ export class ImageBuilder {
     const work = await this.#store.createWorkDir()
     try {
       const parts = spec.source.kind === 'unikernel'
-        ? await this.#unikernelParts(spec.source, baseDir)
+        ? await this.#unikernelParts(spec, baseDir)
         : await this.#appParts(spec, baseDir, work, progress)
       const blobs = [parts.kernel.blob, parts.rootfs].filter((b) => b !== undefined)
       const content = {
@@ -79,9 +84,9 @@ export class ImageBuilder {
         env: spec.env,
         workdir: parts.workdir,
         vcpus: spec.vcpus,
-        memoryMiB: spec.memoryMiB,
+        memoryMiB: parts.memoryMiB,
         ports: spec.ports,
-        machine: spec.machine ?? { type: 'microvm' as const, transport: 'mmio' as const }
+        machine: parts.machine
       }
       const manifest: ImageManifest = {
         schemaVersion: 1,
@@ -111,8 +116,11 @@ export class ImageBuilder {
     const { tree, argv, workdir } = await loadSource(spec.source, baseDir)
     const kernel = await this.#kernels.get()
     const init = await guestInit()
-    const format = pickFormat(spec.format, tree.contentSize())
+    const machine = pickMachine(spec.machine, kernel)
+    const contentSize = tree.contentSize()
+    const format = pickFormat(spec.format, contentSize, kernel)
     addGuestFiles(tree, format, init.size, encodeGuestConfig(argv, spec.env, spec.workdir ?? workdir))
+    await addModules(tree, kernel)
     progress.update(`writing ${format} (${formatBytes(tree.contentSize())} of files)`)
     const out = join(work, `rootfs.${format}`)
     if (format === 'initramfs') await writeInitramfs(tree, out)
@@ -120,18 +128,25 @@ export class ImageBuilder {
     progress.update('storing')
     const rootfs = await this.#store.putBlob(out)
     const kernelBlob = await this.#store.importFile(kernel.path)
+    // The files of an initramfs live in guest RAM: when the kernel, not the
+    // spec, made this an initramfs instead of a disk, the spec's memory did not count them.
+    const forcedIntoRam = spec.format === 'auto' && format === 'initramfs' && contentSize > INITRAMFS_LIMIT ? Math.ceil(contentSize / MIB) : 0
     return {
       format,
-      kernel: { source: 'build', version: kernel.key, blob: kernelBlob },
+      kernel: { source: kernel.source, version: kernel.key, blob: kernelBlob },
       rootfs,
       init: { version: init.version, digest: init.digest },
       cmdline: format === 'initramfs' ? '' : `root=/dev/vda ro rootfstype=${format} init=/uigniter/init`,
       entrypoint: argv,
-      workdir: spec.workdir ?? workdir
+      workdir: spec.workdir ?? workdir,
+      memoryMiB: Math.min(65536, spec.memoryMiB + kernel.extraMemoryMiB + forcedIntoRam),
+      machine
     }
   }
 
-  async #unikernelParts (source: Extract<BuildSpec['source'], { kind: 'unikernel' }>, baseDir: string): Promise<Parts> {
+  async #unikernelParts (spec: BuildSpec, baseDir: string): Promise<Parts> {
+    const source = spec.source
+    if (source.kind !== 'unikernel') throw new Error('unreachable')
     const kernelPath = resolve(baseDir, source.kernel)
     await checkReadable(kernelPath, 'kernel')
     if (!(await isBootable(kernelPath))) {
@@ -151,7 +166,9 @@ export class ImageBuilder {
       init: null,
       cmdline: source.cmdline,
       entrypoint: [],
-      workdir: '/'
+      workdir: '/',
+      memoryMiB: spec.memoryMiB,
+      machine: spec.machine ?? MICROVM
     }
   }
 }
@@ -164,14 +181,57 @@ interface Parts {
   cmdline: string
   entrypoint: string[]
   workdir: string
+  memoryMiB: number
+  machine: ImageManifest['machine']
 }
 
-function pickFormat (asked: BuildSpec['format'], size: number): Exclude<ImageFormat, 'unikernel'> {
-  if (asked === 'initramfs' && size > 0xffffffff) {
-    throw new UigniterError('UIG_ERR_IMAGE_TOO_LARGE', `the image holds ${formatBytes(size)} of files, too much for an initramfs; use --format squashfs`)
+/** The spec's machine if the kernel boots on it, else the kernel's default machine. */
+function pickMachine (asked: BuildSpec['machine'], kernel: GuestKernel): ImageManifest['machine'] {
+  const machines = kernel.machines.map((m) => `${m.type}/${m.transport}`)
+  if (asked === undefined) return kernel.machines[0] ?? MICROVM
+  if (!machines.includes(`${asked.type}/${asked.transport}`)) {
+    throw new UigniterError('UIG_ERR_IMAGE_KERNEL_MISMATCH',
+      `machine ${asked.type}/${asked.transport} cannot boot the "${kernel.source}" guest kernel, which boots on ${machines.join(' or ')}; drop "machine" from the spec`)
+  }
+  return asked
+}
+
+/**
+ * A kernel with modules has its disk drivers (virtio_blk, squashfs) among
+ * them, and the kernel mounts a disk root before the init could load any
+ * module: its images are always initramfs. (A two-stage init, loading the
+ * modules from a small initramfs and then switching to the disk, would lift
+ * this; until then a large app costs RAM, which the builder adds to memoryMiB.)
+ */
+function pickFormat (asked: BuildSpec['format'], size: number, kernel: GuestKernel): Exclude<ImageFormat, 'unikernel'> {
+  const modular = kernel.modules.length > 0
+  if (modular && (asked === 'squashfs' || asked === 'ext4')) {
+    throw new UigniterError('UIG_ERR_IMAGE_KERNEL_MISMATCH',
+      `format ${asked} cannot boot with the "${kernel.source}" guest kernel: its disk driver is a module, loaded from the initramfs after the root is mounted; use format auto or initramfs, or kernel.source "build"`)
+  }
+  if ((asked === 'initramfs' || modular) && size > 0xffffffff) {
+    throw new UigniterError('UIG_ERR_IMAGE_TOO_LARGE', modular
+      ? `the image holds ${formatBytes(size)} of files, too much for an initramfs, the only format the "${kernel.source}" guest kernel boots; use kernel.source "build" and --format squashfs`
+      : `the image holds ${formatBytes(size)} of files, too much for an initramfs; use --format squashfs`)
   }
   if (asked !== 'auto') return asked
-  return size <= INITRAMFS_LIMIT ? 'initramfs' : 'squashfs'
+  return modular || size <= INITRAMFS_LIMIT ? 'initramfs' : 'squashfs'
+}
+
+/** The kernel's modules at their guest paths, and /uigniter/modules listing them in load order for the init. */
+async function addModules (tree: RootfsTree, kernel: GuestKernel): Promise<void> {
+  if (kernel.modules.length === 0) return
+  for (const module of kernel.modules) {
+    let size: number
+    try {
+      size = (await stat(module.hostPath)).size
+    } catch (err) {
+      if (!hasErrno(err, 'ENOENT')) throw err
+      throw new UigniterError('UIG_ERR_KERNEL_NOT_BUILT', `${module.hostPath} is missing from the kernel cache; run "uigniter kernel build --force"`, { cause: err })
+    }
+    tree.addFile(module.guestPath, { hostPath: module.hostPath, size }, 0o644)
+  }
+  tree.addFile('/uigniter/modules', { data: Buffer.from(kernel.modules.map((m) => m.guestPath).join('\n') + '\n') }, 0o644)
 }
 
 /**

@@ -8,6 +8,7 @@ import { UigniterError, hasErrno, rethrowNoSpace } from '../core/errors.js'
 import { run } from '../core/exec.js'
 import { writeFileAtomic } from '../core/fs-atomic.js'
 import { Progress } from '../core/progress.js'
+import type { GuestKernel, KernelSource } from './guest-kernel.js'
 
 const FRAGMENT_PATH = join(packageRoot, 'src/guest/kernel/config-fragment')
 const SOURCE_TARBALL = '/usr/src/linux-source-6.1.tar.xz'
@@ -15,15 +16,15 @@ const SOURCE_PACKAGE = 'linux-source-6.1'
 /** Bump when the build steps change in a way that changes the kernel. */
 const RECIPE_VERSION = '1'
 
-export interface KernelInfo {
+/** Our kernel: every driver built in, booted by PVH on microvm with virtio-mmio. */
+export interface KernelInfo extends GuestKernel {
   source: 'build'
-  version: string
-  key: string
-  path: string
-  size: number
   builtAt: string
   buildSeconds: number
 }
+
+/** The fields of KernelInfo that are the same for every build, so info.json does not carry them. */
+const FIXED = { modules: [], machines: [{ type: 'microvm', transport: 'mmio' }], extraMemoryMiB: 0 } satisfies Partial<KernelInfo>
 
 /**
  * The guest kernel, built once per machine from Debian's linux-source-6.1 and
@@ -32,7 +33,8 @@ export interface KernelInfo {
  * happens in a sibling temp dir that is renamed into place only when the
  * kernel is complete, so a failed or interrupted build leaves no entry.
  */
-export class KernelCache {
+export class KernelCache implements KernelSource {
+  readonly kind = 'build'
   readonly #dir: string
 
   constructor (cacheDir: string) {
@@ -50,7 +52,7 @@ export class KernelCache {
   async find (): Promise<KernelInfo | undefined> {
     const key = await this.key()
     try {
-      return JSON.parse(await readFile(join(this.#dir, key, 'info.json'), 'utf8')) as KernelInfo
+      return { ...JSON.parse(await readFile(join(this.#dir, key, 'info.json'), 'utf8')) as KernelInfo, ...FIXED }
     } catch (err) {
       if (hasErrno(err, 'ENOENT')) return undefined
       throw new UigniterError('UIG_ERR_CONFIG_INVALID', `cannot read the kernel cache in ${this.#dir}: ${(err as Error).message}; set cacheDir (UIGNITER_CACHE_DIR) to a directory you can read`, { cause: err })
@@ -109,7 +111,8 @@ export class KernelCache {
         path: join(this.#dir, key, 'vmlinux'),
         size: (await stat(join(out, 'vmlinux'))).size,
         builtAt: new Date().toISOString(),
-        buildSeconds: Math.round(progress.elapsedMs / 1000)
+        buildSeconds: Math.round(progress.elapsedMs / 1000),
+        ...FIXED
       }
       await writeFileAtomic(join(out, 'info.json'), JSON.stringify(info, null, 2) + '\n')
       await rm(join(this.#dir, key), { recursive: true, force: true })
@@ -125,15 +128,23 @@ export class KernelCache {
     }
   }
 
-  /** Work dirs of builds whose process died (a crash, a kill -9) are removed. */
   async #removeStaleBuilds (): Promise<void> {
-    let entries: string[] = []
-    try { entries = await readdir(this.#dir) } catch { return }
-    for (const entry of entries) {
-      const pid = Number(/^\.(?:build|out)-(\d+)-/.exec(entry)?.[1])
-      if (!Number.isInteger(pid)) continue
-      try { process.kill(pid, 0) } catch { await rm(join(this.#dir, entry), { recursive: true, force: true }) }
-    }
+    await removeStaleWorkDirs(this.#dir)
+  }
+}
+
+/**
+ * Removes work dirs (`.build-<pid>-…`, `.out-<pid>-…`) in the kernels dir whose
+ * process died (a crash, a kill -9). Every kernel source names its work dirs
+ * this way, so that any of them cleans up after the others.
+ */
+export async function removeStaleWorkDirs (dir: string): Promise<void> {
+  let entries: string[] = []
+  try { entries = await readdir(dir) } catch { return }
+  for (const entry of entries) {
+    const pid = Number(/^\.(?:build|out)-(\d+)-/.exec(entry)?.[1])
+    if (!Number.isInteger(pid)) continue
+    try { process.kill(pid, 0) } catch { await rm(join(dir, entry), { recursive: true, force: true }) }
   }
 }
 

@@ -5,8 +5,8 @@ import { join } from 'node:path'
 import { loadConfig, type Config } from '../../src/core/config.js'
 import { packageRoot } from '../../src/core/package-paths.js'
 import { ImageBuilder } from '../../src/guest/image-builder.js'
+import { createKernelSource } from '../../src/guest/guest-kernel.js'
 import { ImageStore } from '../../src/guest/image-store.js'
-import { KernelCache } from '../../src/guest/kernel-cache.js'
 
 export { packageRoot }
 
@@ -20,14 +20,15 @@ export interface TestContext {
 
 /**
  * A fresh data directory per test file, with the machine's shared kernel
- * cache (the kernel is built once by setup, never per test).
+ * cache (the kernel is built once by setup, never per test). `envOverrides`
+ * change the configuration, e.g. `UIGNITER_KERNEL_SOURCE`.
  */
-export async function createTestContext (): Promise<TestContext & { cleanup: () => Promise<void> }> {
+export async function createTestContext (envOverrides: NodeJS.ProcessEnv = {}): Promise<TestContext & { cleanup: () => Promise<void> }> {
   const dataDir = await mkdtemp(join(tmpdir(), 'uigniter-test-'))
-  const env = { ...process.env, UIGNITER_DATA_DIR: dataDir }
+  const env = { ...process.env, ...envOverrides, UIGNITER_DATA_DIR: dataDir }
   const config = loadConfig(env)
   const store = new ImageStore(dataDir)
-  const builder = new ImageBuilder(store, new KernelCache(config.cacheDir))
+  const builder = new ImageBuilder(store, createKernelSource(config))
   return { dataDir, config, store, builder, env, cleanup: async () => { await rm(dataDir, { recursive: true, force: true }) } }
 }
 
