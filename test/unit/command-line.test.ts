@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict'
 import { test } from 'node:test'
 import type { ImageManifest } from '../../src/core/image.js'
-import { buildQemuArgs, USER_NETWORK } from '../../src/vmm/qemu/command-line.js'
+import { buildQemuArgs, encodeParam, kernelCommandLine, KERNEL_CMDLINE_MAX, USER_NETWORK } from '../../src/vmm/qemu/command-line.js'
 
 const digest = `sha256:${'a'.repeat(64)}`
 const base: ImageManifest = {
@@ -49,4 +49,68 @@ test('a unikernel on q35: virtio-pci devices without option ROMs, command line e
   assert.ok(argAfter(args, '-device').includes('virtio-net-pci,netdev=net0,romfile='))
   assert.ok(!argAfter(args, '-device').some((d) => d.startsWith('virtserialport')), 'nothing is injected into a unikernel')
   assert.deepEqual(argAfter(args, '-append'), ['--ip=eth0,10.0.0.2,255.255.255.0 /app'])
+})
+
+test('the driver\'s launch: tap network, console log QEMU appends to, pidfile, overlay disk, 9p shares, per-VM args and env', () => {
+  const args = buildQemuArgs({
+    manifest: base, kernelPath: '/k', rootfsPath: '/disk', accel: 'tcg', vcpus: 1, memoryMiB: 64,
+    console: { kind: 'log', path: '/vms/a/console.log' }, qmpSocket: '/vms/a/qmp.sock', pidFile: '/vms/a/qemu.pid', name: 'a',
+    controlSocket: '/vms/a/ctl.sock',
+    network: { mode: 'tap', tap: 'uig-a1b2', mac: '02:00:0a:4d:00:05' },
+    guestNetwork: { address: '10.77.0.5', prefix: 24, gateway: '10.77.0.1' },
+    overlayPath: '/vms/a/overlay.img',
+    shares: [{ hostPath: '/srv/data,x', guestPath: '/data', readOnly: true }, { hostPath: '/srv/out', guestPath: '/var/out', readOnly: false }],
+    appArgs: ['--port', '80 80', 'a:b'],
+    appEnv: { MODE: 'fast & "safe"', EMPTY: '' }
+  })
+  assert.deepEqual(argAfter(args, '-netdev'), ['tap,id=net0,ifname=uig-a1b2,script=no,downscript=no'])
+  assert.ok(argAfter(args, '-device').includes('virtio-net-device,netdev=net0,mac=02:00:0a:4d:00:05'))
+  assert.deepEqual(argAfter(args, '-serial'), ['chardev:serial0'])
+  assert.ok(argAfter(args, '-chardev').includes('null,id=serial0,logfile=/vms/a/console.log,logappend=on'))
+  assert.deepEqual(argAfter(args, '-pidfile'), ['/vms/a/qemu.pid'])
+  assert.deepEqual(argAfter(args, '-qmp'), ['unix:/vms/a/qmp.sock,server=on,wait=off'])
+  assert.deepEqual(argAfter(args, '-name'), ['guest=a,debug-threads=on'])
+  assert.deepEqual(argAfter(args, '-drive'), [
+    'id=root,file=/disk,if=none,read-only=on,format=raw',
+    'id=overlay,file=/vms/a/overlay.img,if=none,format=raw,discard=unmap'
+  ])
+  // A comma in a path is doubled: QEMU's option syntax.
+  assert.deepEqual(argAfter(args, '-fsdev'), [
+    'local,id=fs0,path=/srv/data,,x,security_model=none,readonly=on',
+    'local,id=fs1,path=/srv/out,security_model=none'
+  ])
+  assert.ok(argAfter(args, '-device').includes('virtio-9p-device,fsdev=fs0,mount_tag=uigniter0'))
+  const append = (argAfter(args, '-append')[0] ?? '').split(' ')
+  for (const p of ['uigniter.ip=10.77.0.5/24', 'uigniter.gw=10.77.0.1', 'uigniter.overlay=/dev/vdb',
+    'uigniter.mount=uigniter0:/data:ro', 'uigniter.mount=uigniter1:/var/out',
+    'uigniter.arg=--port', 'uigniter.arg=80%2080', 'uigniter.arg=a%3Ab',
+    'uigniter.env=MODE=fast%20%26%20%22safe%22', 'uigniter.env=EMPTY=']) {
+    assert.ok(append.includes(p), `${p} in ${append.join(' ')}`)
+  }
+  assert.deepEqual(append.filter((p) => p.startsWith('uigniter.arg=')), ['uigniter.arg=--port', 'uigniter.arg=80%2080', 'uigniter.arg=a%3Ab'], 'in order')
+})
+
+test('kernel parameters: no arguments is said explicitly; an initramfs guest\'s overlay is vda; bad inputs are refused', () => {
+  const spec = {
+    manifest: { ...base, format: 'initramfs' as const, cmdline: '' }, kernelPath: '/k', rootfsPath: '/initrd', accel: 'tcg' as const, vcpus: 1, memoryMiB: 64,
+    console: { kind: 'stdio' as const }, network: { mode: 'none' as const }
+  }
+  const append = kernelCommandLine({ ...spec, appArgs: [], overlayPath: '/o.img' }).split(' ')
+  assert.ok(append.includes('uigniter.noargs'))
+  assert.ok(!append.some((p) => p.startsWith('uigniter.arg=')))
+  assert.ok(append.includes('uigniter.overlay=/dev/vda'))
+  assert.ok(!kernelCommandLine(spec).includes('uigniter.noargs'), 'no override: the image\'s arguments')
+  assert.equal(encodeParam('a b:c%d\u00e9'), 'a%20b%3Ac%25d%C3%A9')
+
+  assert.throws(() => buildQemuArgs({ ...spec, appArgs: ['nul\0byte'] }), { code: 'UIG_ERR_VM_CMDLINE_INVALID' })
+  assert.throws(() => buildQemuArgs({ ...spec, shares: [{ hostPath: '/x', guestPath: '/', readOnly: true }] }), { code: 'UIG_ERR_VM_SHARE_INVALID' })
+  assert.throws(() => buildQemuArgs({ ...spec, shares: [{ hostPath: '/x', guestPath: '/a/../b', readOnly: true }] }), { code: 'UIG_ERR_VM_SHARE_INVALID' })
+  assert.throws(() => buildQemuArgs({ ...spec, network: { mode: 'tap', tap: 'bad name', mac: '02:00:00:00:00:01' } }), /invalid tap name/)
+  // QEMU adds one "virtio_mmio.device=" parameter per device: the limit counts them.
+  const long = Array.from({ length: 2047 - kernelCommandLine(spec).length - 40 }, () => 'x').join('')
+  const oneDevice = { ...spec, appArgs: [long.slice(0, long.length - 14)] }
+  assert.ok(kernelCommandLine(oneDevice).length <= KERNEL_CMDLINE_MAX)
+  assert.doesNotThrow(() => buildQemuArgs(oneDevice))
+  assert.throws(() => buildQemuArgs({ ...oneDevice, network: { mode: 'user', forwards: [] } }),
+    (err: Error & { code?: string }) => err.code === 'UIG_ERR_VM_CMDLINE_INVALID' && /2047/.test(err.message))
 })

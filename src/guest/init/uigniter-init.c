@@ -287,8 +287,46 @@ static void load_modules(void)
 
 struct params {
 	const char *ip, *gw, *dns, *hostname;
+	const char *overlay; /* block device holding the writable overlay */
 	bool probe;
+	bool noargs;         /* the host replaces the app's arguments with none */
+	/* Repeatable parameters, in command-line order; values are decoded. */
+	char **args, **envs, **mounts;
+	size_t nargs, nenvs, nmounts;
 };
+
+static int hexval(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+/*
+ * The host percent-encodes values that may hold spaces, quotes or ':'
+ * (the kernel splits its command line on spaces and interprets quotes).
+ * Decodes in place; a '%' not followed by two hex digits stays as it is.
+ */
+static char *pct_decode(char *s)
+{
+	char *r = s, *w = s;
+
+	while (*r) {
+		int hi, lo;
+		if (r[0] == '%' && (hi = hexval(r[1])) >= 0 && (lo = hexval(r[2])) >= 0) {
+			*w++ = (char)(hi << 4 | lo);
+			r += 3;
+		} else {
+			*w++ = *r++;
+		}
+	}
+	*w = '\0';
+	return s;
+}
 
 /* Values point into the returned buffer, which must outlive them. */
 static char *parse_cmdline(struct params *p)
@@ -301,6 +339,7 @@ static char *parse_cmdline(struct params *p)
 		{ "uigniter.gw=", &p->gw },
 		{ "uigniter.dns=", &p->dns },
 		{ "uigniter.hostname=", &p->hostname },
+		{ "uigniter.overlay=", &p->overlay },
 	};
 	char *buf = read_file("/proc/cmdline", 1 << 16, NULL);
 
@@ -309,16 +348,124 @@ static char *parse_cmdline(struct params *p)
 		warnmsg("/proc/cmdline: %s", strerror(errno));
 		return NULL;
 	}
+	/* No list can hold more entries than there are words. */
+	size_t words = 1;
+	for (const char *c = buf; *c; c++)
+		words += *c == ' ';
+	p->args = calloc(words, sizeof(char *));
+	p->envs = calloc(words, sizeof(char *));
+	p->mounts = calloc(words, sizeof(char *));
+	if (!p->args || !p->envs || !p->mounts)
+		fatal("out of memory parsing the kernel command line");
+
 	for (char *save = NULL, *tok = strtok_r(buf, " \t\n", &save); tok;
 	     tok = strtok_r(NULL, " \t\n", &save)) {
 		if (strcmp(tok, "uigniter.probe=1") == 0)
 			p->probe = true;
+		else if (strcmp(tok, "uigniter.noargs") == 0)
+			p->noargs = true;
+		else if (strncmp(tok, "uigniter.arg=", 13) == 0)
+			p->args[p->nargs++] = pct_decode(tok + 13);
+		else if (strncmp(tok, "uigniter.env=", 13) == 0) {
+			char *kv = pct_decode(tok + 13);
+			char *eq = strchr(kv, '=');
+			if (eq && eq != kv)
+				p->envs[p->nenvs++] = kv;
+			else
+				warnmsg("uigniter.env: ignoring '%s', want NAME=VALUE", kv);
+		} else if (strncmp(tok, "uigniter.mount=", 15) == 0)
+			/* Decoded when split: an encoded ':' must not split it. */
+			p->mounts[p->nmounts++] = tok + 15;
 		/* Later occurrences win, as for kernel parameters. */
 		for (size_t i = 0; i < ARRAY_LEN(keys); i++)
 			if (strncmp(tok, keys[i].prefix, strlen(keys[i].prefix)) == 0)
 				*keys[i].value = tok + strlen(keys[i].prefix);
 	}
 	return buf;
+}
+
+/* ============================================================ overlay */
+
+static void mkdir_p(const char *path)
+{
+	char buf[PATH_MAX];
+
+	if (snprintf(buf, sizeof(buf), "%s", path) >= (int)sizeof(buf))
+		return;
+	for (char *c = buf + 1; *c; c++) {
+		if (*c != '/')
+			continue;
+		*c = '\0';
+		mkdir(buf, 0755);
+		*c = '/';
+	}
+	mkdir(buf, 0755);
+}
+
+static void move_mount_to(const char *from, const char *to)
+{
+	if (mount(from, to, NULL, MS_MOVE, NULL) < 0)
+		fatal("overlay: move %s to %s: %s", from, to, strerror(errno));
+}
+
+/*
+ * Makes the root writable: an overlayfs whose lower layer is the image's
+ * read-only root and whose upper layer is an ext4 disk of this VM, then
+ * switches into it (as switch_root does: move it onto "/" and chroot, which
+ * works from an initramfs too, where pivot_root does not).  /run serves as
+ * the staging area since every image ships it empty; the final /run is a
+ * tmpfs mounted later inside the new root.
+ */
+static void setup_overlay(const char *dev)
+{
+	/* devtmpfs creates the node when the disk probes; it may trail init briefly. */
+	for (int tries = 0; access(dev, F_OK) < 0 && tries < 100; tries++)
+		nanosleep(&(struct timespec){ .tv_nsec = 10000000 }, NULL);
+	if (mount(dev, "/run", "ext4", MS_NOATIME, NULL) < 0)
+		fatal("overlay: mount %s: %s", dev, strerror(errno));
+	mkdir("/run/upper", 0755);
+	mkdir("/run/work", 0755);
+	mkdir("/run/root", 0755);
+	if (mount("overlay", "/run/root", "overlay", 0,
+		  "lowerdir=/,upperdir=/run/upper,workdir=/run/work") < 0)
+		fatal("overlay: mount overlayfs: %s", strerror(errno));
+	move_mount_to("/dev", "/run/root/dev");
+	move_mount_to("/proc", "/run/root/proc");
+	if (chdir("/run/root") < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 ||
+	    chroot(".") < 0 || chdir("/") < 0)
+		fatal("overlay: switch to the new root: %s", strerror(errno));
+}
+
+/* ============================================================ 9p shares */
+
+/*
+ * Each share is "TAG:PATH[:ro]", PATH percent-encoded.  A share that cannot
+ * be mounted stops the VM: an app running without its data is worse than
+ * one that does not start.
+ */
+static void mount_shares(const struct params *p)
+{
+	for (size_t i = 0; i < p->nmounts; i++) {
+		char *tag = p->mounts[i];
+		char *path = strchr(tag, ':');
+		bool ro = false;
+
+		if (!path || path == tag || path[1] != '/')
+			fatal("uigniter.mount: invalid '%s', want TAG:/PATH[:ro]", tag);
+		*path++ = '\0';
+		char *opt = strchr(path, ':');
+		if (opt) {
+			*opt++ = '\0';
+			if (strcmp(opt, "ro") != 0)
+				fatal("uigniter.mount: unknown option '%s' for %s", opt, tag);
+			ro = true;
+		}
+		pct_decode(path);
+		mkdir_p(path);
+		if (mount(tag, path, "9p", MS_NOSUID | MS_NODEV | (ro ? MS_RDONLY : 0),
+			  "trans=virtio,version=9p2000.L,msize=262144") < 0)
+			fatal("mount shared directory %s on %s: %s", tag, path, strerror(errno));
+	}
 }
 
 /* =============================================================== network */
@@ -454,12 +601,27 @@ struct app {
 	const char *cwd;
 };
 
+/* Replaces the variable of the same name in envp[0..*envc), or appends. */
+static void env_set(char **envp, size_t *envc, char *kv)
+{
+	size_t klen = strchr(kv, '=') - kv + 1;
+	for (size_t i = 0; i < *envc; i++) {
+		if (strncmp(envp[i], kv, klen) == 0) {
+			envp[i] = kv;
+			return;
+		}
+	}
+	envp[(*envc)++] = kv;
+}
+
 /*
  * The config is NUL-terminated key/value string pairs, so that arguments
- * and environment values can hold any byte but NUL without escaping.
+ * and environment values can hold any byte but NUL without escaping.  The
+ * kernel command line may override the arguments (all of argv[1..]) and
+ * single variables, for this VM only.
  * Returns false when there is no config or it names no program.
  */
-static bool load_app_config(struct app *app)
+static bool load_app_config(struct app *app, const struct params *p)
 {
 	size_t len;
 	char *blob = read_file(APP_CONFIG, 16 << 20, &len);
@@ -468,7 +630,7 @@ static bool load_app_config(struct app *app)
 	if (!blob)
 		return false;
 	/* Every string could be an entry; +2 for PATH and HOME, +1 for NULL. */
-	size_t max = 1;
+	size_t max = 1 + p->nargs + p->nenvs;
 	for (size_t i = 0; i < len; i++)
 		max += blob[i] == '\0';
 	app->argv = calloc(max + 1, sizeof(char *));
@@ -476,32 +638,43 @@ static bool load_app_config(struct app *app)
 	if (!app->argv || !app->envp)
 		fatal("out of memory reading " APP_CONFIG);
 
+	bool override_args = p->noargs || p->nargs > 0;
 	size_t argc = 0, envc = 0;
-	bool have_path = false, have_home = false;
 	/* read_file's terminator ends a last string that lacks its NUL. */
-	for (char *p = blob, *end = blob + len; p < end;) {
-		char *key = p;
-		p += strlen(p) + 1;
-		if (p >= end)
+	for (char *s = blob, *end = blob + len; s < end;) {
+		char *key = s;
+		s += strlen(s) + 1;
+		if (s >= end)
 			break;
-		char *val = p;
-		p += strlen(p) + 1;
+		char *val = s;
+		s += strlen(s) + 1;
 
 		if (strcmp(key, "arg") == 0) {
-			app->argv[argc++] = val;
+			if (!override_args || argc == 0)
+				app->argv[argc++] = val;
 		} else if (strcmp(key, "cwd") == 0) {
 			app->cwd = val;
 		} else if (strcmp(key, "env") == 0 && strchr(val, '=')) {
-			have_path |= strncmp(val, "PATH=", 5) == 0;
-			have_home |= strncmp(val, "HOME=", 5) == 0;
 			app->envp[envc++] = val;
 		}
+	}
+	if (argc == 0)
+		return false;
+	for (size_t i = 0; override_args && i < p->nargs; i++)
+		app->argv[argc++] = p->args[i];
+	for (size_t i = 0; i < p->nenvs; i++)
+		env_set(app->envp, &envc, p->envs[i]);
+
+	bool have_path = false, have_home = false;
+	for (size_t i = 0; i < envc; i++) {
+		have_path |= strncmp(app->envp[i], "PATH=", 5) == 0;
+		have_home |= strncmp(app->envp[i], "HOME=", 5) == 0;
 	}
 	if (!have_path)
 		app->envp[envc++] = "PATH=" DEFAULT_PATH;
 	if (!have_home)
 		app->envp[envc++] = "HOME=/";
-	return argc > 0;
+	return true;
 }
 
 /*
@@ -1067,16 +1240,19 @@ int main(void)
 		if (err)
 			fatal("mount /proc: %s", strerror(err));
 	}
+	/* Kept for good: params and the app's overrides point into it. */
 	char *cmdline = parse_cmdline(&params);
 	if (params.probe) {
 		marker("PROBE-OK");
 		reboot_now();
 	}
+	if (cmdline && params.overlay)
+		setup_overlay(params.overlay);
 
 	mount_others();
 	load_modules();
 	setup_network(&params);
-	free(cmdline);
+	mount_shares(&params);
 
 	int sig_fd = setup_signals();
 	timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
@@ -1084,7 +1260,7 @@ int main(void)
 		fatal("timerfd_create: %s", strerror(errno));
 	ctl_open();
 
-	if (!load_app_config(&app)) {
+	if (!load_app_config(&app, &params)) {
 		marker("EXEC-FAILED errno=%d error=\"no app configured\"", ENOENT);
 		app_state.code = 127;
 		app_gone();

@@ -1,3 +1,5 @@
+import { posix } from 'node:path'
+import { UigniterError } from '../../core/errors.js'
 import type { ImageManifest } from '../../core/image.js'
 
 export type Accel = 'kvm' | 'tcg'
@@ -5,6 +7,15 @@ export type Accel = 'kvm' | 'tcg'
 export interface PortForward { hostAddress: string, hostPort: number, guestPort: number }
 
 export interface GuestNetwork { address: string, prefix: number, gateway?: string, dns?: string[] }
+
+/** A host directory shared into the guest over virtio-9p. */
+export interface GuestShare { hostPath: string, guestPath: string, readOnly: boolean }
+
+/** How the guest's eth0 reaches the world: not at all, QEMU's user-mode stack, or a host tap. */
+export type LaunchNetwork =
+  | { mode: 'none' }
+  | { mode: 'user', forwards: PortForward[], mac?: string }
+  | { mode: 'tap', tap: string, mac: string }
 
 /** Everything needed to start one guest; files are host paths. */
 export interface LaunchSpec {
@@ -14,15 +25,29 @@ export interface LaunchSpec {
   accel: Accel
   vcpus: number
   memoryMiB: number
-  /** Where the serial console goes: QEMU's stdout, or a file. */
-  console: { kind: 'stdio' } | { kind: 'file', path: string }
+  /**
+   * Where the serial console goes: QEMU's stdout, a file QEMU truncates, or a
+   * log QEMU appends to (`log`: the driver rotates it while QEMU keeps writing).
+   */
+  console: { kind: 'stdio' } | { kind: 'file', path: string } | { kind: 'log', path: string }
   /** Unix socket of the host↔guest control channel (images with our init only). */
   controlSocket?: string
   qmpSocket?: string
-  network: { mode: 'none' } | { mode: 'user', forwards: PortForward[] }
+  /** QEMU writes its pid here (`-pidfile`), so that the VM can be found again. */
+  pidFile?: string
+  /** Shown in `ps` thread names and QEMU's messages. */
+  name?: string
+  network: LaunchNetwork
   /** Told to the guest init on the kernel command line. */
   guestNetwork?: GuestNetwork
   hostname?: string
+  /** Replaces the image's app arguments (argv[1..]) when given, even when empty. */
+  appArgs?: string[]
+  /** Added to the image's environment, replacing variables of the same name. */
+  appEnv?: Record<string, string>
+  shares?: GuestShare[]
+  /** A writable ext4 disk the init lays over the read-only root (overlayfs). */
+  overlayPath?: string
   /** Extra kernel parameters for our own guests (the accel probe uses it). */
   extraCmdline?: string[]
 }
@@ -31,9 +56,21 @@ export interface LaunchSpec {
 export const USER_NETWORK: GuestNetwork = { address: '10.0.2.15', prefix: 24, gateway: '10.0.2.2', dns: ['10.0.2.3'] }
 
 /**
+ * x86's COMMAND_LINE_SIZE is 2048 bytes with the terminating NUL; the kernel
+ * cuts anything longer silently, which would lose parameters at the end.
+ */
+export const KERNEL_CMDLINE_MAX = 2047
+
+/** What QEMU appends per virtio-mmio device: " virtio_mmio.device=512@0xfeb00e00:12" (measured on QEMU 7.2). */
+const MMIO_PARAM_BYTES = 37
+
+const TAP_RE = /^[A-Za-z0-9_.-]{1,15}$/
+const MAC_RE = /^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$/i
+
+/**
  * Builds QEMU's argv for a guest. This is the one place that knows QEMU's
- * command line; the driver grows from it. `microvm` with virtio-mmio boots our
- * kernel; q35/pc with virtio-pci boots unikernels that need a PC (fact 11).
+ * command line. `microvm` with virtio-mmio boots our kernel; q35/pc with
+ * virtio-pci boots unikernels that need a PC (fact 11).
  */
 export function buildQemuArgs (spec: LaunchSpec): string[] {
   const { manifest } = spec
@@ -41,6 +78,7 @@ export function buildQemuArgs (spec: LaunchSpec): string[] {
   const dev = (name: string): string => `${name}-${pci ? 'pci' : 'device'}`
   const args: string[] = []
 
+  if (spec.name !== undefined) args.push('-name', `guest=${opt(spec.name)},debug-threads=on`)
   if (manifest.machine.type === 'microvm') {
     // acpi=off: QEMU then lists the virtio-mmio devices on the kernel command line itself (fact 2).
     // rtc=on: without an RTC the kernel waits about 1 s for the CMOS clock at boot
@@ -53,8 +91,15 @@ export function buildQemuArgs (spec: LaunchSpec): string[] {
   args.push('-smp', String(spec.vcpus), '-m', `${spec.memoryMiB}M`)
   // -no-reboot: the guest init reboots when the app exits (power-off hangs without ACPI, fact 4), so QEMU exits.
   args.push('-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot')
-  args.push('-serial', spec.console.kind === 'stdio' ? 'stdio' : `file:${spec.console.path}`)
-  if (spec.qmpSocket !== undefined) args.push('-qmp', `unix:${spec.qmpSocket},server=on,wait=off`)
+  if (spec.console.kind === 'log') {
+    // QEMU appends to the log itself, so the output is kept while no daemon
+    // reads it; O_APPEND lets the driver truncate it under QEMU's feet.
+    args.push('-chardev', `null,id=serial0,logfile=${opt(spec.console.path)},logappend=on`, '-serial', 'chardev:serial0')
+  } else {
+    args.push('-serial', spec.console.kind === 'stdio' ? 'stdio' : `file:${spec.console.path}`)
+  }
+  if (spec.qmpSocket !== undefined) args.push('-qmp', `unix:${opt(spec.qmpSocket)},server=on,wait=off`)
+  if (spec.pidFile !== undefined) args.push('-pidfile', spec.pidFile)
 
   args.push('-kernel', spec.kernelPath)
   if (manifest.format === 'initramfs') {
@@ -63,33 +108,70 @@ export function buildQemuArgs (spec: LaunchSpec): string[] {
   } else if (spec.rootfsPath !== undefined) {
     // Read-only: every VM of the image shares this one file.
     const format = manifest.format === 'unikernel' ? 'auto' : 'raw'
-    args.push('-drive', `id=root,file=${spec.rootfsPath},if=none,read-only=on${format === 'raw' ? ',format=raw' : ''}`)
+    args.push('-drive', `id=root,file=${opt(spec.rootfsPath)},if=none,read-only=on${format === 'raw' ? ',format=raw' : ''}`)
     args.push('-device', `${dev('virtio-blk')},drive=root`)
   }
-
-  if (spec.network.mode === 'user') {
-    const forwards = spec.network.forwards.map((f) => `,hostfwd=tcp:${f.hostAddress}:${f.hostPort}-:${f.guestPort}`).join('')
-    args.push('-netdev', `user,id=net0${forwards}`)
-    args.push('-device', `${dev('virtio-net')},netdev=net0${pci ? ',romfile=' : ''}`)
+  if (spec.overlayPath !== undefined) {
+    if (manifest.init === null) throw new Error('an overlay needs our guest init, and a unikernel has none')
+    // After the root disk, so the guest names it vdb (vda without a root disk):
+    // virtio-mmio devices probe in command-line order.
+    args.push('-drive', `id=overlay,file=${opt(spec.overlayPath)},if=none,format=raw,discard=unmap`)
+    args.push('-device', `${dev('virtio-blk')},drive=overlay,serial=uigniter-overlay`)
   }
+
+  const net = spec.network
+  if (net.mode !== 'none') {
+    if (net.mac !== undefined && !MAC_RE.test(net.mac)) throw new Error(`invalid MAC address "${net.mac}"`)
+    const mac = net.mac !== undefined ? `,mac=${net.mac}` : ''
+    if (net.mode === 'user') {
+      const forwards = net.forwards.map((f) => `,hostfwd=tcp:${f.hostAddress}:${f.hostPort}-:${f.guestPort}`).join('')
+      args.push('-netdev', `user,id=net0${forwards}`)
+    } else {
+      if (!TAP_RE.test(net.tap)) throw new Error(`invalid tap name "${net.tap}"`)
+      // script=no: the tap exists and is on the bridge already; QEMU must not run /etc/qemu-ifup.
+      args.push('-netdev', `tap,id=net0,ifname=${net.tap},script=no,downscript=no`)
+    }
+    args.push('-device', `${dev('virtio-net')},netdev=net0${mac}${pci ? ',romfile=' : ''}`)
+  }
+
+  const shares = spec.shares ?? []
+  if (shares.length > 0 && manifest.init === null) throw new Error('shared directories need our guest init, and a unikernel has none')
+  shares.forEach((share, i) => {
+    // security_model=none: files keep their host owners and modes, as a bind mount would.
+    args.push('-fsdev', `local,id=fs${i},path=${opt(share.hostPath)},security_model=none${share.readOnly ? ',readonly=on' : ''}`)
+    args.push('-device', `${dev('virtio-9p')},fsdev=fs${i},mount_tag=${shareTag(i)}`)
+  })
 
   if (manifest.init !== null) {
     // Entropy from the host, so that the app's first getrandom() does not wait.
     args.push('-object', 'rng-random,id=rng0,filename=/dev/urandom', '-device', `${dev('virtio-rng')},rng=rng0`)
     if (spec.controlSocket !== undefined) {
       args.push('-device', dev('virtio-serial'))
-      args.push('-chardev', `socket,id=ctl,path=${spec.controlSocket},server=on,wait=off`)
+      args.push('-chardev', `socket,id=ctl,path=${opt(spec.controlSocket)},server=on,wait=off`)
       args.push('-device', 'virtserialport,chardev=ctl,name=uigniter.ctl')
     }
   }
 
-  args.push('-append', kernelCommandLine(spec))
+  const cmdline = kernelCommandLine(spec)
+  if (manifest.init !== null) {
+    const mmioDevices = manifest.machine.type === 'microvm' && !pci
+      ? args.filter((a, i) => args[i - 1] === '-device' && /^virtio-[a-z0-9]+-device,/.test(a + ',')).length
+      : 0
+    const total = Buffer.byteLength(cmdline) + mmioDevices * MMIO_PARAM_BYTES
+    if (total > KERNEL_CMDLINE_MAX) {
+      throw new UigniterError('UIG_ERR_VM_CMDLINE_INVALID',
+        `the guest kernel command line would be ${total} bytes (${Buffer.byteLength(cmdline)} of parameters, ${mmioDevices * MMIO_PARAM_BYTES} that QEMU adds for ${mmioDevices} devices), ` +
+        `over the kernel's limit of ${KERNEL_CMDLINE_MAX}: pass fewer or shorter app arguments and environment variables`)
+    }
+  }
+  args.push('-append', cmdline)
   return args
 }
 
 /**
  * A unikernel's command line is used exactly as given. Our own guests get the
- * console, the reboot-to-exit parameters, and their network identity for the init.
+ * console, the reboot-to-exit parameters, and for the init: the network
+ * identity, app arguments and environment, shares and overlay (docs/guest.md).
  */
 export function kernelCommandLine (spec: LaunchSpec): string {
   const { manifest } = spec
@@ -104,6 +186,48 @@ export function kernelCommandLine (spec: LaunchSpec): string {
     if (net.dns !== undefined && net.dns.length > 0) parts.push(`uigniter.dns=${net.dns.join(',')}`)
   }
   if (spec.hostname !== undefined) parts.push(`uigniter.hostname=${spec.hostname}`)
+  if (spec.overlayPath !== undefined) parts.push(`uigniter.overlay=/dev/${spec.rootfsPath !== undefined && manifest.format !== 'initramfs' ? 'vdb' : 'vda'}`)
+  ;(spec.shares ?? []).forEach((share, i) => {
+    const path = share.guestPath.replace(/\/+$/, '')
+    if (!path.startsWith('/') || posix.normalize(path) !== path) {
+      throw new UigniterError('UIG_ERR_VM_SHARE_INVALID', `guest path "${share.guestPath}" must be a normalized absolute path other than "/", such as /data`)
+    }
+    parts.push(`uigniter.mount=${shareTag(i)}:${encodeParam(path)}${share.readOnly ? ':ro' : ''}`)
+  })
+  if (spec.appArgs !== undefined) {
+    // A bare flag says "no arguments", which no number of uigniter.arg= can.
+    if (spec.appArgs.length === 0) parts.push('uigniter.noargs')
+    for (const arg of spec.appArgs) parts.push(`uigniter.arg=${encodeParam(arg)}`)
+  }
+  for (const [key, value] of Object.entries(spec.appEnv ?? {})) {
+    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(key)) throw new UigniterError('UIG_ERR_VM_CMDLINE_INVALID', `invalid environment variable name "${key}"`)
+    parts.push(`uigniter.env=${key}=${encodeParam(value)}`)
+  }
   parts.push(...(spec.extraCmdline ?? []))
   return parts.join(' ')
+}
+
+/** The 9p mount tag of the i-th share. */
+function shareTag (i: number): string {
+  return `uigniter${i}`
+}
+
+/**
+ * Percent-encodes a kernel parameter value: the kernel splits its command line
+ * on spaces and treats quotes specially, and the init splits `uigniter.mount`
+ * on ':'. Letters, digits and `-._~/=,@+` stay as they are, for readability.
+ */
+export function encodeParam (value: string): string {
+  if (value.includes('\0')) throw new UigniterError('UIG_ERR_VM_CMDLINE_INVALID', 'an app argument or environment value holds a NUL byte, which a C program cannot receive')
+  let out = ''
+  for (const byte of Buffer.from(value, 'utf8')) {
+    const c = String.fromCharCode(byte)
+    out += /[A-Za-z0-9\-._~/=,@+]/.test(c) ? c : `%${byte.toString(16).toUpperCase().padStart(2, '0')}`
+  }
+  return out
+}
+
+/** QEMU's option syntax splits on ','; a literal comma in a value is written twice. */
+function opt (value: string): string {
+  return value.replaceAll(',', ',,')
 }

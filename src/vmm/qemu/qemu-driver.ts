@@ -1,0 +1,329 @@
+import { spawn } from 'node:child_process'
+import { closeSync, openSync } from 'node:fs'
+import { open, stat } from 'node:fs/promises'
+import { uptime } from 'node:os'
+import { pino } from 'pino'
+import { UigniterError, hasErrno, rethrowNoSpace } from '../../core/errors.js'
+import { run } from '../../core/exec.js'
+import type { Logger } from '../../core/logger.js'
+import type { VmExit } from '../../core/vm.js'
+import { QEMU_BINARY } from './accel-probe.js'
+import { buildQemuArgs, type LaunchSpec } from './command-line.js'
+import { ConsoleFacts } from './console-facts.js'
+import { ConsoleLog, DEFAULT_CONSOLE_LIMIT } from './console-log.js'
+import { decideExit } from './exit-reason.js'
+import { checkHostResources } from './host-resources.js'
+import { HostProcess } from './host-process.js'
+import { findOomKill } from './oom-kill.js'
+import { QmpClient } from './qmp-client.js'
+import { DEFAULT_STOP_TIMEOUTS, QemuVm, type StopTimeouts } from './qemu-vm.js'
+import { VmStateDir, type LaunchRecord } from './vm-state-dir.js'
+
+/**
+ * A guest to launch, as the caller sees it: the argv builder's LaunchSpec
+ * without what the driver owns (the state directory's files), plus the size
+ * of a writable overlay to create.
+ */
+export type GuestLaunch = Omit<LaunchSpec, 'console' | 'qmpSocket' | 'controlSocket' | 'pidFile' | 'name' | 'overlayPath'> & {
+  /** A writable ext4 overlay over the read-only root, created in the state directory and deleted with it. */
+  overlaySizeMiB?: number
+}
+
+export interface QemuStartOptions {
+  /** The VM's id: QEMU's -name and the key of its state directory. */
+  id: string
+  /** Usually `<dataDir>/vms/<id>` (VmStateDir.of). */
+  stateDir: string
+  launch: GuestLaunch
+  /** Host CPUs for every QEMU thread; unpinned when absent. */
+  cpuAffinity?: number[]
+}
+
+export interface QemuDriverOptions {
+  log?: Logger
+  qemuBinary?: string
+  /** console.log is rotated past this size (default 1 MiB). */
+  consoleLimitBytes?: number
+  /** How often the console's size is checked (default 2 s). */
+  rotateIntervalMs?: number
+  /** How often an adopted QEMU's pid is checked, as a backstop to QMP closing (default 2 s). */
+  livenessPollMs?: number
+  /** How long QEMU may take to open its monitor (default 10 s). */
+  startTimeoutMs?: number
+  stopTimeouts?: Partial<StopTimeouts>
+}
+
+/**
+ * Starts QEMU guests detached from the daemon (own session, output to
+ * files, not waited on), so that they outlive it, and finds them again from
+ * their state directories after a restart. Each VM's state directory holds
+ * everything needed for that (see VmStateDir).
+ *
+ * @example
+ * const driver = new QemuDriver({ log })
+ * const vm = await driver.start({ id, stateDir: VmStateDir.of(dataDir, id).dir, launch })
+ * const exit = await vm.stop({ graceMs: 5000 }) // { reason: 'stopped', appExitCode: 0, ... }
+ */
+export class QemuDriver {
+  readonly #log: Logger
+  readonly #qemu: string
+  readonly #consoleLimit: number
+  readonly #rotateMs: number
+  readonly #livenessMs: number
+  readonly #startTimeoutMs: number
+  readonly #stopTimeouts: StopTimeouts
+  /** Live VMs by state directory, so that console readers share their log's rotation lock. */
+  readonly #vms = new Map<string, QemuVm>()
+
+  constructor (options: QemuDriverOptions = {}) {
+    this.#log = options.log ?? pino({ level: 'silent' })
+    this.#qemu = options.qemuBinary ?? QEMU_BINARY
+    this.#consoleLimit = options.consoleLimitBytes ?? DEFAULT_CONSOLE_LIMIT
+    this.#rotateMs = options.rotateIntervalMs ?? 2000
+    this.#livenessMs = options.livenessPollMs ?? 2000
+    this.#startTimeoutMs = options.startTimeoutMs ?? 10_000
+    this.#stopTimeouts = { ...DEFAULT_STOP_TIMEOUTS, ...options.stopTimeouts }
+  }
+
+  /**
+   * Validates the launch against the host, prepares the state directory
+   * (overlay disk included), starts QEMU detached and connects to its
+   * monitor. Resolves once QEMU runs, not when the app is up (see
+   * QemuVm.waitForMarker). Throws UIG_ERR_VM_RESOURCES, UIG_ERR_VM_SHARE_INVALID,
+   * UIG_ERR_VM_CMDLINE_INVALID before anything starts, UIG_ERR_VM_BOOT_FAILED
+   * with QEMU's own message when it refuses to start.
+   */
+  async start (options: QemuStartOptions): Promise<QemuVm> {
+    const { id, launch, cpuAffinity } = options
+    if (!/^[A-Za-z0-9][A-Za-z0-9_.-]*$/.test(id)) throw new UigniterError('UIG_ERR_VM_STATE_DIR', `invalid VM id "${id}"`)
+    checkHostResources({ vcpus: launch.vcpus, memoryMiB: launch.memoryMiB, cpuAffinity })
+    for (const share of launch.shares ?? []) await checkShare(share.hostPath)
+    const dir = new VmStateDir(options.stateDir)
+    const { overlaySizeMiB, ...rest } = launch
+    const spec: LaunchSpec = {
+      ...rest,
+      name: id,
+      console: { kind: 'log', path: dir.consoleLog },
+      qmpSocket: dir.qmpSocket,
+      pidFile: dir.pidFile,
+      ...(launch.manifest.init !== null ? { controlSocket: dir.controlSocket } : {}),
+      ...(overlaySizeMiB !== undefined ? { overlayPath: dir.overlayImage } : {})
+    }
+    // Before touching the disk: a bad command line must not leave an overlay behind.
+    const argv = buildQemuArgs(spec)
+    if (await this.#running(dir)) throw new UigniterError('UIG_ERR_VM_INVALID_STATE', `a QEMU already runs from ${dir.dir}; stop it before starting the VM again`)
+    await dir.prepare()
+    if (overlaySizeMiB !== undefined) await createOverlay(dir.overlayImage, overlaySizeMiB)
+    const record: LaunchRecord = { version: 1, id, spec, ...(cpuAffinity !== undefined ? { cpuAffinity } : {}), qemuBinary: this.#qemu, argv, createdAt: new Date().toISOString() }
+    await dir.writeLaunch(record)
+
+    const log = this.#log.child({ vm: id })
+    const out = openSync(dir.qemuLog, 'a')
+    let child
+    try {
+      // detached: its own session, so that the daemon's terminal and signals do not reach it.
+      child = spawn(this.#qemu, argv, { detached: true, stdio: ['ignore', out, out], cwd: dir.dir })
+    } finally {
+      closeSync(out)
+    }
+    child.unref()
+    const childExit = new Promise<{ code: number | null, signal: NodeJS.Signals | null }>((resolve, reject) => {
+      child.once('exit', (code, signal) => resolve({ code, signal }))
+      child.once('error', (err) => {
+        reject(hasErrno(err, 'ENOENT')
+          ? new UigniterError('UIG_ERR_HOST_MISSING_TOOL', `cannot start ${this.#qemu}: it is not installed; run "npm run setup" to install qemu-system-x86`, { cause: err })
+          : err)
+      })
+    })
+    childExit.catch(() => {})
+    const pid = child.pid
+    const startedAtBootUs = pid !== undefined ? await new HostProcess(pid).startedAtBootUs() : undefined
+
+    const diedEarly = childExit.then(async (status) => {
+      const why = status.signal !== null ? `was killed by ${status.signal}` : `exited with code ${status.code}`
+      const tail = await dir.qemuLogTail(1500)
+      throw new UigniterError('UIG_ERR_VM_BOOT_FAILED', `QEMU ${why} as it started${tail !== '' ? `: ${tail.split('\n').slice(-4).join(' | ')}` : ''} (see ${dir.qemuLog})`)
+    })
+    // Once QMP answered, QEMU's end is the VM's business, not start()'s.
+    diedEarly.catch(() => {})
+    let qmp: QmpClient
+    try {
+      qmp = await Promise.race([QmpClient.connect(dir.qmpSocket, { timeoutMs: this.#startTimeoutMs }), diedEarly])
+    } catch (err) {
+      if (pid !== undefined) tryKill(pid)
+      throw err
+    }
+    if (pid === undefined) throw new UigniterError('UIG_ERR_VM_BOOT_FAILED', 'QEMU started without a pid')
+    // No await from here to the QemuVm: it must see QMP close if QEMU ends at once.
+    const vm = new QemuVm({
+      record,
+      dir,
+      pid,
+      qmp,
+      console: new ConsoleLog(dir.consoleLog, { limitBytes: this.#consoleLimit, rotate: true }),
+      log,
+      childExit,
+      startedAtBootUs,
+      stopTimeouts: this.#stopTimeouts,
+      rotateIntervalMs: this.#rotateMs,
+      livenessPollMs: this.#livenessMs,
+      forget: () => this.#vms.delete(dir.dir)
+    })
+    this.#vms.set(dir.dir, vm)
+    log.info({ pid, argv }, 'QEMU started')
+    if (cpuAffinity !== undefined) {
+      try {
+        await vm.setCpuAffinity(cpuAffinity)
+      } catch (err) {
+        vm.kill()
+        await vm.exited
+        throw err
+      }
+    }
+    return vm
+  }
+
+  /**
+   * Finds a VM again from its state directory after a daemon restart: the
+   * pid from QEMU's pidfile, trusted only if /proc says it is a QEMU whose
+   * arguments name this directory (a pid may have been recycled), then its
+   * monitor. A VM that ended meanwhile comes back as `{ dead, exit }`, the
+   * exit decided from its console and the host's kernel log.
+   */
+  async adopt (stateDir: string): Promise<QemuVm | { dead: true, exit: VmExit }> {
+    const dir = new VmStateDir(stateDir)
+    const record = await dir.readLaunch()
+    const known = this.#vms.get(dir.dir)
+    if (known !== undefined) return known
+    const recorded = await dir.readExit()
+    if (recorded !== undefined) return { dead: true, exit: recorded }
+    const pid = await dir.readPid()
+    const proc = pid !== undefined ? new HostProcess(pid) : undefined
+    const consoleLog = new ConsoleLog(dir.consoleLog, { limitBytes: this.#consoleLimit, rotate: true })
+    // Rotated: the boot's markers may have been dropped, but so much output means the guest booted.
+    const rotated = await stat(consoleLog.previousPath).then(() => true, () => false)
+    if (proc !== undefined && await proc.alive() && await proc.isQemuOf(dir.dir)) {
+      try {
+        const startedAtBootUs = await proc.startedAtBootUs()
+        const qmp = await QmpClient.connect(dir.qmpSocket, { timeoutMs: 5000 })
+        const vm = new QemuVm({
+          record,
+          dir,
+          pid: proc.pid,
+          qmp,
+          console: consoleLog,
+          log: this.#log.child({ vm: record.id }),
+          startedAtBootUs,
+          stopTimeouts: this.#stopTimeouts,
+          rotateIntervalMs: this.#rotateMs,
+          livenessPollMs: this.#livenessMs,
+          assumeBooted: rotated,
+          forget: () => this.#vms.delete(dir.dir)
+        })
+        this.#vms.set(dir.dir, vm)
+        // The log may have grown past its bound while no daemon watched it.
+        await consoleLog.rotateIfNeeded()
+        this.#log.info({ vm: record.id, pid: proc.pid }, 'adopted a running QEMU')
+        return vm
+      } catch (err) {
+        // It may have ended while we looked; otherwise its monitor is unusable.
+        if (await proc.alive()) throw err
+      }
+    }
+    const facts = new ConsoleFacts()
+    facts.feed(await consoleLog.read({ tailBytes: Infinity }))
+    facts.end()
+    if (rotated) facts.init = true
+    const exit = decideExit({
+      pid: pid ?? 0,
+      console: facts,
+      oomKill: pid !== undefined ? await findOomKill(pid, bootUsOf(record.createdAt)) : undefined,
+      foundDead: true,
+      qemuLogTail: await dir.qemuLogTail()
+    })
+    await dir.writeExit(exit).catch(() => {})
+    this.#log.info({ vm: record.id, exit }, 'the VM ended while the daemon was down')
+    return { dead: true, exit }
+  }
+
+  /** The last `tailBytes` (default 64 KiB) of a VM's console, running or not. */
+  async readConsole (stateDir: string, options: { tailBytes?: number } = {}): Promise<string> {
+    const vm = this.#vms.get(new VmStateDir(stateDir).dir)
+    if (vm !== undefined) return await vm.readConsole(options)
+    return await new ConsoleLog(new VmStateDir(stateDir).consoleLog).read(options)
+  }
+
+  /**
+   * Follows a VM's console (tail -f across rotations) after its last
+   * `tailBytes` (default none). For a running VM it ends by itself when the
+   * VM ends (`onEnd`); for an ended one, after what is there.
+   */
+  followConsole (stateDir: string, onData: (text: string) => void, options: { tailBytes?: number, onEnd?: () => void } = {}): () => void {
+    const vm = this.#vms.get(new VmStateDir(stateDir).dir)
+    if (vm !== undefined) return vm.followConsole(onData, options)
+    const log = new ConsoleLog(new VmStateDir(stateDir).consoleLog)
+    const stop = log.follow(onData, { tailBytes: options.tailBytes ?? 0 })
+    void log.poll().finally(() => { stop(); log.close(); options.onEnd?.() })
+    return stop
+  }
+
+  /**
+   * Deletes a VM's state directory, its overlay disk included. Refuses while
+   * its QEMU runs (UIG_ERR_VM_INVALID_STATE): stop or kill it first.
+   */
+  async remove (stateDir: string): Promise<void> {
+    const dir = new VmStateDir(stateDir)
+    if (await this.#running(dir)) {
+      throw new UigniterError('UIG_ERR_VM_INVALID_STATE', `the VM in ${dir.dir} is still running; stop or kill it first`)
+    }
+    await dir.remove()
+  }
+
+  /** True while a QEMU of this state directory runs, known to this driver or not. */
+  async #running (dir: VmStateDir): Promise<boolean> {
+    if (this.#vms.has(dir.dir)) return true
+    const pid = await dir.readPid().catch(() => undefined)
+    if (pid === undefined) return false
+    const proc = new HostProcess(pid)
+    return await proc.alive() && await proc.isQemuOf(dir.dir)
+  }
+}
+
+/** A sparse file with an ext4 file system: only what the guest writes takes host disk. */
+async function createOverlay (path: string, sizeMiB: number): Promise<void> {
+  try {
+    const fh = await open(path, 'w', 0o600)
+    try {
+      await fh.truncate(sizeMiB * 1024 * 1024)
+    } finally {
+      await fh.close()
+    }
+  } catch (err) {
+    rethrowNoSpace(err, path)
+  }
+  // No journal: the overlay lives and dies with one VM, so there is nothing to recover after a crash.
+  await run('mkfs.ext4', ['-q', '-F', '-m', '0', '-O', '^has_journal', '-L', 'uigniter-ovl', path], {
+    onFail: (r) => new UigniterError('UIG_ERR_VM_BOOT_FAILED', `mkfs.ext4 could not make the overlay ${path}: ${r.stderr.trim()}`)
+  })
+}
+
+async function checkShare (hostPath: string): Promise<void> {
+  try {
+    if ((await stat(hostPath)).isDirectory()) return
+  } catch (err) {
+    throw new UigniterError('UIG_ERR_VM_SHARE_INVALID', `cannot share ${hostPath}: ${hasErrno(err, 'ENOENT') ? 'it does not exist' : (err as Error).message}`, { cause: err })
+  }
+  throw new UigniterError('UIG_ERR_VM_SHARE_INVALID', `cannot share ${hostPath}: it is not a directory`)
+}
+
+function tryKill (pid: number): void {
+  try {
+    process.kill(pid, 'SIGKILL')
+  } catch { /* gone already */ }
+}
+
+/** A wall-clock time as µs since the host booted (the clock of /dev/kmsg); 0 if before this boot. */
+function bootUsOf (iso: string): number {
+  const bootMs = Date.now() - uptime() * 1000
+  return Math.max(0, (Date.parse(iso) - bootMs) * 1000)
+}

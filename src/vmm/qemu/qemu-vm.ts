@@ -1,0 +1,417 @@
+import { EventEmitter } from 'node:events'
+import { readFile } from 'node:fs/promises'
+import { UigniterError, hasErrno } from '../../core/errors.js'
+import { run } from '../../core/exec.js'
+import type { Logger } from '../../core/logger.js'
+import type { VmExit } from '../../core/vm.js'
+import { ConsoleFacts } from './console-facts.js'
+import type { ConsoleLog } from './console-log.js'
+import type { ConsoleMarker } from './console-markers.js'
+import { ControlChannel } from './control-channel.js'
+import { decideExit, type ExitEvidence } from './exit-reason.js'
+import { checkHostResources } from './host-resources.js'
+import { HostProcess } from './host-process.js'
+import { findOomKill } from './oom-kill.js'
+import type { QmpClient, QmpEvent, QmpStatus } from './qmp-client.js'
+import type { LaunchRecord, VmStateDir } from './vm-state-dir.js'
+
+/** How long each step of a stop may take before the next, harsher one. */
+export interface StopTimeouts {
+  /** Past the grace period, for the init to report the app's end and reboot. */
+  guestMarginMs: number
+  /** After QMP `quit`. */
+  quitMs: number
+  /** After SIGTERM to QEMU. */
+  termMs: number
+  /** After SIGKILL; a QEMU still there then is stuck in the kernel. */
+  killMs: number
+}
+
+export const DEFAULT_STOP_TIMEOUTS: StopTimeouts = { guestMarginMs: 3000, quitMs: 3000, termMs: 3000, killMs: 5000 }
+
+/** What the driver hands a QemuVm; internal to the driver. */
+export interface QemuVmInit {
+  record: LaunchRecord
+  dir: VmStateDir
+  pid: number
+  qmp: QmpClient
+  console: ConsoleLog
+  log: Logger
+  /** The exit status of a QEMU this process spawned; undefined for an adopted one. */
+  childExit?: Promise<{ code: number | null, signal: NodeJS.Signals | null }>
+  startedAtBootUs?: number
+  stopTimeouts: StopTimeouts
+  rotateIntervalMs: number
+  livenessPollMs: number
+  /** The console was rotated before this process read it: the boot markers may be gone, but the guest did boot. */
+  assumeBooted?: boolean
+  /** Called once when the VM ends or is closed: the driver forgets it. */
+  forget?: () => void
+}
+
+type Requested = NonNullable<ExitEvidence['requested']>
+
+/**
+ * One running QEMU, started by this daemon or adopted from its state
+ * directory after a restart. `exited` settles once, with how the VM ended
+ * (the app's status when the init reported it, else why QEMU ended). Events:
+ * 'marker' (ConsoleMarker, from the init), 'event' (QmpEvent), 'exit' (VmExit).
+ */
+export class QemuVm extends EventEmitter {
+  readonly id: string
+  readonly pid: number
+  readonly stateDir: string
+  readonly exited: Promise<VmExit>
+  readonly #record: LaunchRecord
+  readonly #dir: VmStateDir
+  readonly #qmp: QmpClient
+  readonly #console: ConsoleLog
+  readonly #log: Logger
+  readonly #timeouts: StopTimeouts
+  readonly #facts = new ConsoleFacts()
+  readonly #seen = new Map<ConsoleMarker['kind'], ConsoleMarker>()
+  readonly #startedAtBootUs: number | undefined
+  readonly #timers: NodeJS.Timeout[] = []
+  readonly #unfollow: () => void
+  readonly #followers = new Set<{ stop: () => void, onEnd?: () => void }>()
+  readonly #forget: (() => void) | undefined
+  readonly #childExit: Promise<unknown> | undefined
+  #resolveExit!: (exit: VmExit) => void
+  #shutdown: { reason: string, guest: boolean } | undefined
+  #status: { code: number | null, signal: string | null } | undefined
+  #requested: Requested | undefined
+  #stopping: Promise<VmExit> | undefined
+  #gone = false
+  #ended: VmExit | undefined
+  #closed = false
+
+  constructor (init: QemuVmInit) {
+    super()
+    this.id = init.record.id
+    this.pid = init.pid
+    this.stateDir = init.dir.dir
+    this.#record = init.record
+    this.#dir = init.dir
+    this.#qmp = init.qmp
+    this.#console = init.console
+    this.#log = init.log
+    this.#timeouts = init.stopTimeouts
+    this.#startedAtBootUs = init.startedAtBootUs
+    this.#forget = init.forget
+    if (init.assumeBooted === true) this.#facts.init = true
+    this.exited = new Promise((resolve) => { this.#resolveExit = resolve })
+
+    this.#qmp.on('event', (e: QmpEvent) => {
+      if (e.event === 'SHUTDOWN') this.#shutdown = { reason: typeof e.data.reason === 'string' ? e.data.reason : 'none', guest: e.data.guest === true }
+      this.emit('event', e)
+    })
+    // The fast path: QEMU closes the monitor as it exits.
+    this.#qmp.on('close', () => { void this.#pollUntilGone(25, 10_000) })
+    if (this.#qmp.closed) void this.#pollUntilGone(25, 10_000)
+    this.#childExit = init.childExit
+    init.childExit?.then((status) => {
+      this.#status = status
+      void this.#onGone()
+    }).catch(() => {})
+    // The slow backstop, for an adopted QEMU whose monitor did not close (or was not ours to watch).
+    this.#every(init.livenessPollMs, async () => { if (!(await new HostProcess(this.pid).alive())) await this.#onGone() })
+    this.#every(init.rotateIntervalMs, async () => { await this.#console.rotateIfNeeded() })
+    // Every console byte, from the start: the markers tell how the app ended.
+    this.#unfollow = this.#console.follow((text) => {
+      for (const m of this.#facts.feed(text)) this.#onMarker(m)
+    }, { tailBytes: Infinity })
+  }
+
+  /** QEMU's command line and the launch it came from, as recorded in launch.json. */
+  get launch (): LaunchRecord {
+    return this.#record
+  }
+
+  /**
+   * Stops the VM: the guest init sends the app SIGTERM and SIGKILL after
+   * `graceMs` (default 10 s); if the guest has not ended shortly after that,
+   * QMP `quit`; then SIGTERM and SIGKILL to QEMU, each with a deadline.
+   * Idempotent: later calls (and calls after the end) get the same exit.
+   */
+  async stop (options: { graceMs?: number } = {}): Promise<VmExit> {
+    if (this.#ended !== undefined) return this.#ended
+    if (this.#closed) throw new UigniterError('UIG_ERR_VM_INVALID_STATE', `VM ${this.id} was let go (close()); adopt it again to stop it`)
+    // Already ending on its own: that end is the answer, not a stop.
+    if (this.#gone) return await this.exited
+    this.#stopping ??= this.#stop(options.graceMs ?? 10_000)
+    return await this.#stopping
+  }
+
+  /** SIGKILL to QEMU at once; `exited` then says `killed`. Idempotent. */
+  kill (): void {
+    if (this.#gone || this.#closed) return
+    this.#requested = { kind: 'kill' }
+    this.#signal('SIGKILL')
+  }
+
+  /** Pauses the vCPUs (QMP `stop`). */
+  async pause (): Promise<void> {
+    await this.#live('pause').stop()
+  }
+
+  /** Resumes the vCPUs (QMP `cont`). */
+  async resume (): Promise<void> {
+    await this.#live('resume').cont()
+  }
+
+  /** QEMU's run state (QMP `query-status`). */
+  async status (): Promise<QmpStatus> {
+    return await this.#live('query').queryStatus()
+  }
+
+  /**
+   * Pins every QEMU thread (the vCPU threads that QMP `query-cpus-fast`
+   * lists, the main loop and the I/O threads) to the given host CPUs, with
+   * util-linux's `taskset`. Resolves with the vCPU threads' ids.
+   */
+  async setCpuAffinity (cpuList: number[]): Promise<{ vcpuThreads: number[] }> {
+    const qmp = this.#live('set the CPU affinity of')
+    checkHostResources({ vcpus: 1, memoryMiB: 1, cpuAffinity: cpuList })
+    const list = [...new Set(cpuList)].sort((a, b) => a - b).join(',')
+    const vcpuThreads = (await qmp.queryCpus()).map((c) => c['thread-id'])
+    // -a: every thread that exists now; threads QEMU starts later inherit the main thread's mask.
+    await run('taskset', ['-a', '-p', '-c', list, String(this.pid)], {
+      onFail: (r) => new UigniterError('UIG_ERR_VM_RESOURCES', `taskset could not pin QEMU (pid ${this.pid}) to CPUs ${list}: ${r.stderr.trim()}`)
+    })
+    for (const tid of [this.pid, ...vcpuThreads]) {
+      const allowed = await threadCpus(this.pid, tid)
+      if (allowed !== undefined && allowed !== list) {
+        await run('taskset', ['-p', '-c', list, String(tid)])
+      }
+    }
+    this.#log.info({ cpus: list, vcpuThreads }, 'pinned QEMU\'s threads')
+    return { vcpuThreads }
+  }
+
+  /** The last `tailBytes` (default 64 KiB) of the console, the rotated part included. */
+  async readConsole (options: { tailBytes?: number } = {}): Promise<string> {
+    return await this.#console.read(options)
+  }
+
+  /**
+   * Calls `onData` with console output as QEMU writes it (tail -f, across
+   * rotations), after the last `tailBytes` (default none). It ends when the
+   * returned function is called or the VM ends (then `onEnd` is called).
+   */
+  followConsole (onData: (text: string) => void, options: { tailBytes?: number, onEnd?: () => void } = {}): () => void {
+    const entry = { stop: this.#console.follow(onData, { tailBytes: options.tailBytes ?? 0 }), onEnd: options.onEnd }
+    if (this.#ended !== undefined) {
+      // Already over: what follow() reads is all there will be.
+      void this.#console.poll().finally(() => { entry.stop(); entry.onEnd?.() })
+      return entry.stop
+    }
+    this.#followers.add(entry)
+    return () => { entry.stop(); this.#followers.delete(entry) }
+  }
+
+  /** Resolves with the marker once the init has printed it; rejects when the VM ends first or after `timeoutMs`. */
+  async waitForMarker (kind: ConsoleMarker['kind'], timeoutMs: number): Promise<ConsoleMarker> {
+    const seen = this.#seen.get(kind)
+    if (seen !== undefined) return seen
+    return await new Promise((resolve, reject) => {
+      const timer = setTimeout(() => { cleanup(); reject(new UigniterError('UIG_ERR_VM_TIMEOUT', `the guest did not report ${kind} within ${timeoutMs} ms`)) }, timeoutMs)
+      const onMarker = (m: ConsoleMarker): void => { if (m.kind === kind) { cleanup(); resolve(m) } }
+      const onExit = (exit: VmExit): void => {
+        cleanup()
+        reject(new UigniterError(exit.reason === 'exec-failed' ? 'UIG_ERR_VM_APP_NOT_STARTED' : 'UIG_ERR_VM_BOOT_FAILED', `the VM ended before ${kind}: ${exit.detail}`))
+      }
+      const cleanup = (): void => { clearTimeout(timer); this.off('marker', onMarker); this.off('exit', onExit) }
+      this.on('marker', onMarker)
+      this.on('exit', onExit)
+    })
+  }
+
+  /**
+   * Lets go of the VM without stopping it (daemon shutdown): closes the QMP
+   * connection, timers and console readers. `exited` then never settles;
+   * `QemuDriver.adopt()` finds the VM again.
+   */
+  close (): void {
+    if (this.#closed) return
+    this.#closed = true
+    this.#release()
+  }
+
+  async #stop (graceMs: number): Promise<VmExit> {
+    const req: Requested = { kind: 'stop', step: 'guest', graceMs }
+    if (this.#requested === undefined) this.#requested = req
+    const t = this.#timeouts
+    if (this.#record.spec.controlSocket !== undefined) {
+      // A paused guest cannot run its init's shutdown.
+      try {
+        // Short deadlines: a hung QEMU must not hold up the escalation.
+        const { status } = await this.#qmp.execute<QmpStatus>('query-status', undefined, { timeoutMs: 1000 })
+        if (status === 'paused') await this.#qmp.execute('cont', undefined, { timeoutMs: 1000 })
+      } catch { /* QEMU may be ending already */ }
+      void this.#askGuestToStop(graceMs, graceMs + t.guestMarginMs)
+      if (await this.#endsWithin(graceMs + t.guestMarginMs)) return await this.exited
+    }
+    if (req.kind === 'stop') req.step = 'quit'
+    this.#log.info({ graceMs }, 'the guest did not stop in time: QMP quit')
+    void this.#qmp.quit().catch(() => {})
+    if (await this.#endsWithin(t.quitMs)) return await this.exited
+    if (req.kind === 'stop') req.step = 'sigterm'
+    this.#log.warn('QEMU did not quit: SIGTERM')
+    this.#signal('SIGTERM')
+    if (await this.#endsWithin(t.termMs)) return await this.exited
+    if (req.kind === 'stop') req.step = 'sigkill'
+    this.#log.warn('QEMU ignored SIGTERM: SIGKILL')
+    this.#signal('SIGKILL')
+    if (await this.#endsWithin(t.killMs)) return await this.exited
+    throw new UigniterError('UIG_ERR_VM_TIMEOUT', `QEMU (pid ${this.pid}) is still there ${t.killMs} ms after SIGKILL; it is stuck in the host kernel (check "cat /proc/${this.pid}/stack")`)
+  }
+
+  async #askGuestToStop (graceMs: number, deadlineMs: number): Promise<void> {
+    const socket = this.#record.spec.controlSocket
+    if (socket === undefined) return
+    let channel: ControlChannel | undefined
+    try {
+      channel = await ControlChannel.connect(socket, Math.min(2000, deadlineMs))
+      await channel.request('shutdown', { timeout_ms: graceMs }, deadlineMs)
+    } catch (err) {
+      this.#log.info({ err }, 'the guest init did not take the shutdown request')
+    } finally {
+      channel?.close()
+    }
+  }
+
+  async #endsWithin (ms: number): Promise<boolean> {
+    let timer: NodeJS.Timeout | undefined
+    const timeout = new Promise<false>((resolve) => { timer = setTimeout(() => resolve(false), ms) })
+    try {
+      return await Promise.race([this.exited.then(() => true), timeout])
+    } finally {
+      clearTimeout(timer)
+    }
+  }
+
+  #signal (signal: NodeJS.Signals): void {
+    try {
+      process.kill(this.pid, signal)
+    } catch (err) {
+      if (!hasErrno(err, 'ESRCH')) throw err
+    }
+  }
+
+  #live (what: string): QmpClient {
+    if (this.#ended !== undefined || this.#gone || this.#closed || this.#qmp.closed) {
+      throw new UigniterError('UIG_ERR_VM_INVALID_STATE', `cannot ${what} VM ${this.id}: its QEMU has ended${this.#ended !== undefined ? ` (${this.#ended.detail})` : ''}`)
+    }
+    return this.#qmp
+  }
+
+  #onMarker (m: ConsoleMarker): void {
+    if (!this.#seen.has(m.kind)) this.#seen.set(m.kind, m)
+    this.emit('marker', m)
+  }
+
+  async #pollUntilGone (intervalMs: number, forMs: number): Promise<void> {
+    const until = Date.now() + forMs
+    while (!this.#gone && !this.#closed && Date.now() < until) {
+      if (!(await new HostProcess(this.pid).alive())) {
+        await this.#onGone()
+        return
+      }
+      await new Promise((resolve) => setTimeout(resolve, intervalMs))
+    }
+  }
+
+  /** QEMU is gone: gather the last evidence, decide the exit once, and let go of everything. */
+  async #onGone (): Promise<void> {
+    if (this.#gone || this.#closed) return
+    this.#gone = true
+    try {
+      // QEMU sends SHUTDOWN before it exits; let the socket deliver what is left.
+      if (!this.#qmp.closed) {
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, 1000)
+          this.#qmp.once('close', () => { clearTimeout(timer); resolve() })
+        })
+      }
+      // A zombie counts as gone before Node has reaped it and reported its status.
+      if (this.#childExit !== undefined && this.#status === undefined) {
+        await Promise.race([this.#childExit.catch(() => {}), new Promise((resolve) => setTimeout(resolve, 1000))])
+      }
+      await this.#console.poll()
+      for (const m of this.#facts.end()) this.#onMarker(m)
+      const quiet = this.#shutdown === undefined && this.#facts.exit === undefined && this.#requested === undefined &&
+        (this.#status === undefined || this.#status.signal === 'SIGKILL')
+      const evidence: ExitEvidence = {
+        pid: this.pid,
+        requested: this.#requested,
+        console: this.#facts,
+        shutdown: this.#shutdown,
+        status: this.#status,
+        oomKill: quiet ? await findOomKill(this.pid, this.#startedAtBootUs) : undefined,
+        qemuLogTail: await this.#dir.qemuLogTail()
+      }
+      const exit = decideExit(evidence)
+      this.#ended = exit
+      await this.#dir.writeExit(exit).catch((err: unknown) => this.#log.warn({ err }, 'cannot record the exit in the state directory'))
+      this.#log.info({ exit }, 'QEMU ended')
+      this.#release()
+      this.#resolveExit(exit)
+      this.emit('exit', exit)
+    } catch (err) {
+      // Deciding must not leave `exited` pending: say what is known.
+      const exit: VmExit = { reason: 'killed', detail: `QEMU (pid ${this.pid}) ended; its exit could not be examined: ${(err as Error).message}`, at: new Date().toISOString() }
+      this.#ended = exit
+      this.#release()
+      this.#resolveExit(exit)
+      this.emit('exit', exit)
+    }
+  }
+
+  #release (): void {
+    for (const t of this.#timers) clearInterval(t)
+    this.#timers.length = 0
+    this.#unfollow()
+    for (const f of this.#followers) {
+      f.stop()
+      f.onEnd?.()
+    }
+    this.#followers.clear()
+    this.#console.close()
+    this.#qmp.close()
+    this.#forget?.()
+  }
+
+  #every (ms: number, fn: () => Promise<void>): void {
+    let busy = false
+    const timer = setInterval(() => {
+      if (busy) return
+      busy = true
+      fn().catch((err: unknown) => this.#log.warn({ err }, 'periodic VM check failed')).finally(() => { busy = false })
+    }, ms)
+    timer.unref()
+    this.#timers.push(timer)
+  }
+}
+
+/** A thread's allowed CPUs as taskset would write them ("0,1"), from /proc. */
+async function threadCpus (pid: number, tid: number): Promise<string | undefined> {
+  try {
+    const status = await readFile(`/proc/${pid}/task/${tid}/status`, 'utf8')
+    const m = /^Cpus_allowed_list:\s*(\S+)/m.exec(status)
+    if (m?.[1] === undefined) return undefined
+    return expandCpuList(m[1]).join(',')
+  } catch {
+    return undefined
+  }
+}
+
+/** "0-2,5" → [0, 1, 2, 5] */
+function expandCpuList (text: string): number[] {
+  const out: number[] = []
+  for (const part of text.split(',')) {
+    const [a, b] = part.split('-').map(Number)
+    if (a === undefined || Number.isNaN(a)) continue
+    for (let c = a; c <= (b ?? a); c++) out.push(c)
+  }
+  return out
+}
