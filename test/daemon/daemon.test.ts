@@ -1,6 +1,5 @@
 import assert from 'node:assert/strict'
 import { readFile } from 'node:fs/promises'
-import { connect } from 'node:net'
 import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
 import { httpGetWithRetry } from '../../src/core/http-get.js'
@@ -8,29 +7,9 @@ import type { Vm } from '../../src/core/vm.js'
 import { SqliteStore } from '../../src/store/sqlite-store.js'
 import { freePort } from '../../src/vmm/qemu/image-boot.js'
 import { DaemonProcess } from '../helpers/daemon-process.js'
+import { memcachedCommand } from '../helpers/memcached-text.js'
 import { createTestContext, exampleSpec, packageRoot, runCli, type TestContext } from '../helpers/fixtures.js'
 import { rejectsWith } from '../helpers/assertions.js'
-
-/** One memcached text command to ADDRESS:PORT, retried until the app listens. */
-async function memcached (host: string, port: number, command: string, timeoutMs = 60_000): Promise<string> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    try {
-      return await new Promise((resolve, reject) => {
-        const socket = connect(port, host)
-        let reply = ''
-        socket.setTimeout(3000, () => socket.destroy(new Error('timeout')))
-        socket.on('connect', () => socket.write(command))
-        socket.on('data', (c: Buffer) => { reply += c.toString(); if (reply.endsWith('\r\n')) { socket.end(); resolve(reply) } })
-        socket.on('error', reject)
-        socket.on('close', () => reject(new Error('closed before a reply')))
-      })
-    } catch (err) {
-      if (Date.now() > deadline) throw err
-      await new Promise((resolve) => setTimeout(resolve, 200))
-    }
-  }
-}
 
 async function waitForState (daemon: DaemonProcess, id: string, states: string[], timeoutMs = 30_000): Promise<Vm> {
   const deadline = Date.now() + timeoutMs
@@ -73,7 +52,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     for (const vm of vms) {
       assert.equal(vm.state, 'running')
       assert.match(vm.ipAddress ?? '', new RegExp(`^10\\.249\\.${subnetByte}\\.`))
-      assert.match(await memcached(vm.ipAddress ?? '', 11211, 'version\r\n'), /^VERSION 1\./)
+      assert.match(await memcachedCommand(vm.ipAddress ?? '', 11211, 'version\r\n'), /^VERSION 1\./)
     }
   })
 
@@ -131,7 +110,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     const before = await daemon.api.call<Vm[]>('GET', '/v1/vms')
     assert.ok(before.length >= 2)
     await daemon.crash()
-    for (const vm of before) assert.match(await memcached(vm.ipAddress ?? '', 11211, 'version\r\n'), /^VERSION/, 'VMs outlive the daemon')
+    for (const vm of before) assert.match(await memcachedCommand(vm.ipAddress ?? '', 11211, 'version\r\n'), /^VERSION/, 'VMs outlive the daemon')
     await daemon.start()
     const afterRestart = await daemon.api.call<Vm[]>('GET', '/v1/vms')
     assert.deepEqual(afterRestart.map((vm) => [vm.id, vm.state, vm.ipAddress, vm.pid]), before.map((vm) => [vm.id, vm.state, vm.ipAddress, vm.pid]))
@@ -161,7 +140,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
   test('the original Uigniter API works unchanged', async () => {
     const created = await daemon.api.call<{ id: string, ip_address: string }>('POST', '/vm/run', { image_name: 'memcached', cmdline: '', read_only: true })
     assert.deepEqual(Object.keys(created).sort(), ['id', 'ip_address'])
-    assert.match(await memcached(created.ip_address, 11211, 'version\r\n'), /^VERSION/)
+    assert.match(await memcachedCommand(created.ip_address, 11211, 'version\r\n'), /^VERSION/)
     const stopped = await daemon.api.call<{ id: string, state: string }>('POST', `/vm/${created.id}/stop`)
     assert.equal(stopped.state, 'exited')
   })

@@ -1,7 +1,6 @@
 import assert from 'node:assert/strict'
 import { execFileSync } from 'node:child_process'
 import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
-import { connect } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
@@ -10,28 +9,8 @@ import { httpGetWithRetry } from '../../src/core/http-get.js'
 import type { ImageManifest } from '../../src/core/image.js'
 import { chooseAccel } from '../../src/vmm/qemu/accel-probe.js'
 import { BootedImage } from '../../src/vmm/qemu/image-boot.js'
+import { memcachedCommand } from '../helpers/memcached-text.js'
 import { createTestContext, exampleSpec, packageRoot, runCli, type TestContext } from '../helpers/fixtures.js'
-
-/** Sends one memcached text command through a forwarded port, retrying until the app listens. */
-async function memcachedCommand (port: number, command: string, timeoutMs: number): Promise<string> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    try {
-      return await new Promise((resolve, reject) => {
-        const socket = connect(port, '127.0.0.1')
-        let reply = ''
-        socket.setTimeout(3000, () => socket.destroy(new Error('timeout')))
-        socket.on('connect', () => socket.write(command))
-        socket.on('data', (c: Buffer) => { reply += c.toString(); if (reply.endsWith('\r\n')) { socket.end(); resolve(reply) } })
-        socket.on('error', reject)
-        socket.on('close', () => reject(new Error('closed before a reply')))
-      })
-    } catch (err) {
-      if (Date.now() > deadline) throw err
-      await new Promise((r) => setTimeout(r, 200))
-    }
-  }
-}
 
 describe('booting images under QEMU', () => {
   let ctx: TestContext & { cleanup: () => Promise<void> }
@@ -86,7 +65,7 @@ describe('booting images under QEMU', () => {
     const booted = await BootedImage.start({ config: ctx.config, store: ctx.store, manifest: images.memcached!, forwards: [{ hostPort: 0, guestPort: 11211 }] })
     try {
       await booted.guest.waitForMarker('app-started', 60_000)
-      const reply = await memcachedCommand(booted.forwards[0]?.hostPort ?? 0, 'version\r\n', 60_000)
+      const reply = await memcachedCommand('127.0.0.1', booted.forwards[0]?.hostPort ?? 0, 'version\r\n')
       assert.match(reply, /^VERSION 1\.\d+\.\d+/)
     } finally {
       await booted.destroy()
