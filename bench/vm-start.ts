@@ -98,5 +98,6 @@ try {
   console.log(`daemon memory: RSS ${idle.rssMiB.toFixed(0)} MiB idle, ${after2.rssMiB.toFixed(0)} MiB after the runs, peak ${after2.peakMiB.toFixed(0)} MiB`)
 } finally {
   await daemon.stop()
+  await daemon.removeNetwork()
   await ctx.cleanup()
 }

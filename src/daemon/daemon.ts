@@ -47,7 +47,15 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
   let network: HostNetwork | undefined
   let networkInfo: DaemonInfo['network']
   if (config.network.mode === 'bridge' && process.getuid?.() === 0) {
-    network = new HostNetwork({ bridge: config.network.bridge, subnet: config.network.subnet, nat: config.network.nat, store: store.ipAllocations })
+    // One nftables table per bridge, so that two daemons (say, a test's and the host's) never rewrite each other's rules.
+    network = new HostNetwork({
+      bridge: config.network.bridge,
+      subnet: config.network.subnet,
+      nat: config.network.nat,
+      store: store.ipAllocations,
+      firewallTable: `uigniter_${config.network.bridge}`,
+      logger: log.child({ component: 'net' })
+    })
     await network.setup()
     networkInfo = { mode: 'bridge', bridge: config.network.bridge, subnet: config.network.subnet }
   } else {

@@ -1,4 +1,4 @@
-import { readFile } from 'node:fs/promises'
+import { readFile, readlink } from 'node:fs/promises'
 import { UigniterError, hasErrno } from '../core/errors.js'
 import type { Logger } from '../core/logger.js'
 import { DEFAULT_BRIDGE, deleteBridge, ensureBridge } from './bridge.js'
@@ -165,7 +165,12 @@ export class HostNetwork {
   async cleanupOrphans (liveVmIds: string[]): Promise<{ taps: string[], publishes: PublishedPort[] }> {
     const live = new Set(liveVmIds)
     const liveTaps = new Set(liveVmIds.map((id) => tapNameFor(id, this.#tapPrefix)))
-    const taps = (await listTaps(this.#tapPrefix)).filter((name) => !liveTaps.has(name))
+    const taps: string[] = []
+    for (const name of await listTaps(this.#tapPrefix)) {
+      // Another daemon (on another bridge) owns taps with the same prefix: leave those alone.
+      const master = await readlink(`/sys/class/net/${name}/master`).then((p) => p.split('/').pop(), () => undefined)
+      if (!liveTaps.has(name) && (master === undefined || master === this.bridge)) taps.push(name)
+    }
     for (const name of taps) await deleteTap(name)
     const firewall = this.#requireFirewall()
     const publishes = (await firewall.listPublished()).filter((p) => !live.has(p.vmId))

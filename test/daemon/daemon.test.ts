@@ -38,6 +38,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
       await daemon.api.call('DELETE', `/v1/vms/${vm.id}?force=true`).catch(() => {})
     }
     await daemon.stop()
+    await daemon.removeNetwork()
     await ctx.cleanup()
   })
 

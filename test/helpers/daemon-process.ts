@@ -2,6 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { join } from 'node:path'
 import { ApiClient } from '../../src/cli/api-client.js'
+import { run } from '../../src/core/exec.js'
 import { loadConfig } from '../../src/core/config.js'
 import { socketAnswers } from '../../src/daemon/daemon.js'
 import { freePort } from '../../src/vmm/qemu/image-boot.js'
@@ -57,6 +58,13 @@ export class DaemonProcess {
   /** SIGTERM and wait: VMs keep running. */
   async stop (): Promise<void> {
     await this.#signal('SIGTERM')
+  }
+
+  /** Removes the bridge and firewall table this daemon made (tests only; a real host keeps them). */
+  async removeNetwork (): Promise<void> {
+    const bridge = this.env.UIGNITER_BRIDGE ?? ''
+    await run('ip', ['link', 'del', bridge]).catch(() => {})
+    await run('nft', ['delete', 'table', 'ip', `uigniter_${bridge}`]).catch(() => {})
   }
 
   /** kill -9, as a crash would. */
