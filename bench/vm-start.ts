@@ -58,7 +58,7 @@ try {
   for (let i = 0; i < Math.min(n, 5); i++) {
     const t0 = performance.now()
     const booted = await BootedImage.start({ config: loadConfig(ctx.env), store: ctx.store, manifest, forwards: [{ hostPort: 0, guestPort: 8080 }] })
-    await httpGetWithRetry(booted.forwards[0]?.hostPort ?? 0, '/', 60_000)
+    await httpGetWithRetry(booted.forwards[0]?.hostPort ?? 0, '/', 60_000, 250)
     direct.push(performance.now() - t0)
     await booted.destroy()
   }

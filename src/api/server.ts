@@ -30,6 +30,8 @@ export async function buildApi (options: ApiOptions): Promise<FastifyInstance> {
   const app = Fastify({
     loggerInstance: logger,
     disableRequestLogging: true,
+    // Event streams and log follows never go idle: close them too when the daemon stops.
+    forceCloseConnections: true,
     ajv: { customOptions: { removeAdditional: false, useDefaults: true, coerceTypes: 'array', allErrors: false } }
   })
   await app.register(swagger, {

@@ -30,14 +30,14 @@ export class ApiClient {
   }
 
   /** Streams a response body chunk by chunk until the server ends it. */
-  async stream (path: string, onChunk: (text: string) => void): Promise<void> {
-    const res = await this.#send('GET', path)
+  async stream (path: string, onChunk: (text: string) => void, signal?: AbortSignal): Promise<void> {
+    const res = await this.#send('GET', path, undefined, signal)
     if ((res.statusCode ?? 500) >= 400) throw toError(res.statusCode ?? 500, await readBody(res))
     res.setEncoding('utf8')
     for await (const chunk of res) onChunk(chunk as string)
   }
 
-  async #send (method: string, path: string, body?: unknown): Promise<IncomingMessage> {
+  async #send (method: string, path: string, body?: unknown, signal?: AbortSignal): Promise<IncomingMessage> {
     const payload = body === undefined ? undefined : JSON.stringify(body)
     const headers: Record<string, string> = {}
     if (payload !== undefined) headers['content-type'] = 'application/json'
@@ -46,7 +46,7 @@ export class ApiClient {
       ? { host: this.#remote.hostname, port: Number(this.#remote.port || 80) }
       : { socketPath: this.#config.api.socket }
     return await new Promise((resolve, reject) => {
-      const req = request({ ...target, method, path, headers }, resolve)
+      const req = request({ ...target, method, path, headers, ...(signal !== undefined ? { signal } : {}) }, resolve)
       req.on('error', (err) => reject(new UigniterError('UIG_ERR_DAEMON_UNREACHABLE', `cannot reach the daemon at ${this.#remote?.href ?? this.#config.api.socket}: ${err.message}`, { cause: err })))
       req.end(payload)
     })

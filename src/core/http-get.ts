@@ -3,14 +3,15 @@ import { UigniterError } from './errors.js'
 
 /**
  * GETs a URL on 127.0.0.1, retrying connection failures until the deadline:
- * QEMU's port forward accepts before the app listens, then resets.
+ * QEMU's port forward accepts before the app listens, then resets or hangs,
+ * so a short `attemptTimeoutMs` keeps a benchmark from waiting on a dead attempt.
  */
-export async function httpGetWithRetry (port: number, path: string, timeoutMs: number): Promise<{ status: number, body: string }> {
+export async function httpGetWithRetry (port: number, path: string, timeoutMs: number, attemptTimeoutMs = 5000): Promise<{ status: number, body: string }> {
   const deadline = Date.now() + timeoutMs
   for (;;) {
     try {
       return await new Promise((resolve, reject) => {
-        const req = request({ host: '127.0.0.1', port, path, timeout: 5000 }, (res) => {
+        const req = request({ host: '127.0.0.1', port, path, timeout: attemptTimeoutMs }, (res) => {
           let body = ''
           res.setEncoding('utf8')
           res.on('data', (c: string) => { body += c })

@@ -1,5 +1,5 @@
 import { chmod, mkdir, rm } from 'node:fs/promises'
-import { request } from 'node:http'
+import { createServer, request } from 'node:http'
 import { dirname, join } from 'node:path'
 import type { FastifyInstance } from 'fastify'
 import { buildApi } from '../api/server.js'
@@ -75,7 +75,12 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
   await rm(config.api.socket, { force: true })
   await app.listen({ path: config.api.socket })
   await chmod(config.api.socket, 0o660)
-  await app.listen({ host, port: Number(portText) })
+  // fastify listens once; the TCP address is a second server in front of the same router.
+  const tcp = createServer((req, res) => { app.routing(req, res) })
+  await new Promise<void>((resolve, reject) => {
+    tcp.once('error', (err) => reject(new UigniterError('UIG_ERR_CONFIG_INVALID', `cannot listen on ${config.api.listen}: ${err.message}`, { cause: err })))
+    tcp.listen(Number(portText), host, resolve)
+  })
   log.info({ socket: config.api.socket, listen: config.api.listen }, 'serving the API')
 
   return {
@@ -83,6 +88,8 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
     manager,
     info,
     close: async () => {
+      tcp.closeAllConnections()
+      await new Promise((resolve) => tcp.close(resolve))
       await app.close()
       manager.close()
       store.close()

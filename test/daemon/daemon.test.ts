@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict'
 import { readFile } from 'node:fs/promises'
+import { request } from 'node:http'
 import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
 import { httpGetWithRetry } from '../../src/core/http-get.js'
@@ -21,6 +22,22 @@ async function waitForState (daemon: DaemonProcess, id: string, states: string[]
   }
 }
 
+const TOKEN = 'test-token-0123456789'
+
+/** A plain HTTP request over TCP (the CLI's client uses the unix socket). */
+async function tcpRequest (port: number, path: string, headers: Record<string, string> = {}): Promise<{ status: number, body: string }> {
+  return await new Promise((resolve, reject) => {
+    const req = request({ host: '127.0.0.1', port, path, headers }, (res) => {
+      let body = ''
+      res.setEncoding('utf8')
+      res.on('data', (c: string) => { body += c })
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body }))
+    })
+    req.on('error', reject)
+    req.end()
+  })
+}
+
 describe('the daemon: VMs on a real bridge, driven through the REST API', () => {
   let ctx: TestContext & { cleanup: () => Promise<void> }
   let daemon: DaemonProcess
@@ -30,7 +47,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     ctx = await createTestContext()
     await ctx.builder.build(JSON.parse(await readFile(exampleSpec('memcached'), 'utf8')), join(packageRoot, 'examples/memcached'))
     await ctx.builder.build(JSON.parse(await readFile(exampleSpec('hello'), 'utf8')), join(packageRoot, 'examples/hello'))
-    daemon = await DaemonProcess.create(ctx.dataDir, { UIGNITER_SUBNET: `10.249.${subnetByte}.0/24` })
+    daemon = await DaemonProcess.create(ctx.dataDir, { UIGNITER_SUBNET: `10.249.${subnetByte}.0/24`, UIGNITER_TOKEN: TOKEN })
     await daemon.start()
   })
   after(async () => {
@@ -144,6 +161,39 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     assert.match(await memcachedCommand(created.ip_address, 11211, 'version\r\n'), /^VERSION/)
     const stopped = await daemon.api.call<{ id: string, state: string }>('POST', `/vm/${created.id}/stop`)
     assert.equal(stopped.state, 'exited')
+  })
+
+  test('events, pause and resume, logs, images, and the bearer token on TCP', async () => {
+    const vm = await daemon.api.call<Vm>('GET', '/v1/vms/mc-b')
+    const events: string[] = []
+    const subscription = new AbortController()
+    const streaming = daemon.api.stream(`/v1/events?vm=${vm.id}`, (text) => { events.push(text) }, subscription.signal).catch(() => {})
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    assert.equal((await daemon.api.call<Vm>('POST', `/v1/vms/${vm.id}/pause`)).state, 'paused')
+    await assert.rejects(memcachedCommand(vm.ipAddress ?? '', 11211, 'version\r\n', 1500), 'a paused VM does not answer')
+    await rejectsWith(daemon.api.call('POST', `/v1/vms/${vm.id}/pause`).then(() => daemon.api.call('POST', '/v1/vms/victim/resume')), 'UIG_ERR_VM_INVALID_STATE')
+    assert.equal((await daemon.api.call<Vm>('POST', `/v1/vms/${vm.id}/resume`)).state, 'running')
+    assert.match(await memcachedCommand(vm.ipAddress ?? '', 11211, 'version\r\n'), /^VERSION/)
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    const stream = events.join('')
+    assert.match(stream, /event: vm\.state\ndata: \{[^\n]*"state":"paused"/)
+    assert.match(stream, /event: vm\.state\ndata: \{[^\n]*"state":"running"/)
+    subscription.abort()
+    await streaming
+
+    const logs = await daemon.api.call<string>('GET', `/v1/vms/${vm.id}/logs?tail=100000`)
+    assert.match(logs, /UIGNITER:APP-STARTED/)
+    assert.match(logs, /slab class|server listening|Linux version|UIGNITER/)
+
+    const images = await daemon.api.call<Array<{ name: string }>>('GET', '/v1/images')
+    assert.deepEqual(images.map((m) => m.name).sort(), ['hello', 'memcached'])
+    assert.equal((await daemon.api.call<{ name: string }>('GET', '/v1/images/memcached:latest')).name, 'memcached')
+
+    const port = Number(daemon.env.UIGNITER_API_LISTEN?.split(':')[1])
+    const denied = await tcpRequest(port, '/v1/vms')
+    assert.equal(denied.status, 401)
+    assert.equal((JSON.parse(denied.body) as { code: string }).code, 'UIG_ERR_API_UNAUTHORIZED')
+    assert.equal((await tcpRequest(port, '/v1/vms', { authorization: `Bearer ${TOKEN}` })).status, 200)
   })
 
   test('OpenAPI, metrics, health and the CLI', async () => {
