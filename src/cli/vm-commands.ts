@@ -110,7 +110,7 @@ export const vmCommands: Command[] = [
       const vms = await (await client()).call<Vm[]>('GET', `/v1/vms${values.all === true ? '?all=true' : ''}`)
       if (values.json === true) console.log(JSON.stringify(vms, null, 2))
       else printTable(['ID', 'NAME', 'IMAGE', 'STATE', 'IP', 'PORTS', 'CREATED'],
-        vms.map((vm) => [vm.id.slice(0, 12), vm.name, vm.image, exitText(vm), vm.ipAddress ?? '-', ports(vm), ago(vm.createdAt)]))
+        vms.map((vm) => [vm.id.slice(0, 12), vm.name, vm.image, exitText(vm), vm.exit === null ? vm.ipAddress ?? '-' : '-', ports(vm), ago(vm.createdAt)]))
       return 0
     }
   },

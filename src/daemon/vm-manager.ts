@@ -180,6 +180,8 @@ export class VmManager extends EventEmitter {
     vm.state = state
     vm.exit = exit
     vm.pid = null
+    // The tap is gone and the address back in the pool; ipAddress stays as a record of where it ran.
+    vm.tap = null
     this.#deps.store.updateVm(vm)
     this.#deps.store.ipAllocations.releaseOwner(vm.id)
     this.#deps.log.info({ vm: vm.id, name: vm.name, exit }, 'VM ended')
