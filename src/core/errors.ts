@@ -54,7 +54,16 @@ export const errorCodes = {
   UIG_ERR_VM_SHARE_INVALID: { statusCode: 400, title: 'A directory to share into the VM is missing, or its guest path cannot be used' },
   UIG_ERR_VM_STATE_DIR: { statusCode: 500, title: 'A VM\'s state directory is missing, damaged, or its paths are too long' },
   UIG_ERR_QMP: { statusCode: 502, title: 'QEMU\'s monitor (QMP) failed or refused a command' },
-  UIG_ERR_CONTROL_CHANNEL: { statusCode: 502, title: 'The guest control channel failed or answered badly' }
+  UIG_ERR_POOL_EMPTY: { statusCode: 503, title: 'The pool has no ready instance and its policy is reject' },
+  UIG_ERR_POOL_TIMEOUT: { statusCode: 503, title: 'No pool instance became ready within the queue timeout' },
+  UIG_ERR_POOL_CLOSED: { statusCode: 409, title: 'The pool is being deleted' },
+  UIG_ERR_POOL_NOT_CLAIMED: { statusCode: 409, title: 'The instance was not claimed from this pool' },
+  UIG_ERR_POOL_POLICY_INVALID: { statusCode: 400, title: 'A pool policy is invalid' },
+  UIG_ERR_CONTROL_CHANNEL: { statusCode: 502, title: 'The guest control channel failed or answered badly' },
+  UIG_ERR_TEMPLATE_FAILED: { statusCode: 500, title: 'A template could not be made from the image' },
+  UIG_ERR_TEMPLATE_NOT_FOUND: { statusCode: 404, title: 'No usable template has that id' },
+  UIG_ERR_CLONE_RESTORE: { statusCode: 500, title: 'A clone could not restore its template\'s state' },
+  UIG_ERR_CLONE_IDENTITY: { statusCode: 502, title: 'A clone did not take its own identity in time; it was destroyed' }
 } as const satisfies Record<string, { statusCode: number; title: string }>
 
 export type ErrorCode = keyof typeof errorCodes
