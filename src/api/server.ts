@@ -4,14 +4,17 @@ import { UigniterError } from '../core/errors.js'
 import type { Logger } from '../core/logger.js'
 import type { ImageStore } from '../guest/image-store.js'
 import type { VmManager } from '../daemon/vm-manager.js'
+import type { PoolManager } from '../pool/pool-manager.js'
 import { installErrorHandlers } from './errors.js'
 import { imageRoutes } from './image-routes.js'
 import { legacyRoutes } from './legacy-routes.js'
+import { poolRoutes } from './pool-routes.js'
 import { createMetrics, systemRoutes, type DaemonInfo } from './system-routes.js'
 import { vmRoutes } from './vm-routes.js'
 
 export interface ApiOptions {
   manager: VmManager
+  pools: PoolManager
   images: ImageStore
   info: DaemonInfo
   log: Logger
@@ -51,10 +54,11 @@ export async function buildApi (options: ApiOptions): Promise<FastifyInstance> {
       }
     })
   }
-  const metrics = createMetrics(options.manager)
+  const metrics = createMetrics(options.manager, options.pools)
   await app.register(systemRoutes(options.manager, options.info, metrics))
   await app.register(imageRoutes(options.images))
   await app.register(vmRoutes(options.manager))
+  await app.register(poolRoutes(options.pools))
   await app.register(legacyRoutes(options.manager))
   return app
 }

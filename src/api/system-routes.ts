@@ -2,6 +2,7 @@ import { Type } from '@sinclair/typebox'
 import type { FastifyInstance } from 'fastify'
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client'
 import type { VmEvent, VmManager } from '../daemon/vm-manager.js'
+import type { PoolManager } from '../pool/pool-manager.js'
 
 export interface DaemonInfo {
   version: string
@@ -13,7 +14,7 @@ export interface DaemonInfo {
 }
 
 /** Prometheus metrics of one daemon; its own registry, no global state. */
-export function createMetrics (manager: VmManager): Registry {
+export function createMetrics (manager: VmManager, pools: PoolManager): Registry {
   const registry = new Registry()
   collectDefaultMetrics({ register: registry, prefix: 'uigniter_daemon_' })
   new Gauge({
@@ -28,6 +29,30 @@ export function createMetrics (manager: VmManager): Registry {
       for (const [state, n] of counts) this.set({ state }, n)
     }
   })
+  new Gauge({
+    name: 'uigniter_pool_instances',
+    help: 'Pool instances by pool and state (ready, creating, claimed)',
+    labelNames: ['pool', 'state'],
+    registers: [registry],
+    collect () {
+      this.reset()
+      for (const p of pools.list()) {
+        for (const state of ['ready', 'creating', 'claimed'] as const) this.set({ pool: p.spec.name, state }, p[state])
+      }
+    }
+  })
+  for (const [key, help] of [['hits', 'Claims served by a ready instance'], ['misses', 'Claims that found the pool empty'], ['waits', 'Claims that queued']] as const) {
+    new Gauge({
+      name: `uigniter_pool_${key}_total`,
+      help: `${help} (since the daemon started)`,
+      labelNames: ['pool'],
+      registers: [registry],
+      collect () {
+        this.reset()
+        for (const p of pools.list()) this.set({ pool: p.spec.name }, p[key])
+      }
+    })
+  }
   const exits = new Counter({ name: 'uigniter_vm_exits_total', help: 'VM ends by reason', labelNames: ['reason'], registers: [registry] })
   const starts = new Counter({ name: 'uigniter_vm_starts_total', help: 'VMs that reached running', registers: [registry] })
   manager.on('vm', (event: VmEvent) => {

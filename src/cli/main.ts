@@ -3,9 +3,10 @@ import { UigniterError } from '../core/errors.js'
 import { helpText, parseCommandArgs, type Command } from './args.js'
 import { imageCommands } from './image-commands.js'
 import { kernelCommands } from './kernel-commands.js'
+import { poolCommands } from './pool-commands.js'
 import { vmCommands } from './vm-commands.js'
 
-const commands: Command[] = [...vmCommands, ...imageCommands, ...kernelCommands]
+const commands: Command[] = [...vmCommands, ...imageCommands, ...poolCommands, ...kernelCommands]
 
 function usage (): string {
   const width = Math.max(...commands.map((c) => c.name.length))

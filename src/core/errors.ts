@@ -54,6 +54,8 @@ export const errorCodes = {
   UIG_ERR_VM_SHARE_INVALID: { statusCode: 400, title: 'A directory to share into the VM is missing, or its guest path cannot be used' },
   UIG_ERR_VM_STATE_DIR: { statusCode: 500, title: 'A VM\'s state directory is missing, damaged, or its paths are too long' },
   UIG_ERR_QMP: { statusCode: 502, title: 'QEMU\'s monitor (QMP) failed or refused a command' },
+  UIG_ERR_POOL_NOT_FOUND: { statusCode: 404, title: 'No pool has that name' },
+  UIG_ERR_POOL_NAME_IN_USE: { statusCode: 409, title: 'A pool with that name already exists' },
   UIG_ERR_POOL_EMPTY: { statusCode: 503, title: 'The pool has no ready instance and its policy is reject' },
   UIG_ERR_POOL_TIMEOUT: { statusCode: 503, title: 'No pool instance became ready within the queue timeout' },
   UIG_ERR_POOL_CLOSED: { statusCode: 409, title: 'The pool is being deleted' },

@@ -72,6 +72,10 @@ export const VmSchema = Type.Object({
   stateDir: Type.String(),
   createdAt: Type.String(),
   startedAt: Type.Union([Type.String(), Type.Null()]),
-  exit: Type.Union([VmExitSchema, Type.Null()])
+  exit: Type.Union([VmExitSchema, Type.Null()]),
+  pool: Type.Union([
+    Type.Object({ name: Type.String(), claimed: Type.Boolean() }, { additionalProperties: false }),
+    Type.Null()
+  ], { description: 'The warm pool the VM belongs to, and whether it has been claimed' })
 }, { additionalProperties: false })
 export type Vm = Static<typeof VmSchema>

@@ -13,6 +13,7 @@ import { HostNetwork } from '../net/host-network.js'
 import { SqliteStore } from '../store/sqlite-store.js'
 import { chooseAccel, type AccelChoice } from '../vmm/qemu/accel-probe.js'
 import { QemuDriver } from '../vmm/qemu/qemu-driver.js'
+import { PoolManager } from '../pool/pool-manager.js'
 import { VmManager } from './vm-manager.js'
 
 export const VERSION = '0.2.0'
@@ -68,9 +69,11 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
   const manager = new VmManager({ config, store, images, driver, network, accel, log: log.child({ component: 'vms' }) })
   const recovered = await manager.recover()
   log.info(recovered, 'recovered VMs from the previous daemon')
+  const pools = new PoolManager(manager, store, log.child({ component: 'pools' }))
+  pools.restore()
 
   const info: DaemonInfo = { version: VERSION, accel, network: networkInfo, dataDir: config.dataDir, startedAt: new Date().toISOString(), recovered }
-  const app = await buildApi({ manager, images, info, log, token: config.api.token })
+  const app = await buildApi({ manager, pools, images, info, log, token: config.api.token })
   await mkdir(dirname(config.api.socket), { recursive: true })
   await rm(config.api.socket, { force: true })
   await app.listen({ path: config.api.socket })
@@ -91,6 +94,7 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
       tcp.closeAllConnections()
       await new Promise((resolve) => tcp.close(resolve))
       await app.close()
+      pools.close()
       manager.close()
       store.close()
     }

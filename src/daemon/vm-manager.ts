@@ -77,8 +77,17 @@ export class VmManager extends EventEmitter {
     return { adopted, died }
   }
 
-  /** Creates and starts a VM; resolves once QEMU runs (not when the app answers). */
-  async create (request: VmCreateRequest): Promise<Vm> {
+  /** Throws UIG_ERR_IMAGE_NOT_FOUND unless the image exists. */
+  async checkImage (ref: string): Promise<void> {
+    await this.#deps.images.get(ref)
+  }
+
+  /**
+   * Creates and starts a VM; resolves once QEMU runs (not when the app
+   * answers). `startPaused` leaves its vCPUs stopped before the first
+   * instruction (a prespawned pool instance); `pool` marks its pool.
+   */
+  async create (request: VmCreateRequest, internal: { pool?: string, startPaused?: boolean } = {}): Promise<Vm> {
     const manifest = await this.#deps.images.get(request.image)
     const vcpus = request.vcpus ?? manifest.vcpus
     const memoryMiB = request.memoryMiB ?? manifest.memoryMiB
@@ -103,15 +112,16 @@ export class VmManager extends EventEmitter {
       stateDir: join(this.#deps.config.dataDir, 'vms', id),
       createdAt: new Date().toISOString(),
       startedAt: null,
-      exit: null
+      exit: null,
+      pool: internal.pool !== undefined ? { name: internal.pool, claimed: false } : null
     }
     this.#deps.store.insertVm(vm)
     this.#emit(vm)
     try {
-      const launch = await this.#launchSpec(vm, manifest, request)
+      const launch = { ...await this.#launchSpec(vm, manifest, request), ...(internal.startPaused === true ? { startPaused: true } : {}) }
       const qemu = await this.#deps.driver.start({ id, stateDir: vm.stateDir, launch, ...(request.cpuAffinity !== undefined ? { cpuAffinity: request.cpuAffinity } : {}) })
       vm.pid = qemu.pid
-      vm.state = 'running'
+      vm.state = internal.startPaused === true ? 'paused' : 'running'
       vm.startedAt = new Date().toISOString()
       this.#deps.store.updateVm(vm)
       if (network === 'bridge' && vm.publish.length > 0) await this.#deps.network?.publish(id, vm.publish)
@@ -253,6 +263,17 @@ export class VmManager extends EventEmitter {
     vm.state = paused ? 'paused' : 'running'
     this.#deps.store.updateVm(vm)
     this.#emit(vm)
+    return vm
+  }
+
+  /** Records that a pool handed this VM out. */
+  markClaimed (id: string): Vm {
+    const vm = this.get(id)
+    if (vm.pool !== null) {
+      vm.pool = { ...vm.pool, claimed: true }
+      this.#deps.store.updateVm(vm)
+      this.#emit(vm)
+    }
     return vm
   }
 

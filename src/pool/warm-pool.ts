@@ -133,6 +133,25 @@ export class WarmPool<T> extends EventEmitter {
     if ((options.onRelease ?? this.#policy.onRelease) === 'recycle') this.#refill(1)
   }
 
+  /**
+   * Takes in an instance that already exists (found again after a daemon
+   * restart). No refill here: adopt them all, then `start()`.
+   */
+  adopt (instance: T, claimed: boolean): void {
+    if (claimed) this.#claimed.add(instance)
+    else this.#ready.push(instance)
+    this.#changed()
+  }
+
+  /** Forgets an instance that ended on its own (a crash); the refill replaces a ready one. */
+  discard (instance: T): void {
+    const i = this.#ready.indexOf(instance)
+    if (i >= 0) this.#ready.splice(i, 1)
+    this.#claimed.delete(instance)
+    this.#changed()
+    this.#refill()
+  }
+
   /** Destroys every ready instance and fails queued claims; claimed ones stay with their holders. */
   async close (): Promise<void> {
     this.#closed = true

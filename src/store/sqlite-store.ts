@@ -2,9 +2,10 @@ import { mkdirSync } from 'node:fs'
 import { dirname } from 'node:path'
 import Database from 'better-sqlite3'
 import { UigniterError } from '../core/errors.js'
+import type { PoolSpec } from '../core/pool.js'
 import type { Vm, VmState } from '../core/vm.js'
 
-const SCHEMA_VERSION = 1
+const SCHEMA_VERSION = 2
 
 export interface VmFilter { state?: VmState[], image?: string, name?: string }
 
@@ -31,7 +32,8 @@ export class SqliteStore {
       throw new UigniterError('UIG_ERR_STORE', `the database was written by a newer uigniter (schema ${version}); upgrade uigniter`)
     }
     if (version === SCHEMA_VERSION) return
-    this.#db.exec(`
+    // Each step takes the schema from its version to the next; a new database runs them all.
+    if (version < 1) this.#db.exec(`
       CREATE TABLE IF NOT EXISTS vms (
         id TEXT PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,
@@ -44,7 +46,14 @@ export class SqliteStore {
         ip TEXT PRIMARY KEY,
         owner TEXT NOT NULL
       );
-      PRAGMA user_version = ${SCHEMA_VERSION};
+      PRAGMA user_version = 1;
+    `)
+    if (version < 2) this.#db.exec(`
+      CREATE TABLE IF NOT EXISTS pools (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL
+      );
+      PRAGMA user_version = 2;
     `)
   }
 
@@ -68,7 +77,7 @@ export class SqliteStore {
   /** By id, or by name. */
   findVm (idOrName: string): Vm | undefined {
     const row = this.#db.prepare('SELECT record FROM vms WHERE id = ? OR name = ?').get(idOrName, idOrName) as { record: string } | undefined
-    return row === undefined ? undefined : JSON.parse(row.record) as Vm
+    return row === undefined ? undefined : parseVm(row.record)
   }
 
   listVms (filter: VmFilter = {}): Vm[] {
@@ -81,7 +90,7 @@ export class SqliteStore {
     if (filter.image !== undefined) { where.push('image = ?'); params.push(filter.image) }
     if (filter.name !== undefined) { where.push('name = ?'); params.push(filter.name) }
     const sql = `SELECT record FROM vms ${where.length > 0 ? `WHERE ${where.join(' AND ')}` : ''} ORDER BY created_at, id`
-    return (this.#db.prepare(sql).all(...params) as Array<{ record: string }>).map((r) => JSON.parse(r.record) as Vm)
+    return (this.#db.prepare(sql).all(...params) as Array<{ record: string }>).map((r) => parseVm(r.record))
   }
 
   deleteVm (id: string): void {
@@ -89,6 +98,24 @@ export class SqliteStore {
       this.#db.prepare('DELETE FROM ip_allocations WHERE owner = ?').run(id)
       this.#db.prepare('DELETE FROM vms WHERE id = ?').run(id)
     })()
+  }
+
+  /** Pool specs by name; a taken name is UIG_ERR_POOL_NAME_IN_USE. */
+  insertPool (spec: PoolSpec): void {
+    const changes = this.#db.prepare('INSERT OR IGNORE INTO pools (name, spec) VALUES (?, ?)').run(spec.name, JSON.stringify(spec)).changes
+    if (changes === 0) throw new UigniterError('UIG_ERR_POOL_NAME_IN_USE', `a pool named "${spec.name}" already exists`)
+  }
+
+  updatePool (spec: PoolSpec): void {
+    this.#db.prepare('UPDATE pools SET spec = ? WHERE name = ?').run(JSON.stringify(spec), spec.name)
+  }
+
+  listPools (): PoolSpec[] {
+    return (this.#db.prepare('SELECT spec FROM pools ORDER BY name').all() as Array<{ spec: string }>).map((r) => JSON.parse(r.spec) as PoolSpec)
+  }
+
+  deletePool (name: string): void {
+    this.#db.prepare('DELETE FROM pools WHERE name = ?').run(name)
   }
 
   /** IP allocations: the UNIQUE primary key makes `reserve` atomic across processes. */
@@ -104,4 +131,9 @@ export class SqliteStore {
   close (): void {
     this.#db.close()
   }
+}
+
+/** Records written before a field existed get its empty value. */
+function parseVm (record: string): Vm {
+  return { pool: null, ...(JSON.parse(record) as Omit<Vm, 'pool'>) }
 }

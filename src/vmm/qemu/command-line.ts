@@ -4,7 +4,21 @@ import type { ImageManifest } from '../../core/image.js'
 
 export type Accel = 'kvm' | 'tcg'
 
-export interface PortForward { hostAddress: string, hostPort: number, guestPort: number }
+export interface PortForward {
+  hostAddress: string
+  hostPort: number
+  guestPort: number
+  /** The guest address to forward to; QEMU's user-mode default (10.0.2.15) when absent. A clone takes its own. */
+  guestAddress?: string
+}
+
+/**
+ * Guest RAM in a file instead of anonymous memory, for templates and clones
+ * (fact 5): a template maps it shared, so that its RAM lands in the file; a
+ * clone maps the same file private, so that it reads the template's pages
+ * and copies only those it writes.
+ */
+export interface MemoryBackend { path: string, share: boolean }
 
 export interface GuestNetwork { address: string, prefix: number, gateway?: string, dns?: string[] }
 
@@ -48,8 +62,14 @@ export interface LaunchSpec {
   shares?: GuestShare[]
   /** A writable ext4 disk the init lays over the read-only root (overlayfs). */
   overlayPath?: string
+  /** Start with the vCPUs stopped (QEMU's -S): a prespawned pool instance, booted by QMP `cont` when claimed. */
+  startPaused?: boolean
   /** Extra kernel parameters for our own guests (the accel probe uses it). */
   extraCmdline?: string[]
+  /** Guest RAM backed by this file (templates and clones) rather than anonymous memory. */
+  memory?: MemoryBackend
+  /** `defer`: QEMU starts paused and waits for QMP `migrate-incoming` (a clone restoring its template's state). */
+  incoming?: 'defer'
 }
 
 /** The address plan of QEMU's user-mode network (slirp). */
@@ -79,18 +99,25 @@ export function buildQemuArgs (spec: LaunchSpec): string[] {
   const args: string[] = []
 
   if (spec.name !== undefined) args.push('-name', `guest=${opt(spec.name)},debug-threads=on`)
+  // The machine takes its RAM from this backend instead of allocating it (fact 5).
+  const memoryBackend = spec.memory !== undefined ? ',memory-backend=mem' : ''
   if (manifest.machine.type === 'microvm') {
     // acpi=off: QEMU then lists the virtio-mmio devices on the kernel command line itself (fact 2).
     // rtc=on: without an RTC the kernel waits about 1 s for the CMOS clock at boot
     // ("Unable to read current time from RTC"); measured here: 2.26 s → 1.36 s to init.
-    args.push('-M', 'microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off')
+    args.push('-M', `microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off${memoryBackend}`)
   } else {
-    args.push('-M', manifest.machine.type)
+    args.push('-M', `${manifest.machine.type}${memoryBackend}`)
   }
   args.push('-accel', spec.accel, '-cpu', spec.accel === 'kvm' ? 'host' : 'max')
   args.push('-smp', String(spec.vcpus), '-m', `${spec.memoryMiB}M`)
+  if (spec.memory !== undefined) {
+    // The backend's size must equal -m, or QEMU refuses to start.
+    args.push('-object', `memory-backend-file,id=mem,size=${spec.memoryMiB}M,mem-path=${opt(spec.memory.path)},share=${spec.memory.share ? 'on' : 'off'}`)
+  }
   // -no-reboot: the guest init reboots when the app exits (power-off hangs without ACPI, fact 4), so QEMU exits.
   args.push('-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot')
+  if (spec.startPaused === true) args.push('-S')
   if (spec.console.kind === 'log') {
     // QEMU appends to the log itself, so the output is kept while no daemon
     // reads it; O_APPEND lets the driver truncate it under QEMU's feet.
@@ -124,7 +151,7 @@ export function buildQemuArgs (spec: LaunchSpec): string[] {
     if (net.mac !== undefined && !MAC_RE.test(net.mac)) throw new Error(`invalid MAC address "${net.mac}"`)
     const mac = net.mac !== undefined ? `,mac=${net.mac}` : ''
     if (net.mode === 'user') {
-      const forwards = net.forwards.map((f) => `,hostfwd=tcp:${f.hostAddress}:${f.hostPort}-:${f.guestPort}`).join('')
+      const forwards = net.forwards.map((f) => `,hostfwd=tcp:${f.hostAddress}:${f.hostPort}-${f.guestAddress ?? ''}:${f.guestPort}`).join('')
       args.push('-netdev', `user,id=net0${forwards}`)
     } else {
       if (!TAP_RE.test(net.tap)) throw new Error(`invalid tap name "${net.tap}"`)
@@ -165,6 +192,7 @@ export function buildQemuArgs (spec: LaunchSpec): string[] {
     }
   }
   args.push('-append', cmdline)
+  if (spec.incoming === 'defer') args.push('-incoming', 'defer')
   return args
 }
 

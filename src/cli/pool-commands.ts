@@ -1,0 +1,138 @@
+import { loadConfig } from '../core/config.js'
+import { UigniterError } from '../core/errors.js'
+import type { ClaimResult, PoolStatus } from '../core/pool.js'
+import { ApiClient } from './api-client.js'
+import { parseIntFlag, printTable, type Command } from './args.js'
+
+async function client (): Promise<ApiClient> {
+  const api = new ApiClient(loadConfig())
+  await api.ensureDaemon()
+  return api
+}
+
+function need (positionals: string[], n: number, usage: string): string[] {
+  if (positionals.length !== n) throw new UigniterError('UIG_ERR_CLI_USAGE', `usage: ${usage}`)
+  return positionals
+}
+
+const enc = encodeURIComponent
+
+function printPools (pools: PoolStatus[]): void {
+  printTable(['NAME', 'IMAGE', 'KIND', 'READY', 'CREATING', 'CLAIMED', 'MIN', 'MAX', 'ON EMPTY', 'ON RELEASE', 'HITS', 'MISSES'],
+    pools.map((p) => [p.spec.name, p.spec.image, p.spec.kind, String(p.ready), String(p.creating), String(p.claimed), String(p.spec.min), String(p.spec.max),
+      p.spec.onEmpty, p.spec.onRelease, String(p.hits), String(p.misses)]))
+}
+
+export const poolCommands: Command[] = [
+  {
+    name: 'pool create',
+    summary: 'Create a warm pool of prespawned VMs of an image, and start filling it.',
+    usage: 'uigniter pool create NAME IMAGE [--min N] [--max N] [--on-empty create|queue|reject] [--queue-timeout S] [--on-release destroy|recycle] [--refill N] [--cpus N] [--memory MIB]',
+    options: {
+      min: { type: 'string' },
+      max: { type: 'string' },
+      'on-empty': { type: 'string' },
+      'queue-timeout': { type: 'string' },
+      'on-release': { type: 'string' },
+      refill: { type: 'string' },
+      cpus: { type: 'string' },
+      memory: { type: 'string' },
+      json: { type: 'boolean' }
+    },
+    help: [
+      '--min N, --max N       ready instances kept; instances in all (default 1, 10)',
+      '--on-empty POLICY      create (default): one more beyond the pool; queue: wait; reject: fail',
+      '--queue-timeout S      how long a queued claim waits (default 30)',
+      '--on-release POLICY    recycle (default): destroy and replace with a fresh one; destroy',
+      '--refill N             instances made at once in the background (default 1)'
+    ],
+    run: async (values, positionals) => {
+      const [name, image] = need(positionals, 2, 'uigniter pool create NAME IMAGE [options]')
+      const body: Record<string, unknown> = { name, image }
+      const int = (flag: string, key: string, min: number, max: number, scale = 1): void => {
+        if (values[flag] !== undefined) body[key] = parseIntFlag(values[flag] as string, `--${flag}`, min, max) * scale
+      }
+      int('min', 'min', 0, 1000)
+      int('max', 'max', 1, 1000)
+      int('queue-timeout', 'queueTimeoutMs', 0, 600, 1000)
+      int('refill', 'refillConcurrency', 1, 64)
+      int('cpus', 'vcpus', 1, 64)
+      int('memory', 'memoryMiB', 32, 1048576)
+      if (values['on-empty'] !== undefined) body.onEmpty = values['on-empty']
+      if (values['on-release'] !== undefined) body.onRelease = values['on-release']
+      const pool = await (await client()).call<PoolStatus>('POST', '/v1/pools', body)
+      if (values.json === true) console.log(JSON.stringify(pool, null, 2))
+      else printPools([pool])
+      return 0
+    }
+  },
+  {
+    name: 'pool ls',
+    summary: 'List pools with their depth and counters.',
+    usage: 'uigniter pool ls [--json]',
+    options: { json: { type: 'boolean' } },
+    help: [],
+    run: async (values) => {
+      const pools = await (await client()).call<PoolStatus[]>('GET', '/v1/pools')
+      if (values.json === true) console.log(JSON.stringify(pools, null, 2))
+      else printPools(pools)
+      return 0
+    }
+  },
+  {
+    name: 'pool resize',
+    summary: 'Change a pool\'s minimum and maximum.',
+    usage: 'uigniter pool resize NAME [--min N] [--max N]',
+    options: { min: { type: 'string' }, max: { type: 'string' } },
+    help: [],
+    run: async (values, positionals) => {
+      const [name] = need(positionals, 1, 'uigniter pool resize NAME [--min N] [--max N]')
+      const body: Record<string, number> = {}
+      if (values.min !== undefined) body.min = parseIntFlag(values.min as string, '--min', 0, 1000)
+      if (values.max !== undefined) body.max = parseIntFlag(values.max as string, '--max', 1, 1000)
+      printPools([await (await client()).call<PoolStatus>('PATCH', `/v1/pools/${enc(name ?? '')}`, body)])
+      return 0
+    }
+  },
+  {
+    name: 'pool rm',
+    summary: 'Delete a pool and its ready VMs (claimed VMs stay).',
+    usage: 'uigniter pool rm NAME',
+    options: {},
+    help: [],
+    run: async (_values, positionals) => {
+      const [name] = need(positionals, 1, 'uigniter pool rm NAME')
+      await (await client()).call('DELETE', `/v1/pools/${enc(name ?? '')}`)
+      console.log(`removed pool ${name ?? ''}`)
+      return 0
+    }
+  },
+  {
+    name: 'pool claim',
+    summary: 'Claim a VM from a pool: prints its id, address, start path and timings.',
+    usage: 'uigniter pool claim NAME [--on-empty create|queue|reject] [--json]',
+    options: { 'on-empty': { type: 'string' }, json: { type: 'boolean' } },
+    help: [],
+    run: async (values, positionals) => {
+      const [name] = need(positionals, 1, 'uigniter pool claim NAME')
+      const claim = await (await client()).call<ClaimResult>('POST', `/v1/pools/${enc(name ?? '')}/claim`,
+        values['on-empty'] !== undefined ? { onEmpty: values['on-empty'] } : {})
+      if (values.json === true) console.log(JSON.stringify(claim, null, 2))
+      else console.log(`${claim.vm.id}  ${claim.vm.name}  ${claim.vm.ipAddress ?? '-'}  ${claim.path}  ${claim.timings.totalMs.toFixed(1)} ms (wait ${claim.timings.waitMs.toFixed(1)}, resume ${claim.timings.resumeMs.toFixed(1)})`)
+      return 0
+    }
+  },
+  {
+    name: 'pool release',
+    summary: 'Give a claimed VM back to its pool.',
+    usage: 'uigniter pool release NAME VM [--on-release destroy|recycle]',
+    options: { 'on-release': { type: 'string' } },
+    help: [],
+    run: async (values, positionals) => {
+      const [name, vm] = need(positionals, 2, 'uigniter pool release NAME VM')
+      await (await client()).call('POST', `/v1/pools/${enc(name ?? '')}/release`, { vm, ...(values['on-release'] !== undefined ? { onRelease: values['on-release'] } : {}) })
+      console.log(`released ${vm ?? ''}`)
+      return 0
+    }
+  }
+]
