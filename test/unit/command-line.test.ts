@@ -114,3 +114,26 @@ test('kernel parameters: no arguments is said explicitly; an initramfs guest\'s 
   assert.throws(() => buildQemuArgs({ ...oneDevice, network: { mode: 'user', forwards: [] } }),
     (err: Error & { code?: string }) => err.code === 'UIG_ERR_VM_CMDLINE_INVALID' && /2047/.test(err.message))
 })
+
+test('templates and clones: guest RAM in a file, shared for a template and private for a clone; a clone waits for its state', () => {
+  const launch = {
+    manifest: base, kernelPath: '/k', rootfsPath: '/disk', accel: 'tcg' as const, vcpus: 1, memoryMiB: 64,
+    console: { kind: 'stdio' as const }, network: { mode: 'user' as const, forwards: [{ hostAddress: '127.0.0.1', hostPort: 18081, guestPort: 8080, guestAddress: '10.0.2.16' }] }
+  }
+  const template = buildQemuArgs({ ...launch, memory: { path: '/dev/shm/t,1/memory.ram', share: true } })
+  assert.deepEqual(argAfter(template, '-M'), ['microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,memory-backend=mem'])
+  assert.deepEqual(argAfter(template, '-object').filter((o) => o.startsWith('memory-backend-file')),
+    ['memory-backend-file,id=mem,size=64M,mem-path=/dev/shm/t,,1/memory.ram,share=on'])
+  assert.deepEqual(argAfter(template, '-incoming'), [])
+  assert.deepEqual(argAfter(template, '-netdev'), ['user,id=net0,hostfwd=tcp:127.0.0.1:18081-10.0.2.16:8080'])
+
+  const clone = buildQemuArgs({ ...launch, memory: { path: '/t/memory.ram', share: false }, incoming: 'defer' })
+  assert.ok(argAfter(clone, '-object').includes('memory-backend-file,id=mem,size=64M,mem-path=/t/memory.ram,share=off'))
+  assert.deepEqual(argAfter(clone, '-incoming'), ['defer'])
+
+  const q35 = buildQemuArgs({ ...launch, manifest: { ...base, machine: { type: 'q35', transport: 'pci' } }, memory: { path: '/m', share: true } })
+  assert.deepEqual(argAfter(q35, '-M'), ['q35,memory-backend=mem'])
+  const plain = buildQemuArgs(launch)
+  assert.ok(!argAfter(plain, '-object').some((o) => o.startsWith('memory-backend')))
+  assert.deepEqual(argAfter(plain, '-M'), ['microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off'])
+})

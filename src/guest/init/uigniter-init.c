@@ -17,6 +17,8 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/random.h>
+#include <net/if_arp.h>
 #include <net/if.h>
 #include <net/route.h>
 #include <netinet/in.h>
@@ -288,6 +290,7 @@ static void load_modules(void)
 struct params {
 	const char *ip, *gw, *dns, *hostname;
 	const char *overlay; /* block device holding the writable overlay */
+	const char *wait;    /* "identity": a template's boot; the app starts after the identity verb */
 	bool probe;
 	bool noargs;         /* the host replaces the app's arguments with none */
 	/* Repeatable parameters, in command-line order; values are decoded. */
@@ -340,6 +343,7 @@ static char *parse_cmdline(struct params *p)
 		{ "uigniter.dns=", &p->dns },
 		{ "uigniter.hostname=", &p->hostname },
 		{ "uigniter.overlay=", &p->overlay },
+		{ "uigniter.wait=", &p->wait },
 	};
 	char *buf = read_file("/proc/cmdline", 1 << 16, NULL);
 
@@ -503,7 +507,7 @@ fail:
 	return -1;
 }
 
-static void add_default_route(int s, const char *ifname, const char *gw)
+static int add_default_route(int s, const char *ifname, const char *gw)
 {
 	char dev[IFNAMSIZ];
 	struct in_addr a;
@@ -511,7 +515,8 @@ static void add_default_route(int s, const char *ifname, const char *gw)
 
 	if (inet_pton(AF_INET, gw, &a) != 1) {
 		warnmsg("uigniter.gw: invalid address '%s'", gw);
-		return;
+		errno = EINVAL;
+		return -1;
 	}
 	snprintf(dev, sizeof(dev), "%s", ifname);
 	memset(&rt, 0, sizeof(rt));
@@ -520,8 +525,11 @@ static void add_default_route(int s, const char *ifname, const char *gw)
 	set_inaddr(&rt.rt_gateway, a.s_addr);
 	rt.rt_flags = RTF_UP | RTF_GATEWAY;
 	rt.rt_dev = dev;
-	if (ioctl(s, SIOCADDRT, &rt) < 0)
+	if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST) {
 		warnmsg("default route via %s: %s", gw, strerror(errno));
+		return -1;
+	}
+	return 0;
 }
 
 static bool parse_cidr(const char *s, in_addr_t *addr, in_addr_t *mask)
@@ -777,6 +785,19 @@ static struct {
 
 static int timer_fd = -1;
 
+/*
+ * A template boots with uigniter.wait=identity: the init stops before the
+ * app, the host snapshots the guest there, and every clone resumes at this
+ * point and gets its own identity (cmd_identity) before the app starts.
+ */
+static struct {
+	bool waiting;      /* the app is held back until an identity arrives */
+	bool ready;        /* an identity was taken: start the app now */
+	struct app *app;   /* the app to start, with its configured environment */
+	char **envs;       /* NAME=VALUE strings from the identity, owned */
+	size_t nenvs;
+} identity;
+
 static void signal_app(int sig)
 {
 	/* The app is a session leader, so its group id is its pid. */
@@ -943,7 +964,8 @@ static void cmd_status(const struct ctl_args *a)
 {
 	(void)a;
 	ctl_reply("{\"ok\":true,\"app\":\"%s\",\"pid\":%d,\"uptime_ms\":%lld}",
-		  app_state.running ? "running" : "exited", (int)app_state.pid, boottime_ms());
+		  identity.waiting ? "waiting" : app_state.running ? "running" : "exited",
+		  (int)app_state.pid, boottime_ms());
 }
 
 /* SIGTERM now, SIGKILL when timeout_ms passes; the exit path does the rest. */
@@ -981,6 +1003,175 @@ static void cmd_shutdown(const struct ctl_args *a)
 	}
 }
 
+static bool parse_mac(const char *s, unsigned char mac[6])
+{
+	char end;
+	return sscanf(s, "%2hhx:%2hhx:%2hhx:%2hhx:%2hhx:%2hhx%c", &mac[0], &mac[1], &mac[2],
+		      &mac[3], &mac[4], &mac[5], &end) == 6 && strlen(s) == 17;
+}
+
+/* 64 hex digits: the 32 bytes the host drew for this clone alone. */
+static bool parse_seed(const char *s, unsigned char seed[32])
+{
+	if (strlen(s) != 64)
+		return false;
+	for (int i = 0; i < 32; i++) {
+		int hi = hexval(s[2 * i]), lo = hexval(s[2 * i + 1]);
+		if (hi < 0 || lo < 0)
+			return false;
+		seed[i] = (unsigned char)(hi << 4 | lo);
+	}
+	return true;
+}
+
+/*
+ * Mixes the host's seed into the input pool and reseeds the CRNG at once:
+ * crediting alone would not rekey an already-initialised CRNG until its next
+ * periodic reseed, so clones of one template would draw the same bytes.
+ */
+static int reseed_rng(const unsigned char seed[32])
+{
+	struct {
+		struct rand_pool_info info;
+		unsigned char buf[32];
+	} req = { .info = { .entropy_count = 256, .buf_size = 32 } };
+	memcpy(req.info.buf, seed, 32);
+	int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	int rc = ioctl(fd, RNDADDENTROPY, &req.info);
+	if (rc == 0)
+		rc = ioctl(fd, RNDRESEEDCRNG);
+	int err = errno;
+	close(fd);
+	errno = err;
+	return rc;
+}
+
+/*
+ * A new MAC needs the link down (virtio-net accepts it live, but the
+ * neighbours and routes learnt under the old identity must go); taking the
+ * link down drops the default route, so it is added again.
+ */
+static int set_eth0(in_addr_t addr, in_addr_t mask, const unsigned char mac[6], const char *gw,
+		    const char **step)
+{
+	struct ifreq ifr;
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0), rc = -1;
+
+	*step = "socket";
+	if (s < 0)
+		return -1;
+	memset(&ifr, 0, sizeof(ifr));
+	snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "eth0");
+	*step = "link down";
+	if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0)
+		goto out;
+	ifr.ifr_flags &= ~IFF_UP;
+	if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
+		goto out;
+	*step = "mac";
+	ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+	memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
+	if (ioctl(s, SIOCSIFHWADDR, &ifr) < 0)
+		goto out;
+	*step = "address";
+	if (if_up(s, "eth0", addr, mask) < 0)
+		goto out;
+	*step = "route";
+	if (gw && add_default_route(s, "eth0", gw) < 0)
+		goto out;
+	rc = 0;
+out:;
+	int err = errno;
+	close(s);
+	errno = err;
+	return rc;
+}
+
+/*
+ * identity ip=ADDR/PREFIX [gw=ADDR] mac=MAC hostname=NAME seed=HEX64
+ * time=UNIX_MS [env=PCT-ENCODED-NAME=VALUE ...]
+ * A clone's new self.  Everything is checked before anything changes, and
+ * {"ok":true} means every step took.  env is only for an app not yet
+ * started (a template's clone); the app starts after the reply is queued.
+ */
+static void cmd_identity(const struct ctl_args *a)
+{
+	const char *ip = arg_get(a, "ip"), *gw = arg_get(a, "gw"), *mac_s = arg_get(a, "mac");
+	const char *host = arg_get(a, "hostname"), *seed_s = arg_get(a, "seed"), *time_s = arg_get(a, "time");
+	unsigned char mac[6], seed[32];
+	in_addr_t addr, mask;
+	struct in_addr gw_a;
+	char *end;
+	size_t nenv = 0;
+
+#define REFUSE(msg) do { ctl_reply("{\"ok\":false,\"error\":\"" msg "\"}"); return; } while (0)
+	if (!ip || !parse_cidr(ip, &addr, &mask))
+		REFUSE("identity: ip=ADDR/PREFIX is missing or invalid");
+	if (gw && inet_pton(AF_INET, gw, &gw_a) != 1)
+		REFUSE("identity: invalid gw");
+	if (!mac_s || !parse_mac(mac_s, mac) || (mac[0] & 1))
+		REFUSE("identity: mac=XX:XX:XX:XX:XX:XX (unicast) is missing or invalid");
+	if (!host || !*host || strlen(host) > 64)
+		REFUSE("identity: hostname is missing or longer than 64 bytes");
+	if (!seed_s || !parse_seed(seed_s, seed))
+		REFUSE("identity: seed=64 hex digits is missing or invalid");
+	errno = 0;
+	unsigned long long ms = time_s ? strtoull(time_s, &end, 10) : 0;
+	if (!time_s || *time_s < '0' || *time_s > '9' || *end || errno)
+		REFUSE("identity: time=UNIX_MS is missing or invalid");
+	for (int i = 0; i < a->n; i++) {
+		if (strcmp(a->key[i], "env") != 0)
+			continue;
+		const char *eq = strchr(a->val[i], '=');
+		if (!eq || eq == a->val[i])
+			REFUSE("identity: env wants NAME=VALUE");
+		nenv++;
+	}
+	if (nenv && !identity.waiting)
+		REFUSE("identity: env can only be given before the app starts (uigniter.wait=identity)");
+
+	const char *step = "rng";
+	if (reseed_rng(seed) < 0)
+		goto fail;
+	step = "clock";
+	struct timespec ts = { .tv_sec = (time_t)(ms / 1000), .tv_nsec = (long)(ms % 1000) * 1000000 };
+	if (clock_settime(CLOCK_REALTIME, &ts) < 0)
+		goto fail;
+	step = "hostname";
+	if (sethostname(host, strlen(host)) < 0)
+		goto fail;
+	if (set_eth0(addr, mask, mac, gw, &step) < 0)
+		goto fail;
+	if (nenv) {
+		/* The line buffer is reused for the next command: keep copies. */
+		char **envs = realloc(identity.envs, (identity.nenvs + nenv) * sizeof(char *));
+		step = "env";
+		if (!envs)
+			goto fail;
+		identity.envs = envs;
+		for (int i = 0; i < a->n; i++) {
+			char *kv;
+			if (strcmp(a->key[i], "env") != 0)
+				continue;
+			if (!(kv = strdup(a->val[i])))
+				goto fail;
+			identity.envs[identity.nenvs++] = pct_decode(kv);
+		}
+	}
+#undef REFUSE
+	marker("IDENTITY hostname=%s", host);
+	ctl_reply("{\"ok\":true}");
+	if (identity.waiting)
+		identity.ready = true;
+	return;
+fail:;
+	char esc[7 * 64 + 1];
+	json_escape(esc, sizeof(esc), strerror(errno), 64);
+	ctl_reply("{\"ok\":false,\"error\":\"identity: %s: %s\"}", step, esc);
+}
+
 /* A new verb is one function and one row here. */
 static const struct {
 	const char *verb;
@@ -989,6 +1180,7 @@ static const struct {
 	{ "ping", cmd_ping },
 	{ "status", cmd_status },
 	{ "shutdown", cmd_shutdown },
+	{ "identity", cmd_identity },
 };
 
 static void ctl_dispatch(char *line)
@@ -1183,6 +1375,32 @@ static int setup_signals(void)
 	return fd;
 }
 
+/* The identity's variables replace the image's of the same name. */
+static void start_after_identity(void)
+{
+	struct app *app = identity.app;
+	size_t envc = 0;
+
+	identity.ready = identity.waiting = false;
+	while (app->envp[envc])
+		envc++;
+	char **envp = calloc(envc + identity.nenvs + 1, sizeof(char *));
+	if (!envp)
+		fatal("out of memory starting the app");
+	memcpy(envp, app->envp, envc * sizeof(char *));
+	for (size_t i = 0; i < identity.nenvs; i++)
+		env_set(envp, &envc, identity.envs[i]);
+	app->envp = envp;
+	/* The reply goes out before the app can print or exit. */
+	ctl_flush();
+	app_state.pid = start_app(app);
+	if (app_state.pid < 0) {
+		app_state.code = 127;
+		app_gone();
+	}
+	app_state.running = true;
+}
+
 __attribute__((noreturn))
 static void event_loop(int sig_fd)
 {
@@ -1219,7 +1437,9 @@ static void event_loop(int sig_fd)
 		}
 		if (pfd[2].fd >= 0 && pfd[2].revents)
 			ctl_service(pfd[2].revents);
-		if (!app_state.running)
+		if (identity.ready)
+			start_after_identity();
+		if (!app_state.running && !identity.waiting)
 			app_gone();
 	}
 }
@@ -1264,6 +1484,17 @@ int main(void)
 		marker("EXEC-FAILED errno=%d error=\"no app configured\"", ENOENT);
 		app_state.code = 127;
 		app_gone();
+	}
+	if (params.wait && strcmp(params.wait, "identity") == 0) {
+		if (ctl.fd >= 0) {
+			identity.waiting = true;
+			identity.app = &app;
+			marker("WAITING for=identity");
+			event_loop(sig_fd);
+		}
+		warnmsg("uigniter.wait=identity without a control channel: starting the app now");
+	} else if (params.wait) {
+		warnmsg("uigniter.wait: ignoring unknown '%s'", params.wait);
 	}
 	app_state.pid = start_app(&app);
 	if (app_state.pid < 0) {

@@ -159,6 +159,14 @@ export class QemuVm extends EventEmitter {
     await this.#live('resume').cont()
   }
 
+  /**
+   * Runs one QMP command on this VM's monitor, for callers that drive QEMU
+   * beyond the lifecycle (templates and clones run migrations with it).
+   */
+  async monitor<T = unknown> (command: string, args?: Record<string, unknown>, options: { timeoutMs?: number } = {}): Promise<T> {
+    return await this.#live(`run ${command} on`).execute<T>(command, args, options)
+  }
+
   /** QEMU's run state (QMP `query-status`). */
   async status (): Promise<QmpStatus> {
     return await this.#live('query').queryStatus()
