@@ -5,7 +5,7 @@ import { DEFAULT_BRIDGE, deleteBridge, ensureBridge } from './bridge.js'
 import { DEFAULT_FIREWALL_TABLE, detectFirewall, type Firewall, type PortPublish, type PublishedPort } from './firewall.js'
 import { Ipam, type IpAllocationStore } from './ipam.js'
 import { macForVm } from './mac-address.js'
-import { NOT_ROOT_ADVICE } from './net-tool.js'
+import { NOT_ROOT_ADVICE, runNetTool } from './net-tool.js'
 import { DEFAULT_SUBNET, Subnet, parseIpv4 } from './subnet.js'
 import { DEFAULT_TAP_PREFIX, createTap, deleteTap, listTaps, tapNameFor } from './tap.js'
 
@@ -109,6 +109,9 @@ export class HostNetwork {
     const tap = tapNameFor(vmId, this.#tapPrefix)
     try {
       await createTap(tap, this.bridge)
+      // The address may have belonged to a VM with another MAC moments ago: a stale
+      // neighbour entry would blackhole the host's traffic to it for up to a minute.
+      await runNetTool('ip', ['neigh', 'flush', 'to', ip, 'dev', this.bridge])
     } catch (err) {
       if (had === undefined) this.ipam.release(vmId)
       throw err
