@@ -57,7 +57,17 @@ export class VmManager extends EventEmitter {
     let adopted = 0
     let died = 0
     for (const vm of this.#deps.store.listVms({ state: LIVE })) {
-      const found = await this.#deps.driver.adopt(vm.stateDir)
+      let found: Awaited<ReturnType<QemuDriver['adopt']>>
+      try {
+        found = await this.#deps.driver.adopt(vm.stateDir)
+      } catch (err) {
+        // A crash in the middle of a create can leave a state dir without its launch record:
+        // such a VM never ran, and must not keep the daemon from starting.
+        died++
+        this.#deps.log.warn({ err, vm: vm.id }, 'a VM\'s state directory cannot be adopted')
+        this.#finish(vm, { reason: 'died-while-daemon-down', detail: `its state directory could not be read: ${(err as Error).message}`, at: new Date().toISOString() })
+        continue
+      }
       if ('dead' in found) {
         died++
         this.#finish(vm, { ...found.exit, reason: found.exit.reason === 'app-exited' || found.exit.reason === 'exec-failed' ? found.exit.reason : 'died-while-daemon-down' })

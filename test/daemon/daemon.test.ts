@@ -185,10 +185,18 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     const vm = await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'hello', name: 'orphan' })
     await daemon.crash()
     process.kill(vm.pid ?? 0, 'SIGKILL')
+    // A crash in the middle of a create: a record without a usable state directory.
+    const store = new SqliteStore(join(ctx.dataDir, 'uigniter.db'))
+    const halfMade: Vm = { ...vm, id: 'half0made0vm0id', name: 'half-made', state: 'starting', stateDir: join(ctx.dataDir, 'vms', 'half0made0vm0id'), pid: null }
+    store.insertVm(halfMade)
+    store.close()
     await daemon.start()
     const marked = await daemon.api.call<Vm>('GET', `/v1/vms/${vm.id}`)
     assert.equal(marked.state, 'exited')
     assert.equal(marked.exit?.reason, 'died-while-daemon-down')
+    const half = await daemon.api.call<Vm>('GET', '/v1/vms/half-made')
+    assert.equal(half.state, 'exited')
+    assert.match(half.exit?.detail ?? '', /state directory/)
   })
 
   test('the original Uigniter API works unchanged', async () => {
