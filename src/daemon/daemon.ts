@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs'
 import { chmod, mkdir, rm } from 'node:fs/promises'
 import { createServer, request } from 'node:http'
 import { dirname, join } from 'node:path'
@@ -7,6 +8,7 @@ import type { DaemonInfo } from '../api/system-routes.js'
 import type { Config } from '../core/config.js'
 import { UigniterError } from '../core/errors.js'
 import type { Logger } from '../core/logger.js'
+import { packageRoot } from '../core/package-paths.js'
 import { ImageStore } from '../guest/image-store.js'
 import { createKernelSource } from '../guest/guest-kernel.js'
 import { HostNetwork } from '../net/host-network.js'
@@ -16,7 +18,8 @@ import { QemuDriver } from '../vmm/qemu/qemu-driver.js'
 import { PoolManager } from '../pool/pool-manager.js'
 import { VmManager } from './vm-manager.js'
 
-export const VERSION = '0.2.0'
+/** The version in package.json: one source for `uigniter info` and the OpenAPI document. */
+export const VERSION = (JSON.parse(readFileSync(join(packageRoot, 'package.json'), 'utf8')) as { version: string }).version
 
 export interface RunningDaemon {
   app: FastifyInstance
