@@ -8,6 +8,7 @@ import type { Vm } from '../../src/core/vm.js'
 import { SqliteStore } from '../../src/store/sqlite-store.js'
 import { freePort } from '../../src/vmm/qemu/image-boot.js'
 import { DaemonProcess } from '../helpers/daemon-process.js'
+import { helloAt } from '../helpers/hello-client.js'
 import { memcachedCommand } from '../helpers/memcached-text.js'
 import { createTestContext, exampleSpec, packageRoot, runCli, type TestContext } from '../helpers/fixtures.js'
 import { rejectsWith } from '../helpers/assertions.js'
@@ -24,26 +25,6 @@ async function waitForState (daemon: DaemonProcess, id: string, states: string[]
 
 const TOKEN = 'test-token-0123456789'
 
-/** GET / on ADDRESS:8080 (hello on the bridge) until it answers or the deadline passes. */
-async function httpGetFrom (address: string, timeoutMs: number): Promise<string> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const body = await new Promise<string | undefined>((resolve) => {
-      const req = request({ host: address, port: 8080, path: '/', timeout: 1000 }, (res) => {
-        let text = ''
-        res.setEncoding('utf8')
-        res.on('data', (c: string) => { text += c })
-        res.on('end', () => resolve(text))
-      })
-      req.on('error', () => resolve(undefined))
-      req.on('timeout', () => { req.destroy(); resolve(undefined) })
-      req.end()
-    })
-    if (body !== undefined) return body
-    if (Date.now() > deadline) throw new Error(`${address}:8080 did not answer within ${timeoutMs} ms`)
-    await new Promise((resolve) => setTimeout(resolve, 50))
-  }
-}
 
 /** A plain HTTP request over TCP (the CLI's client uses the unix socket). */
 async function tcpRequest (port: number, path: string, headers: Record<string, string> = {}): Promise<{ status: number, body: string }> {
@@ -111,7 +92,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
 
   test('an address handed out again reaches the new VM at once', async () => {
     const first = await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'hello', name: 'reuse-a' })
-    await httpGetFrom(first.ipAddress ?? '', 60_000)
+    await helloAt(first.ipAddress ?? '')
     await daemon.api.call('DELETE', `/v1/vms/${first.id}?force=true`)
     const second = await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'hello', name: 'reuse-b' })
     assert.equal(second.ipAddress, first.ipAddress, 'the lowest free address comes back')
@@ -119,7 +100,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     // A boot takes a few seconds here. bench/pool-claim.js once saw 45 s starts from a stale
     // neighbour entry for a reused address (fixed by flushing it at attach); this sequence
     // did not reproduce that, but it guards the reuse path as a whole.
-    const body = await httpGetFrom(second.ipAddress ?? '', 15_000)
+    const body = await helloAt(second.ipAddress ?? '', 15_000)
     assert.match(body, /\(reuse-b\)/)
     await daemon.api.call('DELETE', `/v1/vms/${second.id}?force=true`)
   })

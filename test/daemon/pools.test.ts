@@ -1,12 +1,12 @@
 import assert from 'node:assert/strict'
 import { readFile } from 'node:fs/promises'
-import { request } from 'node:http'
 import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
 import type { ClaimResult, PoolStatus } from '../../src/core/pool.js'
 import type { Vm } from '../../src/core/vm.js'
 import { rejectsWith } from '../helpers/assertions.js'
 import { DaemonProcess } from '../helpers/daemon-process.js'
+import { helloAt } from '../helpers/hello-client.js'
 import { createTestContext, exampleSpec, packageRoot, runCli, type TestContext } from '../helpers/fixtures.js'
 
 async function waitForPool (daemon: DaemonProcess, name: string, check: (p: PoolStatus) => boolean, timeoutMs = 60_000): Promise<PoolStatus> {
@@ -16,27 +16,6 @@ async function waitForPool (daemon: DaemonProcess, name: string, check: (p: Pool
     if (check(pool)) return pool
     if (Date.now() > deadline) throw new Error(`pool ${name} never got there: ${JSON.stringify(pool)}`)
     await new Promise((resolve) => setTimeout(resolve, 100))
-  }
-}
-
-/** GET / on the VM's bridge address until hello answers. */
-async function hello (ip: string, timeoutMs = 60_000): Promise<string> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const body = await new Promise<string | undefined>((resolve) => {
-      const req = request({ host: ip, port: 8080, path: '/', timeout: 1000 }, (res) => {
-        let text = ''
-        res.setEncoding('utf8')
-        res.on('data', (c: string) => { text += c })
-        res.on('end', () => resolve(text))
-      })
-      req.on('error', () => resolve(undefined))
-      req.on('timeout', () => { req.destroy(); resolve(undefined) })
-      req.end()
-    })
-    if (body !== undefined) return body
-    if (Date.now() > deadline) throw new Error(`${ip}:8080 never answered`)
-    await new Promise((resolve) => setTimeout(resolve, 50))
   }
 }
 
@@ -77,7 +56,7 @@ describe('warm pools of prespawned VMs', () => {
     assert.equal(claim.vm.state, 'running')
     assert.deepEqual(claim.vm.pool, { name: 'web', claimed: true })
     assert.ok(claim.timings.totalMs >= claim.timings.resumeMs)
-    assert.match(await hello(claim.vm.ipAddress ?? ''), /Hello from uigniter!/)
+    assert.match(await helloAt(claim.vm.ipAddress ?? ''), /Hello from uigniter!/)
     const refilled = await waitForPool(daemon, 'web', (p) => p.ready === 2 && p.claimed === 1)
     assert.equal(refilled.hits, 1)
 
