@@ -1,6 +1,5 @@
 import assert from 'node:assert/strict'
 import { access, mkdtemp, readFile, rm } from 'node:fs/promises'
-import { connect } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
@@ -14,27 +13,8 @@ import type { QemuVm } from '../../src/vmm/qemu/qemu-vm.js'
 import { VmStateDir } from '../../src/vmm/qemu/vm-state-dir.js'
 import { rejectsWith } from '../helpers/assertions.js'
 import { createTestContext, type TestContext } from '../helpers/fixtures.js'
+import { tcpRead } from '../helpers/tcp-read.js'
 import { makeIdentityRootfs } from './identity-app.js'
-
-/** One line from the app on 127.0.0.1:port, retrying until it listens. */
-async function ask (port: number, timeoutMs: number): Promise<string> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    try {
-      return await new Promise((resolve, reject) => {
-        const s = connect(port, '127.0.0.1')
-        let text = ''
-        s.setTimeout(3000, () => s.destroy(new Error('timeout')))
-        s.on('data', (c: Buffer) => { text += c.toString() })
-        s.on('end', () => (text === '' ? reject(new Error('empty')) : resolve(text.trim())))
-        s.on('error', reject)
-      })
-    } catch (err) {
-      if (Date.now() > deadline) throw err
-      await new Promise((resolve) => setTimeout(resolve, 5))
-    }
-  }
-}
 
 function fields (line: string): Record<string, string> {
   return Object.fromEntries(line.split(' ').map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]))
@@ -108,7 +88,7 @@ describe('templates and clones: real VMs', () => {
         env: { CLONE_ENV: `value ${i}` }
       })
       started.push(vm)
-      const raw = await ask(port, 10_000)
+      const raw = (await tcpRead(port, 10_000, 5)).trim()
       const startMs = Date.now() - t0
       clones.push({ line: fields(raw), raw, startMs, pid: vm.pid, mac: identity.mac })
       process.stderr.write(`# clone ${id}: serving after ${startMs} ms (QEMU up ${timings.spawnMs}, restored ${timings.restoreMs}, identity ${timings.identityMs})\n`)
@@ -133,7 +113,7 @@ describe('templates and clones: real VMs', () => {
     const t0 = Date.now()
     const cold = await driver.start({ id: 'cold', stateDir: VmStateDir.of(ctx.dataDir, 'cold').dir, launch: { ...launch(), hostname: 'cold', network: { mode: 'user', forwards: [{ hostAddress: '127.0.0.1', hostPort: port, guestPort: 8080 }] } } })
     started.push(cold)
-    assert.equal(fields(await ask(port, 60_000)).host, 'cold')
+    assert.equal(fields((await tcpRead(port, 60_000, 5)).trim()).host, 'cold')
     const coldMs = Date.now() - t0
     const clonePss = await pssKiB(a.pid)
     const coldPss = await pssKiB(cold.pid)

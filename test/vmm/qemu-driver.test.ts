@@ -1,6 +1,5 @@
 import assert from 'node:assert/strict'
 import { access, mkdir, mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises'
-import { connect } from 'node:net'
 import { cpus, tmpdir, totalmem } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
@@ -15,6 +14,7 @@ import { VmStateDir } from '../../src/vmm/qemu/vm-state-dir.js'
 import { rejectsWith } from '../helpers/assertions.js'
 import { createTestContext, type TestContext } from '../helpers/fixtures.js'
 import { makeProbeRootfs } from './probe-app.js'
+import { tcpRead } from '../helpers/tcp-read.js'
 
 /** Resolves once the console has a line matching `re` (the whole console so far included). */
 async function consoleLine (vm: QemuVm, re: RegExp, timeoutMs = 60_000): Promise<string> {
@@ -28,25 +28,6 @@ async function consoleLine (vm: QemuVm, re: RegExp, timeoutMs = 60_000): Promise
       if (line !== undefined) { clearTimeout(timer); stop(); resolve(line) }
     }, { tailBytes: Infinity, onEnd: () => { clearTimeout(timer); reject(new Error(`the VM ended before a console line like ${re}; console:\n${text.slice(-2000)}`)) } })
   })
-}
-
-async function tcpRead (port: number, timeoutMs: number): Promise<string> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    try {
-      return await new Promise((resolve, reject) => {
-        const s = connect(port, '127.0.0.1')
-        let text = ''
-        s.setTimeout(3000, () => s.destroy(new Error('timeout')))
-        s.on('data', (c: Buffer) => { text += c.toString() })
-        s.on('end', () => (text === '' ? reject(new Error('empty')) : resolve(text)))
-        s.on('error', reject)
-      })
-    } catch (err) {
-      if (Date.now() > deadline) throw err
-      await new Promise((resolve) => setTimeout(resolve, 200))
-    }
-  }
 }
 
 async function exists (path: string): Promise<boolean> {
@@ -126,7 +107,7 @@ describe('QEMU driver: real VMs', () => {
     assert.equal(await consoleLine(vm, /^probe: argc=/), 'probe: argc=4 [serve] [two words] [x:y%z]')
     assert.equal(await consoleLine(vm, /^probe: FOO=/), 'probe: FOO=[per vm "quoted"] BAR=[kept]')
     await consoleLine(vm, /^probe: ready/)
-    assert.equal(await tcpRead(port, 30_000), 'probe\n')
+    assert.equal(await tcpRead(port, 30_000, 200), 'probe\n')
 
     const events: string[] = []
     vm.on('event', (e: QmpEvent) => events.push(e.event))
