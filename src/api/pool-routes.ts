@@ -9,7 +9,8 @@ import { ErrorBodySchema } from './errors.js'
 
 const ClaimOptionsSchema = Type.Object({
   onEmpty: Type.Optional(Type.Union([Type.Literal('create'), Type.Literal('queue'), Type.Literal('reject')])),
-  queueTimeoutMs: Type.Optional(Type.Integer({ minimum: 0, maximum: 600_000 }))
+  queueTimeoutMs: Type.Optional(Type.Integer({ minimum: 0, maximum: 600_000 })),
+  env: Type.Optional(Type.Record(Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' }), Type.String(), { description: 'booted pools: the app\'s env, given with its identity' }))
 }, { additionalProperties: false })
 const NameParams = Type.Object({ name: Type.String({ minLength: 1 }) })
 const errors = { 400: ErrorBodySchema, 404: ErrorBodySchema, 409: ErrorBodySchema, 500: ErrorBodySchema, 503: ErrorBodySchema }
@@ -43,7 +44,7 @@ export function poolRoutes (pools: PoolManager) {
       schema: { tags: ['pools'], summary: 'Delete a pool and its ready VMs (claimed VMs stay)', params: NameParams, response: { 200: PoolStatusSchema, ...errors } }
     }, async (request) => await pools.remove(request.params.name))
 
-    app.post<{ Params: { name: string }, Body: { onEmpty?: 'create' | 'queue' | 'reject', queueTimeoutMs?: number } }>('/v1/pools/:name/claim', {
+    app.post<{ Params: { name: string }, Body: { onEmpty?: 'create' | 'queue' | 'reject', queueTimeoutMs?: number, env?: Record<string, string> } }>('/v1/pools/:name/claim', {
       schema: {
         tags: ['pools'],
         summary: 'Claim a VM: its address, its start path and a timing breakdown',

@@ -5,16 +5,19 @@ import type { Logger } from '../core/logger.js'
 import type { ImageStore } from '../guest/image-store.js'
 import type { VmManager } from '../daemon/vm-manager.js'
 import type { PoolManager } from '../pool/pool-manager.js'
+import type { TemplateManager } from '../snapshot/template-manager.js'
 import { installErrorHandlers } from './errors.js'
 import { imageRoutes } from './image-routes.js'
 import { legacyRoutes } from './legacy-routes.js'
 import { poolRoutes } from './pool-routes.js'
 import { createMetrics, systemRoutes, type DaemonInfo } from './system-routes.js'
+import { templateRoutes } from './template-routes.js'
 import { vmRoutes } from './vm-routes.js'
 
 export interface ApiOptions {
   manager: VmManager
   pools: PoolManager
+  templates: TemplateManager
   images: ImageStore
   info: DaemonInfo
   log: Logger
@@ -59,6 +62,7 @@ export async function buildApi (options: ApiOptions): Promise<FastifyInstance> {
   await app.register(imageRoutes(options.images))
   await app.register(vmRoutes(options.manager))
   await app.register(poolRoutes(options.pools))
+  await app.register(templateRoutes(options.templates))
   await app.register(legacyRoutes(options.manager))
   return app
 }

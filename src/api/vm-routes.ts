@@ -12,7 +12,7 @@ const errors = { 400: ErrorBodySchema, 404: ErrorBodySchema, 409: ErrorBodySchem
 export function vmRoutes (manager: VmManager) {
   return async function vms (app: FastifyInstance): Promise<void> {
     app.post<{ Body: VmCreateRequest }>('/v1/vms', {
-      schema: { tags: ['vms'], summary: 'Create a VM from an image and start it', body: VmCreateRequestSchema, response: { 201: VmSchema, ...errors, 507: ErrorBodySchema } }
+      schema: { tags: ['vms'], summary: 'Create a VM and start it: boot an image, or clone a template (startPath says which)', body: VmCreateRequestSchema, response: { 201: VmSchema, ...errors, 502: ErrorBodySchema, 507: ErrorBodySchema } }
     }, async (request, reply) => reply.code(201).send(await manager.create(request.body)))
 
     app.get<{ Querystring: { state?: string, image?: string, name?: string, all?: boolean } }>('/v1/vms', {

@@ -4,9 +4,10 @@ import { helpText, parseCommandArgs, type Command } from './args.js'
 import { imageCommands } from './image-commands.js'
 import { kernelCommands } from './kernel-commands.js'
 import { poolCommands } from './pool-commands.js'
+import { templateCommands } from './template-commands.js'
 import { vmCommands } from './vm-commands.js'
 
-const commands: Command[] = [...vmCommands, ...imageCommands, ...poolCommands, ...kernelCommands]
+const commands: Command[] = [...vmCommands, ...imageCommands, ...poolCommands, ...templateCommands, ...kernelCommands]
 
 function usage (): string {
   const width = Math.max(...commands.map((c) => c.name.length))

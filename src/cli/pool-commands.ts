@@ -2,7 +2,7 @@ import { loadConfig } from '../core/config.js'
 import { UigniterError } from '../core/errors.js'
 import type { ClaimResult, PoolStatus } from '../core/pool.js'
 import { ApiClient } from './api-client.js'
-import { parseIntFlag, printTable, type Command } from './args.js'
+import { parseEnv, parseIntFlag, printTable, type Command } from './args.js'
 
 async function client (): Promise<ApiClient> {
   const api = new ApiClient(loadConfig())
@@ -18,17 +18,19 @@ function need (positionals: string[], n: number, usage: string): string[] {
 const enc = encodeURIComponent
 
 function printPools (pools: PoolStatus[]): void {
-  printTable(['NAME', 'IMAGE', 'KIND', 'READY', 'CREATING', 'CLAIMED', 'MIN', 'MAX', 'ON EMPTY', 'ON RELEASE', 'HITS', 'MISSES'],
-    pools.map((p) => [p.spec.name, p.spec.image, p.spec.kind, String(p.ready), String(p.creating), String(p.claimed), String(p.spec.min), String(p.spec.max),
+  printTable(['NAME', 'SOURCE', 'KIND', 'READY', 'CREATING', 'CLAIMED', 'MIN', 'MAX', 'ON EMPTY', 'ON RELEASE', 'HITS', 'MISSES'],
+    pools.map((p) => [p.spec.name, p.spec.image ?? `template ${p.spec.template ?? '?'}`, p.spec.kind, String(p.ready), String(p.creating), String(p.claimed), String(p.spec.min), String(p.spec.max),
       p.spec.onEmpty, p.spec.onRelease, String(p.hits), String(p.misses)]))
 }
 
 export const poolCommands: Command[] = [
   {
     name: 'pool create',
-    summary: 'Create a warm pool of prespawned VMs of an image, and start filling it.',
-    usage: 'uigniter pool create NAME IMAGE [--min N] [--max N] [--on-empty create|queue|reject] [--queue-timeout S] [--on-release destroy|recycle] [--refill N] [--cpus N] [--memory MIB]',
+    summary: 'Create a warm pool of an image\'s VMs (prespawned or booted) or of a template\'s clones, and start filling it.',
+    usage: 'uigniter pool create NAME (IMAGE [--kind prespawned|booted] | --template TEMPLATE) [--min N] [--max N] [--on-empty create|queue|reject] [--queue-timeout S] [--on-release destroy|recycle] [--refill N] [--cpus N] [--memory MIB]',
     options: {
+      kind: { type: 'string' },
+      template: { type: 'string' },
       min: { type: 'string' },
       max: { type: 'string' },
       'on-empty': { type: 'string' },
@@ -40,6 +42,8 @@ export const poolCommands: Command[] = [
       json: { type: 'boolean' }
     },
     help: [
+      '--kind KIND            prespawned (default): QEMU started and paused; booted: booted, the app starts at the claim',
+      '--template T           a pool of clones of template T (kind clone)',
       '--min N, --max N       ready instances kept; instances in all (default 1, 10)',
       '--on-empty POLICY      create (default): one more beyond the pool; queue: wait; reject: fail',
       '--queue-timeout S      how long a queued claim waits (default 30)',
@@ -47,8 +51,12 @@ export const poolCommands: Command[] = [
       '--refill N             instances made at once in the background (default 1)'
     ],
     run: async (values, positionals) => {
-      const [name, image] = need(positionals, 2, 'uigniter pool create NAME IMAGE [options]')
-      const body: Record<string, unknown> = { name, image }
+      const template = values.template as string | undefined
+      const usage = 'uigniter pool create NAME (IMAGE | --template TEMPLATE) [options]'
+      const [name, image] = need(positionals, template === undefined ? 2 : 1, usage)
+      const body: Record<string, unknown> = template === undefined
+        ? { name, image, ...(values.kind !== undefined ? { kind: values.kind } : {}) }
+        : { name, template, kind: values.kind ?? 'clone' }
       const int = (flag: string, key: string, min: number, max: number, scale = 1): void => {
         if (values[flag] !== undefined) body[key] = parseIntFlag(values[flag] as string, `--${flag}`, min, max) * scale
       }
@@ -110,13 +118,14 @@ export const poolCommands: Command[] = [
   {
     name: 'pool claim',
     summary: 'Claim a VM from a pool: prints its id, address, start path and timings.',
-    usage: 'uigniter pool claim NAME [--on-empty create|queue|reject] [--json]',
-    options: { 'on-empty': { type: 'string' }, json: { type: 'boolean' } },
-    help: [],
+    usage: 'uigniter pool claim NAME [--on-empty create|queue|reject] [-e K=V]... [--json]',
+    options: { 'on-empty': { type: 'string' }, env: { type: 'string', short: 'e', multiple: true }, json: { type: 'boolean' } },
+    help: ['-e K=V                 the app\'s env (booted pools: the app starts at the claim)'],
     run: async (values, positionals) => {
       const [name] = need(positionals, 1, 'uigniter pool claim NAME')
+      const env = values.env !== undefined ? parseEnv(values.env as string[]) : undefined
       const claim = await (await client()).call<ClaimResult>('POST', `/v1/pools/${enc(name ?? '')}/claim`,
-        values['on-empty'] !== undefined ? { onEmpty: values['on-empty'] } : {})
+        { ...(values['on-empty'] !== undefined ? { onEmpty: values['on-empty'] } : {}), ...(env !== undefined ? { env } : {}) })
       if (values.json === true) console.log(JSON.stringify(claim, null, 2))
       else console.log(`${claim.vm.id}  ${claim.vm.name}  ${claim.vm.ipAddress ?? '-'}  ${claim.path}  ${claim.timings.totalMs.toFixed(1)} ms (wait ${claim.timings.waitMs.toFixed(1)}, resume ${claim.timings.resumeMs.toFixed(1)})`)
       return 0

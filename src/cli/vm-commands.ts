@@ -52,11 +52,12 @@ const enc = encodeURIComponent
 export const vmCommands: Command[] = [
   {
     name: 'run',
-    summary: 'Create a VM from an image and start it; without -d, follow its console until it ends.',
+    summary: 'Create a VM from an image (or clone a template) and start it; without -d, follow its console until it ends.',
     positionalTail: true,
-    usage: 'uigniter run [-d] [--name NAME] [--cpus N] [--memory M] [-p HOST:GUEST]... [-e K=V]... [--network bridge|user|none] [--overlay SIZE] [-v HOST:GUEST[:rw]]... IMAGE [ARGS...]',
+    usage: 'uigniter run [-d] [--name NAME] [--cpus N] [--memory M] [-p HOST:GUEST]... [-e K=V]... [--network bridge|user|none] [--overlay SIZE] [-v HOST:GUEST[:rw]]... (IMAGE [ARGS...] | --template TEMPLATE)',
     options: {
       detach: { type: 'boolean', short: 'd' },
+      template: { type: 'string' },
       name: { type: 'string' },
       cpus: { type: 'string' },
       memory: { type: 'string' },
@@ -76,12 +77,19 @@ export const vmCommands: Command[] = [
       '--network MODE        bridge (default as root), user, none',
       '--overlay SIZE        a writable overlay over the read-only root (MiB, or 512M)',
       '-v, --volume H:G[:rw] share host directory H at G in the guest (read-only unless :rw)',
+      '--template T          clone template T instead of booting an image (see "uigniter template")',
       'ARGS                  replace the image\'s app arguments'
     ],
     run: async (values, positionals) => {
-      const [image, ...args] = requireSome(positionals, 'uigniter run [options] IMAGE [ARGS...]')
-      const body: Record<string, unknown> = { image: image ?? '', env: parseEnv(values.env as string[] | undefined) }
-      if (args.length > 0) body.args = args
+      const body: Record<string, unknown> = { env: parseEnv(values.env as string[] | undefined) }
+      if (values.template !== undefined) {
+        if (positionals.length > 0) throw new UigniterError('UIG_ERR_CLI_USAGE', 'usage: uigniter run [options] --template TEMPLATE (a clone runs its template\'s image and arguments)')
+        body.template = values.template
+      } else {
+        const [image, ...args] = requireSome(positionals, 'uigniter run [options] IMAGE [ARGS...]')
+        body.image = image
+        if (args.length > 0) body.args = args
+      }
       if (values.name !== undefined) body.name = values.name
       if (values.cpus !== undefined) body.vcpus = parseIntFlag(values.cpus as string, '--cpus', 1, 64)
       if (values.memory !== undefined) body.memoryMiB = parseMiB(values.memory as string, '--memory')
@@ -109,8 +117,9 @@ export const vmCommands: Command[] = [
     run: async (values) => {
       const vms = await (await client()).call<Vm[]>('GET', `/v1/vms${values.all === true ? '?all=true' : ''}`)
       if (values.json === true) console.log(JSON.stringify(vms, null, 2))
-      else printTable(['ID', 'NAME', 'IMAGE', 'STATE', 'IP', 'PORTS', 'CREATED'],
-        vms.map((vm) => [vm.id.slice(0, 12), vm.name, vm.image, exitText(vm), vm.exit === null ? vm.ipAddress ?? '-' : '-', ports(vm), ago(vm.createdAt)]))
+      else printTable(['ID', 'NAME', 'IMAGE', 'STATE', 'IP', 'PORTS', 'STARTED AS', 'CREATED'],
+        vms.map((vm) => [vm.id.slice(0, 12), vm.name, vm.image, exitText(vm), vm.exit === null ? vm.ipAddress ?? '-' : '-', ports(vm),
+          vm.template !== null ? `clone of ${vm.template}` : vm.startPath, ago(vm.createdAt)]))
       return 0
     }
   },
@@ -230,6 +239,11 @@ export const vmCommands: Command[] = [
       })
       log.info('shutting down; VMs keep running')
       await daemon.close()
+      // Everything is closed; a handle someone forgot must not keep a stopped daemon alive.
+      setTimeout(() => {
+        log.warn('a handle kept the process alive after shutdown; exiting anyway')
+        process.exit(0)
+      }, 3000).unref()
       return 0
     }
   }

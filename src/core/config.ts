@@ -31,6 +31,9 @@ export const ConfigSchema = Type.Object({
     bridge: Type.String({ pattern: '^[a-zA-Z0-9_-]{1,15}$' }),
     subnet: Type.String({ description: 'IPv4 CIDR of the bridge; the first address is the gateway' }),
     nat: Type.Boolean({ description: 'Masquerade VM traffic leaving the host' })
+  }, { additionalProperties: false }),
+  clones: Type.Object({
+    identityTimeoutMs: Type.Integer({ minimum: 1, maximum: 600_000, description: 'How long a clone has to take its own identity before it is destroyed. Env: UIGNITER_CLONE_IDENTITY_TIMEOUT_MS' })
   }, { additionalProperties: false })
 }, { additionalProperties: false })
 
@@ -44,7 +47,8 @@ function defaults (): Static<typeof ConfigSchema> {
     kernel: { source: 'build' },
     accel: 'auto',
     api: { listen: '127.0.0.1:7377', socket: root ? '/run/uigniter/uigniter.sock' : join(homedir(), '.local/share/uigniter/uigniter.sock') },
-    network: { mode: root ? 'bridge' : 'user', bridge: 'uigniter0', subnet: '10.77.0.0/24', nat: true }
+    network: { mode: root ? 'bridge' : 'user', bridge: 'uigniter0', subnet: '10.77.0.0/24', nat: true },
+    clones: { identityTimeoutMs: 5000 }
   }
 }
 
@@ -89,6 +93,11 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env): Config {
   if (env.UIGNITER_NETWORK !== undefined) merged.network = { ...(merged.network as object), mode: env.UIGNITER_NETWORK }
   if (env.UIGNITER_BRIDGE !== undefined) merged.network = { ...(merged.network as object), bridge: env.UIGNITER_BRIDGE }
   if (env.UIGNITER_SUBNET !== undefined) merged.network = { ...(merged.network as object), subnet: env.UIGNITER_SUBNET }
+  if (env.UIGNITER_CLONE_IDENTITY_TIMEOUT_MS !== undefined) {
+    // A number where one is due; anything else stays a string, and the schema check names it.
+    const ms = /^\d+$/.test(env.UIGNITER_CLONE_IDENTITY_TIMEOUT_MS) ? Number(env.UIGNITER_CLONE_IDENTITY_TIMEOUT_MS) : env.UIGNITER_CLONE_IDENTITY_TIMEOUT_MS
+    merged.clones = { ...(merged.clones as object), identityTimeoutMs: ms }
+  }
   if (!Value.Check(ConfigSchema, merged)) {
     throw new UigniterError('UIG_ERR_CONFIG_INVALID', `configuration (${file} and UIGNITER_* variables) is invalid: ${describeSchemaErrors(ConfigSchema, merged)}`)
   }

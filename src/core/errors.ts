@@ -64,6 +64,10 @@ export const errorCodes = {
   UIG_ERR_CONTROL_CHANNEL: { statusCode: 502, title: 'The guest control channel failed or answered badly' },
   UIG_ERR_TEMPLATE_FAILED: { statusCode: 500, title: 'A template could not be made from the image' },
   UIG_ERR_TEMPLATE_NOT_FOUND: { statusCode: 404, title: 'No usable template has that id' },
+  UIG_ERR_TEMPLATE_IN_USE: { statusCode: 409, title: 'Live clones or a clone pool still use the template' },
+  UIG_ERR_TEMPLATE_NAME_IN_USE: { statusCode: 409, title: 'A template with that name exists or is being made' },
+  UIG_ERR_TEMPLATE_INVALID: { statusCode: 400, title: 'The template request is invalid' },
+  UIG_ERR_CLONE_REQUEST: { statusCode: 400, title: 'The VM request asks for something a clone of its template cannot have' },
   UIG_ERR_CLONE_RESTORE: { statusCode: 500, title: 'A clone could not restore its template\'s state' },
   UIG_ERR_CLONE_IDENTITY: { statusCode: 502, title: 'A clone did not take its own identity in time; it was destroyed' }
 } as const satisfies Record<string, { statusCode: number; title: string }>

@@ -4,13 +4,17 @@ import { VmSchema } from './vm.js'
 /** Pool schemas: what a client declares, and what the daemon reports. */
 
 export const PoolKindSchema = Type.Union([Type.Literal('prespawned'), Type.Literal('booted'), Type.Literal('clone')], {
-  description: 'prespawned: QEMU started and paused, with tap, IP and MAC, not yet booted (the original Uigniter pool); booted and clone: see issue 4'
+  default: 'prespawned',
+  description: 'prespawned: QEMU started and paused with its tap, IP and MAC, not yet booted (the original Uigniter pool); ' +
+    'booted: the guest booted and its init waits for the claim to start the app; clone: clones of a template, app started'
 })
+export type PoolKind = Static<typeof PoolKindSchema>
 
 export const PoolSpecSchema = Type.Object({
   name: Type.String({ pattern: '^[a-z0-9][a-z0-9_.-]{0,62}$' }),
-  image: Type.String({ minLength: 1 }),
-  kind: Type.Literal('prespawned', { default: 'prespawned', description: 'Only prespawned so far; booted and clone pools come with templates' }),
+  kind: PoolKindSchema,
+  image: Type.Optional(Type.String({ minLength: 1, description: 'prespawned and booted pools: name[:tag]' })),
+  template: Type.Optional(Type.String({ minLength: 1, description: 'clone pools: the template to clone' })),
   vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),
   memoryMiB: Type.Optional(Type.Integer({ minimum: 32, maximum: 1048576 })),
   min: Type.Integer({ minimum: 0, maximum: 1000, default: 1 }),
@@ -39,7 +43,7 @@ export const ClaimResultSchema = Type.Object({
   path: Type.Union([Type.Literal('pool'), Type.Literal('clone'), Type.Literal('cold')]),
   timings: Type.Object({
     waitMs: Type.Number({ description: 'Waiting for an instance (0 on a hit)' }),
-    resumeMs: Type.Number({ description: 'Resuming the paused instance' }),
+    resumeMs: Type.Number({ description: 'Handing the instance over: resuming a prespawned one, assigning a booted one its identity' }),
     totalMs: Type.Number()
   }, { additionalProperties: false })
 }, { additionalProperties: false })

@@ -29,7 +29,8 @@ export type Share = Static<typeof ShareSchema>
 
 export const VmCreateRequestSchema = Type.Object({
   name: Type.Optional(Type.String({ pattern: '^[a-z0-9][a-z0-9_.-]{0,62}$', description: 'Unique; generated when absent' })),
-  image: Type.String({ minLength: 1, description: 'name[:tag]' }),
+  image: Type.Optional(Type.String({ minLength: 1, description: 'name[:tag]; give this or template' })),
+  template: Type.Optional(Type.String({ minLength: 1, description: 'Clone this template instead of booting an image (start path `clone`)' })),
   args: Type.Optional(Type.Array(Type.String(), { description: 'Replace the image\'s app arguments' })),
   env: Type.Record(Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' }), Type.String(), { default: {} }),
   vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),
@@ -54,6 +55,19 @@ export const VmExitSchema = Type.Object({
 }, { additionalProperties: false })
 export type VmExit = Static<typeof VmExitSchema>
 
+export const StartPathSchema = Type.Union([Type.Literal('cold'), Type.Literal('pool'), Type.Literal('clone')], {
+  description: 'cold: booted from its image; pool: handed out ready by a warm pool; clone: restored from a template'
+})
+export type StartPath = Static<typeof StartPathSchema>
+
+export const StartTimingsSchema = Type.Object({
+  spawnMs: Type.Number({ description: 'Until QEMU answered on its monitor' }),
+  restoreMs: Type.Optional(Type.Number({ description: 'Clones: until the template\'s state was restored and the guest running' })),
+  identityMs: Type.Optional(Type.Number({ description: 'Clones and booted pool instances: until the guest took its identity' })),
+  totalMs: Type.Number()
+}, { additionalProperties: false, description: 'Milliseconds from the start of the create' })
+export type StartTimings = Static<typeof StartTimingsSchema>
+
 export const VmSchema = Type.Object({
   id: Type.String(),
   name: Type.String(),
@@ -76,6 +90,9 @@ export const VmSchema = Type.Object({
   pool: Type.Union([
     Type.Object({ name: Type.String(), claimed: Type.Boolean() }, { additionalProperties: false }),
     Type.Null()
-  ], { description: 'The warm pool the VM belongs to, and whether it has been claimed' })
+  ], { description: 'The warm pool the VM belongs to, and whether it has been claimed' }),
+  startPath: StartPathSchema,
+  template: Type.Union([Type.String(), Type.Null()], { description: 'The template it was cloned from' }),
+  startTimings: Type.Union([StartTimingsSchema, Type.Null()])
 }, { additionalProperties: false })
 export type Vm = Static<typeof VmSchema>

@@ -16,6 +16,8 @@ import { SqliteStore } from '../store/sqlite-store.js'
 import { chooseAccel, type AccelChoice } from '../vmm/qemu/accel-probe.js'
 import { QemuDriver } from '../vmm/qemu/qemu-driver.js'
 import { PoolManager } from '../pool/pool-manager.js'
+import { TemplateManager } from '../snapshot/template-manager.js'
+import { GuestLaunches } from './guest-launches.js'
 import { VmManager } from './vm-manager.js'
 
 /** The version in package.json: one source for `uigniter info` and the OpenAPI document. */
@@ -69,14 +71,18 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
   }
 
   const driver = new QemuDriver({ log: log.child({ component: 'qemu' }) })
-  const manager = new VmManager({ config, store, images, driver, network, accel, log: log.child({ component: 'vms' }) })
+  const launches = new GuestLaunches(images, accel, network)
+  const templates = new TemplateManager({ dataDir: config.dataDir, store, images, driver, launches, network: network !== undefined ? 'bridge' : 'user', log: log.child({ component: 'templates' }) })
+  const manager = new VmManager({ config, store, images, driver, network, launches, templates, accel, log: log.child({ component: 'vms' }) })
   const recovered = await manager.recover()
   log.info(recovered, 'recovered VMs from the previous daemon')
+  const interrupted = await templates.recover()
+  if (interrupted > 0) log.warn({ interrupted }, 'removed templates whose making was interrupted')
   const pools = new PoolManager(manager, store, log.child({ component: 'pools' }))
   pools.restore()
 
   const info: DaemonInfo = { version: VERSION, accel, network: networkInfo, dataDir: config.dataDir, startedAt: new Date().toISOString(), recovered }
-  const app = await buildApi({ manager, pools, images, info, log, token: config.api.token })
+  const app = await buildApi({ manager, pools, templates, images, info, log, token: config.api.token })
   await mkdir(dirname(config.api.socket), { recursive: true })
   await rm(config.api.socket, { force: true })
   await app.listen({ path: config.api.socket })
@@ -98,7 +104,7 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
       await new Promise((resolve) => tcp.close(resolve))
       await app.close()
       pools.close()
-      manager.close()
+      await manager.close()
       store.close()
     }
   }

@@ -6,17 +6,24 @@ import type { Config } from '../core/config.js'
 import { UigniterError } from '../core/errors.js'
 import { formatImageRef, type ImageManifest } from '../core/image.js'
 import type { Logger } from '../core/logger.js'
-import type { Vm, VmCreateRequest, VmExit, VmState } from '../core/vm.js'
+import type { StartPath, StartTimings, Vm, VmCreateRequest, VmExit, VmState } from '../core/vm.js'
 import type { ImageStore } from '../guest/image-store.js'
 import type { HostNetwork } from '../net/host-network.js'
 import type { SqliteStore, VmFilter } from '../store/sqlite-store.js'
 import type { AccelChoice } from '../vmm/qemu/accel-probe.js'
+import { randomMac, sendIdentity, waitForIdentityWait } from '../snapshot/guest-identity.js'
+import type { Template } from '../snapshot/template.js'
+import type { TemplateManager } from '../snapshot/template-manager.js'
 import { USER_NETWORK } from '../vmm/qemu/command-line.js'
-import type { GuestLaunch, QemuDriver } from '../vmm/qemu/qemu-driver.js'
+import type { QemuDriver } from '../vmm/qemu/qemu-driver.js'
 import type { QemuVm } from '../vmm/qemu/qemu-vm.js'
-import { freePort } from '../vmm/qemu/image-boot.js'
+import { VmStateDir } from '../vmm/qemu/vm-state-dir.js'
+import type { Attachment, GuestLaunches, NetworkKind } from './guest-launches.js'
 
 export interface VmEvent { type: 'vm.state', vm: Vm }
+
+/** What pools ask of a create beyond the API's request. */
+export interface CreateInternal { pool?: string, startPaused?: boolean, waitForIdentity?: boolean }
 
 export interface VmManagerDeps {
   config: Config
@@ -25,6 +32,8 @@ export interface VmManagerDeps {
   driver: QemuDriver
   /** Undefined when the host cannot make taps (not root): VMs then use user-mode networking. */
   network: HostNetwork | undefined
+  launches: GuestLaunches
+  templates: TemplateManager
   accel: AccelChoice
   log: Logger
 }
@@ -40,6 +49,8 @@ const LIVE: VmState[] = ['starting', 'running', 'paused', 'stopping']
 export class VmManager extends EventEmitter {
   readonly #deps: VmManagerDeps
   readonly #running = new Map<string, QemuVm>()
+  /** Creates under way: the daemon lets them finish before it closes the store. */
+  readonly #inflight = new Set<Promise<Vm>>()
   /** Settles once a VM's end is recorded and its network released. */
   readonly #finished = new Map<string, Promise<void>>()
 
@@ -93,26 +104,96 @@ export class VmManager extends EventEmitter {
   }
 
   /**
-   * Creates and starts a VM; resolves once QEMU runs (not when the app
-   * answers). `startPaused` leaves its vCPUs stopped before the first
-   * instruction (a prespawned pool instance); `pool` marks its pool.
+   * Creates and starts a VM, booted from its image or cloned from a
+   * template; resolves once QEMU runs (a clone: once it took its identity),
+   * not when the app answers. Internal options for pools: `startPaused`
+   * leaves the vCPUs stopped before the first instruction (prespawned),
+   * `waitForIdentity` boots to the init's wait for an assignment (booted),
+   * `pool` marks the pool.
    */
-  async create (request: VmCreateRequest, internal: { pool?: string, startPaused?: boolean } = {}): Promise<Vm> {
-    const manifest = await this.#deps.images.get(request.image)
+  async create (request: VmCreateRequest, internal: CreateInternal = {}): Promise<Vm> {
+    if ((request.image === undefined) === (request.template === undefined)) {
+      throw new UigniterError('UIG_ERR_API_VALIDATION', 'give either image (to boot it) or template (to clone it), not both or neither')
+    }
+    if (request.template !== undefined) return await this.#clone(request.template, request, internal)
+    const manifest = await this.#deps.images.get(request.image ?? '')
     const vcpus = request.vcpus ?? manifest.vcpus
     const memoryMiB = request.memoryMiB ?? manifest.memoryMiB
     checkResources(vcpus, memoryMiB)
+    const vm = this.#newRecord(manifest, request, { vcpus, memoryMiB, startPath: 'cold', template: null, pool: internal.pool })
+    const t0 = performance.now()
+    return await this.#starting(vm, async () => {
+      const { launch, attachment } = await this.#deps.launches.prepare(vm.id, manifest, {
+        vcpus,
+        memoryMiB,
+        hostname: vm.name,
+        network: vm.network,
+        publish: vm.publish,
+        env: request.env,
+        shares: request.shares,
+        ...(request.args !== undefined ? { args: request.args } : {}),
+        ...(request.overlaySizeMiB !== undefined ? { overlaySizeMiB: request.overlaySizeMiB } : {})
+      })
+      this.#attached(vm, attachment)
+      const qemu = await this.#deps.driver.start({
+        id: vm.id,
+        stateDir: vm.stateDir,
+        launch: {
+          ...launch,
+          ...(internal.startPaused === true ? { startPaused: true } : {}),
+          ...(internal.waitForIdentity === true ? { extraCmdline: ['uigniter.wait=identity'] } : {})
+        },
+        ...(request.cpuAffinity !== undefined ? { cpuAffinity: request.cpuAffinity } : {})
+      })
+      const spawnMs = performance.now() - t0
+      if (internal.waitForIdentity === true) {
+        // A booted pool instance is ready once its init holds the app back; until then a claim would wait for the boot.
+        await waitForIdentityWait(new VmStateDir(vm.stateDir).controlSocket, 60_000).catch(async (err: unknown) => {
+          qemu.kill()
+          await qemu.exited
+          throw err
+        })
+      }
+      return { qemu, timings: { spawnMs, totalMs: performance.now() - t0 }, paused: internal.startPaused === true }
+    })
+  }
+
+  /** A clone of a template: the template's image, resources and app, with its own identity. */
+  async #clone (name: string, request: VmCreateRequest, internal: CreateInternal): Promise<Vm> {
+    const template = await this.#deps.templates.open(name)
+    const { launch } = template.record
+    checkCloneRequest(template, request, this.#deps.launches.networkFor(request.network))
+    const vm = this.#newRecord(launch.manifest, request, { vcpus: launch.vcpus, memoryMiB: launch.memoryMiB, startPath: 'clone', template: name, pool: internal.pool })
+    const t0 = performance.now()
+    return await this.#starting(vm, async () => {
+      const attached = await this.#deps.launches.attach(vm.id, vm.network, vm.publish)
+      this.#attached(vm, attached.attachment)
+      const clone = await template.clone(this.#deps.driver, {
+        id: vm.id,
+        stateDir: vm.stateDir,
+        network: attached.network,
+        guestNetwork: attached.guestNetwork ?? USER_NETWORK,
+        hostname: vm.name,
+        env: request.env,
+        identityTimeoutMs: this.#deps.config.clones.identityTimeoutMs,
+        ...(attached.attachment.macAddress !== null ? { mac: attached.attachment.macAddress } : {})
+      })
+      vm.macAddress = clone.identity.mac
+      return { qemu: clone.vm, timings: { ...clone.timings, totalMs: performance.now() - t0 }, paused: false }
+    })
+  }
+
+  #newRecord (manifest: ImageManifest, request: VmCreateRequest, fields: { vcpus: number, memoryMiB: number, startPath: StartPath, template: string | null, pool: string | undefined }): Vm {
     const id = randomBytes(8).toString('hex')
-    const network = request.network === 'bridge' && this.#deps.network === undefined ? 'user' : request.network
     const vm: Vm = {
       id,
-      name: request.name ?? `${manifest.name.split('/').pop() ?? 'vm'}-${id.slice(0, 6)}`,
+      name: request.name ?? `${(fields.template ?? manifest.name).split('/').pop() ?? 'vm'}-${id.slice(0, 6)}`,
       image: formatImageRef(manifest),
       imageDigest: manifest.digest,
       state: 'starting',
-      vcpus,
-      memoryMiB,
-      network,
+      vcpus: fields.vcpus,
+      memoryMiB: fields.memoryMiB,
+      network: this.#deps.launches.networkFor(request.network),
       ipAddress: null,
       macAddress: null,
       tap: null,
@@ -123,62 +204,80 @@ export class VmManager extends EventEmitter {
       createdAt: new Date().toISOString(),
       startedAt: null,
       exit: null,
-      pool: internal.pool !== undefined ? { name: internal.pool, claimed: false } : null
+      pool: fields.pool !== undefined ? { name: fields.pool, claimed: false } : null,
+      startPath: fields.startPath,
+      template: fields.template,
+      startTimings: null
     }
     this.#deps.store.insertVm(vm)
     this.#emit(vm)
+    return vm
+  }
+
+  #attached (vm: Vm, attachment: Attachment): void {
+    vm.ipAddress = attachment.ipAddress
+    vm.macAddress = attachment.macAddress
+    vm.tap = attachment.tap
+    this.#deps.store.updateVm(vm)
+  }
+
+  /**
+   * Runs a start, then records the VM as running (or paused) and follows it.
+   * A start that fails releases the network and leaves the VM `failed` with
+   * the reason; the error is thrown.
+   */
+  async #starting (vm: Vm, start: () => Promise<{ qemu: QemuVm, timings: StartTimings, paused: boolean }>): Promise<Vm> {
+    const work = (async () => {
+      let qemu: QemuVm | undefined
+      try {
+        const started = await start()
+        qemu = started.qemu
+        vm.pid = qemu.pid
+        vm.state = started.paused ? 'paused' : 'running'
+        vm.startedAt = new Date().toISOString()
+        vm.startTimings = roundTimings(started.timings)
+        this.#deps.store.updateVm(vm)
+        if (vm.network === 'bridge' && vm.publish.length > 0) await this.#deps.network?.publish(vm.id, vm.publish)
+        this.#watch(vm.id, qemu)
+        this.#emit(vm)
+        return vm
+      } catch (err) {
+        // A QEMU left running without its tap would spin on the dead device: it goes with its network.
+        if (qemu !== undefined && !this.#running.has(vm.id)) {
+          qemu.kill()
+          await qemu.exited
+        }
+        await this.#releaseNetwork(vm)
+        this.#finish(vm, { reason: 'boot-failed', detail: (err as Error).message, at: new Date().toISOString() }, 'failed')
+        throw err
+      }
+    })()
+    this.#inflight.add(work)
     try {
-      const launch = { ...await this.#launchSpec(vm, manifest, request), ...(internal.startPaused === true ? { startPaused: true } : {}) }
-      const qemu = await this.#deps.driver.start({ id, stateDir: vm.stateDir, launch, ...(request.cpuAffinity !== undefined ? { cpuAffinity: request.cpuAffinity } : {}) })
-      vm.pid = qemu.pid
-      vm.state = internal.startPaused === true ? 'paused' : 'running'
-      vm.startedAt = new Date().toISOString()
-      this.#deps.store.updateVm(vm)
-      if (network === 'bridge' && vm.publish.length > 0) await this.#deps.network?.publish(id, vm.publish)
-      this.#watch(id, qemu)
-      this.#emit(vm)
-      return vm
-    } catch (err) {
-      await this.#releaseNetwork(vm)
-      this.#finish(vm, { reason: 'boot-failed', detail: (err as Error).message, at: new Date().toISOString() }, 'failed')
-      throw err
+      return await work
+    } finally {
+      this.#inflight.delete(work)
     }
   }
 
-  async #launchSpec (vm: Vm, manifest: ImageManifest, request: VmCreateRequest): Promise<GuestLaunch> {
-    const { images } = this.#deps
-    const base = {
-      manifest,
-      kernelPath: images.blobPath(manifest.kernel.blob.digest),
-      rootfsPath: manifest.rootfs !== undefined ? images.blobPath(manifest.rootfs.digest) : undefined,
-      accel: this.#deps.accel.accel,
-      vcpus: vm.vcpus,
-      memoryMiB: vm.memoryMiB,
+  /**
+   * Gives a VM that waits for its assignment (a booted pool instance) its
+   * identity, with the address it already has, and so starts its app.
+   */
+  async assign (id: string, env: Record<string, string> = {}): Promise<Vm> {
+    const vm = this.get(id)
+    if (!this.#running.has(vm.id) || vm.state !== 'running') {
+      throw new UigniterError('UIG_ERR_VM_INVALID_STATE', `VM ${vm.name} is ${vm.state}; only a running VM can take an assignment`)
+    }
+    const dir = new VmStateDir(vm.stateDir)
+    const { spec } = await dir.readLaunch()
+    await sendIdentity(dir.controlSocket, {
+      guestNetwork: spec.guestNetwork ?? USER_NETWORK,
+      mac: vm.macAddress ?? (spec.network.mode === 'none' ? undefined : spec.network.mac) ?? randomMac(),
       hostname: vm.name,
-      appArgs: request.args,
-      appEnv: request.env,
-      shares: request.shares,
-      ...(request.overlaySizeMiB !== undefined ? { overlaySizeMiB: request.overlaySizeMiB } : {})
-    }
-    if (vm.network === 'bridge' && this.#deps.network !== undefined) {
-      const attached = await this.#deps.network.attach(vm.id)
-      vm.ipAddress = attached.ip
-      vm.macAddress = attached.mac
-      vm.tap = attached.tap
-      this.#deps.store.updateVm(vm)
-      return {
-        ...base,
-        network: { mode: 'tap', tap: attached.tap, mac: attached.mac },
-        guestNetwork: { address: attached.ip, prefix: attached.prefix, gateway: attached.gateway, dns: attached.dns }
-      }
-    }
-    if (vm.network === 'user') {
-      const forwards = []
-      for (const p of vm.publish) forwards.push({ hostAddress: p.hostAddress, hostPort: p.hostPort === 0 ? await freePort() : p.hostPort, guestPort: p.guestPort })
-      vm.ipAddress = USER_NETWORK.address
-      return { ...base, network: { mode: 'user', forwards }, guestNetwork: USER_NETWORK }
-    }
-    return { ...base, network: { mode: 'none' } }
+      env
+    }, this.#deps.config.clones.identityTimeoutMs)
+    return vm
   }
 
   /** Follows a QEMU process to its end and records how it ended. */
@@ -276,11 +375,17 @@ export class VmManager extends EventEmitter {
     return vm
   }
 
-  /** Records that a pool handed this VM out. */
-  markClaimed (id: string): Vm {
+  /** Throws UIG_ERR_TEMPLATE_NOT_FOUND unless the template can be cloned. */
+  async checkTemplate (name: string): Promise<void> {
+    await this.#deps.templates.open(name)
+  }
+
+  /** Records that a pool handed this VM out, and how it started for its holder. */
+  markClaimed (id: string, path: StartPath): Vm {
     const vm = this.get(id)
     if (vm.pool !== null) {
       vm.pool = { ...vm.pool, claimed: true }
+      vm.startPath = path
       this.#deps.store.updateVm(vm)
       this.#emit(vm)
     }
@@ -312,8 +417,14 @@ export class VmManager extends EventEmitter {
     return this.#deps.driver.followConsole(vm.stateDir, onData)
   }
 
-  /** Stops watching without stopping VMs: they outlive the daemon. */
-  close (): void {
+  /**
+   * Stops watching without stopping VMs: they outlive the daemon. Creates
+   * under way may finish first (up to `graceMs`), so that none is left half
+   * recorded; the next daemon adopts what runs.
+   */
+  async close (graceMs = 15_000): Promise<void> {
+    const settled = Promise.allSettled([...this.#inflight])
+    await Promise.race([settled, new Promise((resolve) => setTimeout(resolve, graceMs).unref())])
     for (const qemu of this.#running.values()) qemu.close()
     this.#running.clear()
   }
@@ -333,4 +444,24 @@ function checkResources (vcpus: number, memoryMiB: number): void {
   if (memoryMiB > hostMiB) {
     throw new UigniterError('UIG_ERR_VM_RESOURCES', `${memoryMiB} MiB of memory asked, but the host has ${hostMiB} MiB in all (${Math.floor(freemem() / 1048576)} MiB free)`)
   }
+}
+
+/** A clone is its template's guest: nothing that would change its devices or its boot can be asked for. */
+function checkCloneRequest (template: Template, request: VmCreateRequest, network: NetworkKind): void {
+  const { launch } = template.record
+  const refuse = (what: string): never => { throw new UigniterError('UIG_ERR_CLONE_REQUEST', `a clone of template ${template.id} ${what}`) }
+  if (request.args !== undefined) refuse('runs the arguments its template booted with; make another template to change them')
+  if (template.record.ready === 'app' && Object.keys(request.env).length > 0) {
+    refuse('keeps the environment its app started with (the template was taken at ready: app); make a template with ready: init to give each clone its own')
+  }
+  if (request.shares.length > 0) refuse('cannot have shared directories: they are devices its template did not have')
+  if (request.overlaySizeMiB !== undefined) refuse('cannot have an overlay disk: it is a device its template did not have')
+  if (request.vcpus !== undefined && request.vcpus !== launch.vcpus) refuse(`has its template's ${launch.vcpus} vCPU(s)`)
+  if (request.memoryMiB !== undefined && request.memoryMiB !== launch.memoryMiB) refuse(`has its template's ${launch.memoryMiB} MiB of memory`)
+  const templateNetwork = launch.network.mode === 'tap' ? 'bridge' : launch.network.mode
+  if (network !== templateNetwork) refuse(`uses its template's network (${templateNetwork}), not ${network}`)
+}
+
+function roundTimings (t: StartTimings): StartTimings {
+  return Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round(v * 10) / 10])) as StartTimings
 }

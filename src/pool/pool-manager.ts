@@ -11,9 +11,12 @@ import { WarmPool, type EmptyPolicy, type ReleasePolicy } from './warm-pool.js'
 /**
  * The daemon's warm pools. A pool's instances are ordinary VMs (marked with
  * the pool's name), so they show in `ps`, survive a daemon restart and are
- * adopted back into their pool. `prespawned` instances are QEMU processes
- * started with their vCPUs stopped, with tap, address and MAC attached: a
- * claim resumes one, and it boots from there.
+ * adopted back into their pool. What a claim does depends on the kind:
+ * - `prespawned`: QEMU started with its vCPUs stopped, with tap, address
+ *   and MAC attached; the claim resumes it and it boots from there;
+ * - `booted`: the guest booted and its init holds the app back; the claim
+ *   gives it its identity (and env), and the app starts;
+ * - `clone`: a clone of a template, app started; the claim hands it out.
  */
 export class PoolManager extends EventEmitter {
   readonly #vms: VmManager
@@ -51,7 +54,17 @@ export class PoolManager extends EventEmitter {
       throw new UigniterError('UIG_ERR_POOL_POLICY_INVALID', `invalid pool: ${describeSchemaErrors(PoolSpecSchema, spec)}`)
     }
     if (spec.min > spec.max) throw new UigniterError('UIG_ERR_POOL_POLICY_INVALID', `invalid pool: min (${spec.min}) is larger than max (${spec.max})`)
-    await this.#vms.checkImage(spec.image)
+    if (spec.kind === 'clone') {
+      if (spec.template === undefined || spec.image !== undefined || spec.vcpus !== undefined || spec.memoryMiB !== undefined) {
+        throw new UigniterError('UIG_ERR_POOL_POLICY_INVALID', 'invalid pool: a clone pool names a template, and takes its image, vCPUs and memory from it')
+      }
+      await this.#vms.checkTemplate(spec.template)
+    } else {
+      if (spec.image === undefined || spec.template !== undefined) {
+        throw new UigniterError('UIG_ERR_POOL_POLICY_INVALID', `invalid pool: a ${spec.kind} pool names an image, and no template (templates make clone pools)`)
+      }
+      await this.#vms.checkImage(spec.image)
+    }
     this.#store.insertPool(spec)
     const entry = this.#open(spec)
     entry.pool.start()
@@ -87,18 +100,31 @@ export class PoolManager extends EventEmitter {
     return status
   }
 
-  /** Hands out a VM: a ready one (resumed now), or per the empty policy. */
-  async claim (name: string, options: { onEmpty?: EmptyPolicy, queueTimeoutMs?: number } = {}): Promise<ClaimResult> {
+  /**
+   * Hands out a VM: a ready one, or per the empty policy. A booted
+   * instance takes its identity and `env` now; other kinds started theirs.
+   */
+  async claim (name: string, options: { onEmpty?: EmptyPolicy, queueTimeoutMs?: number, env?: Record<string, string> } = {}): Promise<ClaimResult> {
     const started = performance.now()
-    const { pool } = this.#get(name)
+    const { spec, pool } = this.#get(name)
+    if (options.env !== undefined && Object.keys(options.env).length > 0 && spec.kind !== 'booted') {
+      throw new UigniterError('UIG_ERR_API_VALIDATION', `pool ${name} is a ${spec.kind} pool, whose apps start without a claim's env; only booted pools take env at claim`)
+    }
     const claim = await pool.claim(options)
-    const resumeStarted = performance.now()
-    const paused = this.#vms.get(claim.instance)
-    if (paused.state === 'paused') await this.#vms.resume(claim.instance)
-    const vm = this.#vms.markClaimed(claim.instance)
+    const handOverStarted = performance.now()
+    try {
+      if (spec.kind === 'prespawned' && this.#vms.get(claim.instance).state === 'paused') await this.#vms.resume(claim.instance)
+      if (spec.kind === 'booted') await this.#vms.assign(claim.instance, options.env)
+    } catch (err) {
+      // Never hand out an instance that did not take its assignment.
+      await pool.release(claim.instance, { onRelease: 'recycle' }).catch(() => {})
+      throw err
+    }
+    const path = claim.path === 'pool' ? 'pool' : spec.kind === 'clone' ? 'clone' : 'cold'
+    const vm = this.#vms.markClaimed(claim.instance, path)
     const done = performance.now()
-    this.emit('claim', { pool: name, path: claim.path })
-    return { vm, path: claim.path, timings: { waitMs: claim.waitedMs, resumeMs: done - resumeStarted, totalMs: done - started } }
+    this.emit('claim', { pool: name, path })
+    return { vm, path, timings: { waitMs: claim.waitedMs, resumeMs: done - handOverStarted, totalMs: done - started } }
   }
 
   /** Gives a claimed VM back: destroyed, or destroyed and replaced by a fresh one (recycle). */
@@ -112,14 +138,14 @@ export class PoolManager extends EventEmitter {
     const pool = new WarmPool<string>({
       create: async () => {
         const vm = await this.#vms.create({
-          image: spec.image,
+          ...(spec.kind === 'clone' ? { template: spec.template } : { image: spec.image }),
           env: {},
           network: 'bridge',
           publish: [],
           shares: [],
           ...(spec.vcpus !== undefined ? { vcpus: spec.vcpus } : {}),
           ...(spec.memoryMiB !== undefined ? { memoryMiB: spec.memoryMiB } : {})
-        }, { pool: spec.name, startPaused: true })
+        }, { pool: spec.name, ...(spec.kind === 'prespawned' ? { startPaused: true } : spec.kind === 'booted' ? { waitForIdentity: true } : {}) })
         return vm.id
       },
       destroy: async (id) => { await this.#vms.remove(id, true).catch((err: unknown) => { this.#log.warn({ err, vm: id }, 'removing a pool VM failed') }) }
@@ -138,6 +164,7 @@ export class PoolManager extends EventEmitter {
 
   /** Stops refilling; VMs keep running and are adopted by the next daemon. */
   close (): void {
+    for (const { pool } of this.#pools.values()) pool.stop()
     this.#pools.clear()
   }
 }

@@ -50,6 +50,8 @@ export class WarmPool<T> extends EventEmitter {
   readonly #waiters: Array<{ resolve: (claim: Claim<T>) => void, reject: (err: Error) => void, timer: NodeJS.Timeout, since: number }> = []
   readonly #stats = { hits: 0, misses: 0, waits: 0, failures: 0 }
   #closed = false
+  /** The daemon stops: no more instances are made, none is destroyed. */
+  #stopped = false
 
   constructor (factory: InstanceFactory<T>, policy: PoolPolicy) {
     super()
@@ -152,6 +154,18 @@ export class WarmPool<T> extends EventEmitter {
     this.#refill()
   }
 
+  /**
+   * Stops making instances and fails queued claims, destroying nothing: the
+   * daemon is going away, and the next one adopts the instances.
+   */
+  stop (): void {
+    this.#stopped = true
+    for (const w of this.#waiters.splice(0)) {
+      clearTimeout(w.timer)
+      w.reject(new UigniterError('UIG_ERR_POOL_CLOSED', 'the daemon is stopping'))
+    }
+  }
+
   /** Destroys every ready instance and fails queued claims; claimed ones stay with their holders. */
   async close (): Promise<void> {
     this.#closed = true
@@ -173,7 +187,7 @@ export class WarmPool<T> extends EventEmitter {
    * never more than `max` in all nor more than `refillConcurrency` at once.
    */
   #refill (extra = 0): void {
-    if (this.#closed) return
+    if (this.#closed || this.#stopped) return
     const want = this.#policy.min + this.#waiters.length + extra
     while (this.#ready.length + this.#creating < want &&
       this.#total() < this.#policy.max &&

@@ -1,21 +1,28 @@
-import { createHash, randomBytes } from 'node:crypto'
+import { createHash } from 'node:crypto'
 import { mkdir, readFile, rm, rmdir, statfs } from 'node:fs/promises'
 import { dirname, join, resolve } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { waitForAppAnswer, type AppProbe } from '../core/app-probe.js'
 import { UigniterError } from '../core/errors.js'
 import { writeFileAtomic } from '../core/fs-atomic.js'
-import { encodeParam, type GuestNetwork, type LaunchNetwork } from '../vmm/qemu/command-line.js'
-import { ControlChannel } from '../vmm/qemu/control-channel.js'
+import type { GuestNetwork, LaunchNetwork } from '../vmm/qemu/command-line.js'
 import type { GuestLaunch, QemuDriver } from '../vmm/qemu/qemu-driver.js'
 import type { QemuVm } from '../vmm/qemu/qemu-vm.js'
 import { VmStateDir } from '../vmm/qemu/vm-state-dir.js'
+import { checkIdentityEnv, randomMac, sendIdentity, waitForIdentityWait } from './guest-identity.js'
 
 /** What template.json holds: enough to clone the template again after a daemon restart. */
 export interface TemplateRecord {
   version: 1
   id: string
-  /** The point the template was taken at; `init`: the init waits for an identity before starting the app. */
-  ready: 'init'
+  /**
+   * The point the template was taken at. `init`: the init waits for an
+   * identity before it starts the app. `app`: the app runs and answered its
+   * probe; clones take their identity under it, so they keep its env.
+   */
+  ready: 'init' | 'app'
+  /** What answered for `ready: app`: the guest port, and the HTTP path when one was asked. */
+  probe: { port: number, httpPath?: string } | null
   /** The template VM's launch; clones start with the same one, bar the network and the memory's sharing. */
   launch: GuestLaunch
   /** Guest RAM (shared by every clone, copy-on-write) and QEMU's device state. */
@@ -40,8 +47,12 @@ export interface TemplateCreateOptions {
    * written back to the disk for nothing.
    */
   memoryDir?: string
-  /** Boot to the init's wait point (default 60 s). */
+  /** Boot to the ready point (default 60 s). */
   bootTimeoutMs?: number
+  /** `init` (default) or `app`; `app` needs `probe`. */
+  ready?: 'init' | 'app'
+  /** For `ready: app`: where the host reaches the app (the template's tap address, or a user-mode forward), and its guest port. */
+  probe?: AppProbe & { guestPort: number }
 }
 
 export interface CloneOptions {
@@ -71,8 +82,6 @@ export interface CloneResult {
 }
 
 const TMPFS_MAGIC = 0x01021994
-/** ip, gw, mac, hostname, seed, time: the init takes 16 arguments per command. */
-const MAX_IDENTITY_ENV = 10
 
 /**
  * A snapshot of a guest stopped where its init waits for an identity, from
@@ -104,18 +113,20 @@ export class Template {
   }
 
   /**
-   * Boots the image with its RAM in a shared file and `uigniter.wait=identity`,
-   * waits until the init holds the app back, then pauses it, saves the
-   * device state without the RAM (`x-ignore-shared`) and ends the VM.
+   * Boots the image with its RAM in a shared file and waits for the ready
+   * point: the init holding the app back (`uigniter.wait=identity`), or the
+   * app answering its probe. Then it pauses the guest, saves the device
+   * state without the RAM (`x-ignore-shared`) and ends the VM.
    * Throws UIG_ERR_TEMPLATE_FAILED; nothing is left behind on failure.
    */
   static async create (driver: QemuDriver, options: TemplateCreateOptions): Promise<Template> {
     const { id } = options
+    const ready = options.ready ?? 'init'
     if (!/^[A-Za-z0-9][A-Za-z0-9_.-]*$/.test(id)) throw new UigniterError('UIG_ERR_TEMPLATE_FAILED', `invalid template id "${id}"`)
     if (options.launch.manifest.init === null) throw new UigniterError('UIG_ERR_TEMPLATE_FAILED', 'a template needs our guest init (to take a clone\'s identity), and a unikernel has none')
+    if (ready === 'app' && options.probe === undefined) throw new UigniterError('UIG_ERR_TEMPLATE_FAILED', 'a template taken at ready: app needs a port to probe')
     const dir = Template.dirOf(options.dataDir, id)
-    const memoryDir = options.memoryDir ??
-      (await onTmpfs(options.dataDir) ? dir : join('/dev/shm/uigniter-templates', `${createHash('sha256').update(dir).digest('hex').slice(0, 12)}-${id}`))
+    const memoryDir = options.memoryDir ?? await defaultMemoryDir(options.dataDir, id)
     const memoryPath = join(memoryDir, 'memory.ram')
     const statePath = join(dir, 'state.bin')
     const vmDir = new VmStateDir(join(dir, 'vm'))
@@ -127,14 +138,22 @@ export class Template {
     const launch: GuestLaunch = {
       ...options.launch,
       memory: { path: memoryPath, share: true },
-      extraCmdline: [...(options.launch.extraCmdline ?? []), 'uigniter.wait=identity']
+      extraCmdline: [...(options.launch.extraCmdline ?? []), ...(ready === 'init' ? ['uigniter.wait=identity'] : [])]
     }
+    const timeoutMs = options.bootTimeoutMs ?? 60_000
     const t0 = Date.now()
     let vm: QemuVm | undefined
     try {
       vm = await driver.start({ id: `template-${id}`, stateDir: vmDir.dir, launch })
-      await vm.waitForMarker('init', options.bootTimeoutMs ?? 60_000)
-      await waitForIdentityWait(vmDir.controlSocket, Math.max(1000, (options.bootTimeoutMs ?? 60_000) - (Date.now() - t0)))
+      await vm.waitForMarker('init', timeoutMs)
+      const left = (): number => Math.max(1000, timeoutMs - (Date.now() - t0))
+      if (ready === 'init') await waitForIdentityWait(vmDir.controlSocket, left())
+      else {
+        const started = vm
+        let ended: string | undefined
+        void started.exited.then((exit) => { ended = `the template VM ended: ${exit.reason}: ${exit.detail}` })
+        await waitForAppAnswer(options.probe ?? { host: '', port: 0 }, left(), () => ended)
+      }
       const bootMs = Date.now() - t0
       const t1 = Date.now()
       await vm.pause()
@@ -144,7 +163,10 @@ export class Template {
       await waitForMigration(vm, 30_000)
       const saveMs = Date.now() - t1
       await endVm(vm)
-      const record: TemplateRecord = { version: 1, id, ready: 'init', launch: options.launch, memoryPath, statePath, createdAt: new Date().toISOString(), timings: { bootMs, saveMs } }
+      const probe = options.probe !== undefined && ready === 'app'
+        ? { port: options.probe.guestPort, ...(options.probe.httpPath !== undefined ? { httpPath: options.probe.httpPath } : {}) }
+        : null
+      const record: TemplateRecord = { version: 1, id, ready, probe, launch: options.launch, memoryPath, statePath, createdAt: new Date().toISOString(), timings: { bootMs, saveMs } }
       await writeFileAtomic(join(dir, 'template.json'), JSON.stringify(record, null, 2) + '\n')
       await rm(vmDir.dir, { recursive: true, force: true })
       return new Template(dir, record)
@@ -157,11 +179,21 @@ export class Template {
     }
   }
 
+  /** Removes whatever a template's making left behind, complete or not, when it used the default memory directory. */
+  static async discard (dataDir: string, id: string): Promise<void> {
+    const memoryDir = await defaultMemoryDir(dataDir, id)
+    await rm(join(memoryDir, 'memory.ram'), { force: true })
+    await rm(Template.dirOf(dataDir, id), { recursive: true, force: true })
+    await rmdir(memoryDir).catch(() => {})
+  }
+
   /** Opens a template made earlier, from its template.json. Throws UIG_ERR_TEMPLATE_NOT_FOUND. */
   static async open (dataDir: string, id: string): Promise<Template> {
     const dir = Template.dirOf(dataDir, id)
     try {
-      const record = JSON.parse(await readFile(join(dir, 'template.json'), 'utf8')) as TemplateRecord
+      // Records from before `ready: app` have no probe.
+      const parsed = JSON.parse(await readFile(join(dir, 'template.json'), 'utf8')) as Omit<TemplateRecord, 'probe'> & { probe?: TemplateRecord['probe'] }
+      const record: TemplateRecord = { ...parsed, probe: parsed.probe ?? null }
       if (record.version !== 1 || record.id !== id) throw new Error('unexpected content')
       return new Template(dir, record)
     } catch (err) {
@@ -177,12 +209,11 @@ export class Template {
    * thrown (UIG_ERR_CLONE_RESTORE, UIG_ERR_CLONE_IDENTITY).
    */
   async clone (driver: QemuDriver, options: CloneOptions): Promise<CloneResult> {
+    if (this.record.ready === 'app' && Object.keys(options.env ?? {}).length > 0) {
+      throw new UigniterError('UIG_ERR_CLONE_REQUEST', `template ${this.id} was taken with its app running (ready: app), so every clone keeps the app's environment; make a template with ready: init to give each clone its own`)
+    }
+    checkIdentityEnv(options.env ?? {})
     const mac = (options.mac ?? (options.network.mode !== 'none' ? options.network.mac : undefined) ?? randomMac()).toLowerCase()
-    const envArgs = Object.entries(options.env ?? {}).map(([key, value]) => {
-      if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(key)) throw new UigniterError('UIG_ERR_CLONE_IDENTITY', `invalid environment variable name "${key}"`)
-      return `env=${key}=${encodeParam(value)}`
-    })
-    if (envArgs.length > MAX_IDENTITY_ENV) throw new UigniterError('UIG_ERR_CLONE_IDENTITY', `a clone takes at most ${MAX_IDENTITY_ENV} environment variables, not ${envArgs.length}`)
     const network = withGuestAddress(options.network, options.guestNetwork.address)
     const t0 = Date.now()
     const vm = await driver.start({
@@ -205,23 +236,10 @@ export class Template {
         throw new UigniterError('UIG_ERR_CLONE_RESTORE', `clone ${options.id} could not restore template ${this.id}: ${(err as Error).message}`, { cause: err })
       }
       const identityTimeout = options.identityTimeoutMs ?? 5000
-      const deadline = Date.now() + identityTimeout
-      let channel: ControlChannel | undefined
       try {
-        channel = await ControlChannel.connect(new VmStateDir(options.stateDir).controlSocket, identityTimeout)
-        const { address, prefix, gateway } = options.guestNetwork
-        await channel.request(['identity', ...envArgs].join(' '), {
-          ip: `${address}/${prefix}`,
-          ...(gateway !== undefined ? { gw: gateway } : {}),
-          mac,
-          hostname: options.hostname,
-          seed: randomBytes(32).toString('hex'),
-          time: Date.now()
-        }, Math.max(1, deadline - Date.now()))
+        await sendIdentity(new VmStateDir(options.stateDir).controlSocket, { guestNetwork: options.guestNetwork, mac, hostname: options.hostname, env: options.env ?? {} }, identityTimeout)
       } catch (err) {
-        throw new UigniterError('UIG_ERR_CLONE_IDENTITY', `clone ${options.id} did not take its identity within ${identityTimeout} ms: ${(err as Error).message}`, { cause: err })
-      } finally {
-        channel?.close()
+        throw new UigniterError('UIG_ERR_CLONE_IDENTITY', `clone ${options.id} of template ${this.id}: ${(err as Error).message}`, { cause: err })
       }
       return {
         vm,
@@ -242,29 +260,6 @@ export class Template {
     await rm(this.dir, { recursive: true, force: true })
     // The RAM's own directory, when it was made for this template; a shared one stays while it holds others.
     await rmdir(dirname(this.record.memoryPath)).catch(() => {})
-  }
-}
-
-/**
- * The init answers `status` with `"app":"waiting"` once it holds the app
- * back; its first answer also proves it serves the control channel. The
- * channel is closed again before the snapshot, so that each clone's host
- * connection is news to its guest.
- */
-async function waitForIdentityWait (socket: string, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs
-  const channel = await ControlChannel.connect(socket, timeoutMs)
-  try {
-    for (;;) {
-      const reply = await channel.request('status', {}, Math.max(1, deadline - Date.now()))
-      if (reply.app === 'waiting') return
-      if (reply.app !== 'running' || Date.now() > deadline) {
-        throw new UigniterError('UIG_ERR_TEMPLATE_FAILED', `the guest init does not wait for an identity (its app is ${String(reply.app)}): the image's init is older than uigniter.wait support; rebuild the image`)
-      }
-      await sleep(20)
-    }
-  } finally {
-    channel.close()
   }
 }
 
@@ -296,15 +291,14 @@ function withGuestAddress (network: LaunchNetwork, address: string): LaunchNetwo
   return { ...network, forwards: network.forwards.map((f) => ({ ...f, guestAddress: f.guestAddress ?? address })) }
 }
 
-/** A random unicast, locally administered MAC. */
-function randomMac (): string {
-  const b = randomBytes(6)
-  b[0] = ((b[0] ?? 0) & 0xfc) | 0x02
-  return [...b].map((x) => x.toString(16).padStart(2, '0')).join(':')
-}
-
 function shellQuote (value: string): string {
   return `'${value.replaceAll('\'', '\'\\\'\'')}'`
+}
+
+/** See TemplateCreateOptions.memoryDir. */
+async function defaultMemoryDir (dataDir: string, id: string): Promise<string> {
+  const dir = Template.dirOf(dataDir, id)
+  return await onTmpfs(dataDir) ? dir : join('/dev/shm/uigniter-templates', `${createHash('sha256').update(dir).digest('hex').slice(0, 12)}-${id}`)
 }
 
 async function onTmpfs (path: string): Promise<boolean> {

@@ -135,5 +135,5 @@ export class SqliteStore {
 
 /** Records written before a field existed get its empty value. */
 function parseVm (record: string): Vm {
-  return { pool: null, ...(JSON.parse(record) as Omit<Vm, 'pool'>) }
+  return { pool: null, startPath: 'cold', template: null, startTimings: null, ...(JSON.parse(record) as Partial<Vm>) } as Vm
 }

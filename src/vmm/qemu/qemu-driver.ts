@@ -167,6 +167,7 @@ export class QemuDriver {
       stopTimeouts: this.#stopTimeouts,
       rotateIntervalMs: this.#rotateMs,
       livenessPollMs: this.#livenessMs,
+      assumeBooted: restored(record),
       forget: () => this.#vms.delete(dir.dir)
     })
     this.#vms.set(dir.dir, vm)
@@ -217,7 +218,7 @@ export class QemuDriver {
           stopTimeouts: this.#stopTimeouts,
           rotateIntervalMs: this.#rotateMs,
           livenessPollMs: this.#livenessMs,
-          assumeBooted: rotated,
+          assumeBooted: rotated || restored(record),
           forget: () => this.#vms.delete(dir.dir)
         })
         this.#vms.set(dir.dir, vm)
@@ -233,7 +234,7 @@ export class QemuDriver {
     const facts = new ConsoleFacts()
     facts.feed(await consoleLog.read({ tailBytes: Infinity }))
     facts.end()
-    if (rotated) facts.init = true
+    if (rotated || restored(record)) facts.init = true
     const exit = decideExit({
       pid: pid ?? 0,
       console: facts,
@@ -326,4 +327,9 @@ function tryKill (pid: number): void {
 function bootUsOf (iso: string): number {
   const bootMs = Date.now() - uptime() * 1000
   return Math.max(0, (Date.parse(iso) - bootMs) * 1000)
+}
+
+/** A clone resumes a guest that booted in its template: its console never shows the init's start. */
+function restored (record: LaunchRecord): boolean {
+  return record.spec.incoming !== undefined
 }

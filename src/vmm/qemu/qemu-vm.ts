@@ -43,7 +43,10 @@ export interface QemuVmInit {
   stopTimeouts: StopTimeouts
   rotateIntervalMs: number
   livenessPollMs: number
-  /** The console was rotated before this process read it: the boot markers may be gone, but the guest did boot. */
+  /**
+   * The guest booted before this console was read: the log was rotated, or
+   * the VM is a clone restored from a template's snapshot.
+   */
   assumeBooted?: boolean
   /** Called once when the VM ends or is closed: the driver forgets it. */
   forget?: () => void

@@ -1,0 +1,103 @@
+import type { ImageManifest } from '../core/image.js'
+import type { Publish, Share } from '../core/vm.js'
+import type { ImageStore } from '../guest/image-store.js'
+import type { HostNetwork } from '../net/host-network.js'
+import type { AccelChoice } from '../vmm/qemu/accel-probe.js'
+import { USER_NETWORK, type GuestNetwork, type LaunchNetwork } from '../vmm/qemu/command-line.js'
+import { freePort } from '../vmm/qemu/image-boot.js'
+import type { GuestLaunch } from '../vmm/qemu/qemu-driver.js'
+
+export type NetworkKind = 'bridge' | 'user' | 'none'
+
+/** How a guest was attached: what its VM record shows. */
+export interface Attachment { ipAddress: string | null, macAddress: string | null, tap: string | null }
+
+export interface LaunchOptions {
+  vcpus: number
+  memoryMiB: number
+  hostname: string
+  network: NetworkKind
+  publish?: Publish[]
+  args?: string[]
+  env?: Record<string, string>
+  shares?: Share[]
+  overlaySizeMiB?: number
+}
+
+/**
+ * Turns an image and a VM's settings into a QEMU launch, attaching the
+ * guest to the network on the way: a tap and an address on the bridge,
+ * free host ports for user-mode forwards, or nothing. VMs and templates
+ * start the same way. `owner` keys the tap and the address; whoever
+ * attaches detaches (HostNetwork.detach).
+ */
+export class GuestLaunches {
+  readonly #images: ImageStore
+  readonly #accel: AccelChoice
+  readonly #network: HostNetwork | undefined
+
+  constructor (images: ImageStore, accel: AccelChoice, network: HostNetwork | undefined) {
+    this.#images = images
+    this.#accel = accel
+    this.#network = network
+  }
+
+  /** `bridge` when the host can make taps, else `user`: what a VM asking for a bridge gets. */
+  networkFor (asked: NetworkKind): NetworkKind {
+    return asked === 'bridge' && this.#network === undefined ? 'user' : asked
+  }
+
+  async prepare (owner: string, manifest: ImageManifest, options: LaunchOptions): Promise<{ launch: GuestLaunch, attachment: Attachment }> {
+    const base = {
+      manifest,
+      kernelPath: this.#images.blobPath(manifest.kernel.blob.digest),
+      rootfsPath: manifest.rootfs !== undefined ? this.#images.blobPath(manifest.rootfs.digest) : undefined,
+      accel: this.#accel.accel,
+      vcpus: options.vcpus,
+      memoryMiB: options.memoryMiB,
+      hostname: options.hostname,
+      appArgs: options.args,
+      appEnv: options.env,
+      shares: options.shares ?? [],
+      ...(options.overlaySizeMiB !== undefined ? { overlaySizeMiB: options.overlaySizeMiB } : {})
+    }
+    const { network, guestNetwork, attachment } = await this.attach(owner, options.network, options.publish ?? [])
+    return { launch: { ...base, network, ...(guestNetwork !== undefined ? { guestNetwork } : {}) }, attachment }
+  }
+
+  /**
+   * Only the network: what a clone needs, whose guest is already made.
+   * `bridge` becomes `user` on a host without taps.
+   */
+  async attach (owner: string, asked: NetworkKind, publish: Publish[]): Promise<{ network: LaunchNetwork, guestNetwork?: GuestNetwork, attachment: Attachment }> {
+    const kind = this.networkFor(asked)
+    if (kind === 'bridge' && this.#network !== undefined) {
+      const attached = await this.#network.attach(owner)
+      return {
+        network: { mode: 'tap', tap: attached.tap, mac: attached.mac },
+        guestNetwork: { address: attached.ip, prefix: attached.prefix, gateway: attached.gateway, dns: attached.dns },
+        attachment: { ipAddress: attached.ip, macAddress: attached.mac, tap: attached.tap }
+      }
+    }
+    if (kind === 'user') {
+      return {
+        network: { mode: 'user', forwards: await userForwards(publish) },
+        guestNetwork: USER_NETWORK,
+        attachment: { ipAddress: USER_NETWORK.address, macAddress: null, tap: null }
+      }
+    }
+    return { network: { mode: 'none' }, attachment: { ipAddress: null, macAddress: null, tap: null } }
+  }
+
+  /** Frees the owner's tap, published ports and address; a no-op without a bridge. */
+  async release (owner: string): Promise<void> {
+    await this.#network?.detach(owner)
+  }
+}
+
+/** Host port 0 means any free port. */
+export async function userForwards (publish: Publish[]): Promise<Array<{ hostAddress: string, hostPort: number, guestPort: number }>> {
+  const forwards = []
+  for (const p of publish) forwards.push({ hostAddress: p.hostAddress, hostPort: p.hostPort === 0 ? await freePort() : p.hostPort, guestPort: p.guestPort })
+  return forwards
+}

@@ -1,0 +1,209 @@
+import { EventEmitter } from 'node:events'
+import { readdir, stat } from 'node:fs/promises'
+import { join } from 'node:path'
+import { Value } from '@sinclair/typebox/value'
+import { describeSchemaErrors } from '../core/config.js'
+import { UigniterError } from '../core/errors.js'
+import { formatImageRef } from '../core/image.js'
+import type { Logger } from '../core/logger.js'
+import { TemplateSpecSchema, type TemplateInfo } from '../core/template.js'
+import type { GuestLaunches } from '../daemon/guest-launches.js'
+import type { ImageStore } from '../guest/image-store.js'
+import type { SqliteStore } from '../store/sqlite-store.js'
+import type { QemuDriver } from '../vmm/qemu/qemu-driver.js'
+import { Template } from './template.js'
+
+export interface TemplateManagerDeps {
+  dataDir: string
+  store: SqliteStore
+  images: ImageStore
+  driver: QemuDriver
+  launches: GuestLaunches
+  /** bridge when the daemon makes taps: the template's NIC backend, which its clones must share. */
+  network: 'bridge' | 'user'
+  log: Logger
+}
+
+const LIVE = ['starting', 'running', 'paused', 'stopping'] as const
+
+/**
+ * The daemon's templates: made from an image on request, kept as files in
+ * `<dataDir>/templates/<name>/` (so they outlive the daemon), cloned by
+ * VmManager, and deleted only when nothing maps them any more. Events
+ * ('template' → { type, template }) feed the API's server-sent events.
+ */
+export class TemplateManager extends EventEmitter {
+  readonly #deps: TemplateManagerDeps
+  /** Names being made or deleted: a second request for the same name waits for nobody and is refused. */
+  readonly #busy = new Set<string>()
+
+  constructor (deps: TemplateManagerDeps) {
+    super()
+    this.#deps = deps
+  }
+
+  /**
+   * After a daemon (re)start: a template whose making was cut short has no
+   * template.json; its VM, if still running, is killed and its files removed.
+   */
+  async recover (): Promise<number> {
+    let removed = 0
+    for (const name of await this.#names()) {
+      if (await this.#complete(name)) continue
+      const vmDir = join(Template.dirOf(this.#deps.dataDir, name), 'vm')
+      const found = await this.#deps.driver.adopt(vmDir).catch(() => undefined)
+      if (found !== undefined && !('dead' in found)) { found.kill(); await found.exited }
+      await this.#deps.launches.release(templateOwner(name)).catch(() => {})
+      await Template.discard(this.#deps.dataDir, name)
+      this.#deps.log.warn({ template: name }, 'removed a template whose making was interrupted')
+      removed++
+    }
+    return removed
+  }
+
+  /**
+   * Validates the request, boots the image and snapshots it at its ready
+   * point. Resolves once the template can be cloned (tens of seconds for a
+   * slow app under TCG).
+   */
+  async create (input: unknown): Promise<TemplateInfo> {
+    const spec = Value.Default(TemplateSpecSchema, structuredClone(input))
+    if (!Value.Check(TemplateSpecSchema, spec)) throw new UigniterError('UIG_ERR_TEMPLATE_INVALID', `invalid template: ${describeSchemaErrors(TemplateSpecSchema, spec)}`)
+    const manifest = await this.#deps.images.get(spec.image)
+    const ready = spec.ready ?? 'init'
+    const port = spec.port ?? manifest.ports[0]?.port
+    if (ready === 'app' && port === undefined) {
+      throw new UigniterError('UIG_ERR_TEMPLATE_INVALID', `image ${formatImageRef(manifest)} declares no port: give the port that answers when its app is ready, or use ready: init`)
+    }
+    if (spec.httpPath !== undefined && ready !== 'app') throw new UigniterError('UIG_ERR_TEMPLATE_INVALID', 'httpPath is the ready: app health check; ready: init takes none')
+    if (manifest.init === null) throw new UigniterError('UIG_ERR_TEMPLATE_INVALID', `image ${formatImageRef(manifest)} has no uigniter init (a bring-your-own kernel or unikernel): a clone could not take its own identity`)
+    if (this.#busy.has(spec.name) || await this.#complete(spec.name)) {
+      throw new UigniterError('UIG_ERR_TEMPLATE_NAME_IN_USE', `a template named "${spec.name}" exists or is being made; delete it first or choose another name`)
+    }
+    this.#busy.add(spec.name)
+    const owner = templateOwner(spec.name)
+    try {
+      const { launch, attachment } = await this.#deps.launches.prepare(owner, manifest, {
+        vcpus: spec.vcpus ?? manifest.vcpus,
+        memoryMiB: spec.memoryMiB ?? manifest.memoryMiB,
+        hostname: spec.name,
+        network: this.#deps.network,
+        // In user mode the host reaches the app through a forward on a free port.
+        publish: this.#deps.network === 'user' && port !== undefined ? [{ hostAddress: '127.0.0.1', hostPort: 0, guestPort: port }] : [],
+        env: spec.env,
+        ...(spec.args !== undefined ? { args: spec.args } : {})
+      })
+      const forward = launch.network.mode === 'user' ? launch.network.forwards[0] : undefined
+      const probe = port === undefined
+        ? undefined
+        : {
+            host: forward !== undefined ? '127.0.0.1' : attachment.ipAddress ?? '',
+            port: forward?.hostPort ?? port,
+            guestPort: port,
+            ...(spec.httpPath !== undefined ? { httpPath: spec.httpPath } : {})
+          }
+      this.emit('template', { type: 'template.creating', name: spec.name })
+      const template = await Template.create(this.#deps.driver, {
+        id: spec.name,
+        dataDir: this.#deps.dataDir,
+        launch,
+        ready,
+        bootTimeoutMs: spec.timeoutMs,
+        ...(ready === 'app' && probe !== undefined ? { probe } : {})
+      })
+      const info = await this.#info(template)
+      this.#deps.log.info({ template: spec.name, timings: template.record.timings }, 'template made')
+      this.emit('template', { type: 'template.created', template: info })
+      return info
+    } finally {
+      await this.#deps.launches.release(owner).catch((err: unknown) => { this.#deps.log.warn({ err, template: spec.name }, 'releasing the template VM\'s network failed') })
+      this.#busy.delete(spec.name)
+    }
+  }
+
+  /** A template ready to clone; throws UIG_ERR_TEMPLATE_NOT_FOUND (also while it is being made or deleted). */
+  async open (name: string): Promise<Template> {
+    if (this.#busy.has(name)) throw new UigniterError('UIG_ERR_TEMPLATE_NOT_FOUND', `template "${name}" is being made or deleted`)
+    if (!/^[a-z0-9][a-z0-9_.-]{0,62}$/.test(name)) throw new UigniterError('UIG_ERR_TEMPLATE_NOT_FOUND', `no template is named "${name}"; "uigniter template ls" lists them`)
+    return await Template.open(this.#deps.dataDir, name)
+  }
+
+  async get (name: string): Promise<TemplateInfo> {
+    return await this.#info(await this.open(name))
+  }
+
+  async list (): Promise<TemplateInfo[]> {
+    const out: TemplateInfo[] = []
+    for (const name of await this.#names()) {
+      if (this.#busy.has(name) || !await this.#complete(name)) continue
+      out.push(await this.#info(await Template.open(this.#deps.dataDir, name)))
+    }
+    return out
+  }
+
+  /**
+   * Deletes a template and its RAM file. Refused (UIG_ERR_TEMPLATE_IN_USE)
+   * while live clones map its RAM or a clone pool is made from it: the
+   * clones would keep running, but a pool could no longer refill.
+   */
+  async remove (name: string): Promise<TemplateInfo> {
+    const template = await this.open(name)
+    const clones = this.liveClones(name)
+    if (clones.length > 0) {
+      const shown = clones.slice(0, 5).join(', ') + (clones.length > 5 ? ` and ${clones.length - 5} more` : '')
+      throw new UigniterError('UIG_ERR_TEMPLATE_IN_USE', `template "${name}" has ${clones.length} live clone(s) (${shown}); stop or remove them first`)
+    }
+    const pools = this.#deps.store.listPools().filter((p) => p.template === name).map((p) => p.name)
+    if (pools.length > 0) throw new UigniterError('UIG_ERR_TEMPLATE_IN_USE', `clone pool(s) ${pools.join(', ')} are made from template "${name}"; delete them first`)
+    const info = await this.#info(template)
+    this.#busy.add(name)
+    try {
+      await template.remove()
+    } finally {
+      this.#busy.delete(name)
+    }
+    this.emit('template', { type: 'template.deleted', template: info })
+    return info
+  }
+
+  /** Names of the live VMs cloned from the template. */
+  liveClones (name: string): string[] {
+    return this.#deps.store.listVms({ state: [...LIVE] }).filter((vm) => vm.template === name).map((vm) => vm.name)
+  }
+
+  async #info (template: Template): Promise<TemplateInfo> {
+    const { record } = template
+    const { launch } = record
+    return {
+      name: template.id,
+      image: formatImageRef(launch.manifest),
+      imageDigest: launch.manifest.digest,
+      ready: record.ready,
+      port: record.probe?.port ?? null,
+      httpPath: record.probe?.httpPath ?? null,
+      vcpus: launch.vcpus,
+      memoryMiB: launch.memoryMiB,
+      network: launch.network.mode === 'tap' ? 'bridge' : 'user',
+      createdAt: record.createdAt,
+      timings: record.timings,
+      memoryPath: record.memoryPath,
+      stateBytes: await stat(record.statePath).then((s) => s.size, () => 0),
+      clones: this.liveClones(template.id).length
+    }
+  }
+
+  async #names (): Promise<string[]> {
+    const entries = await readdir(join(this.#deps.dataDir, 'templates'), { withFileTypes: true }).catch(() => [])
+    return entries.filter((e) => e.isDirectory()).map((e) => e.name).sort()
+  }
+
+  async #complete (name: string): Promise<boolean> {
+    return await stat(join(Template.dirOf(this.#deps.dataDir, name), 'template.json')).then(() => true, () => false)
+  }
+}
+
+/** The network owner (tap, address) of a template's VM while it is made; never a VM id (those are hex). */
+export function templateOwner (name: string): string {
+  return `template:${name}`
+}
+
