@@ -58,7 +58,7 @@ export async function buildApi (options: ApiOptions): Promise<FastifyInstance> {
     })
   }
   const metrics = createMetrics(options.manager, options.pools)
-  await app.register(systemRoutes(options.manager, options.info, metrics))
+  await app.register(systemRoutes(options.manager, options.templates, options.info, metrics))
   await app.register(imageRoutes(options.images))
   await app.register(vmRoutes(options.manager))
   await app.register(poolRoutes(options.pools))

@@ -2,6 +2,7 @@ import { Type } from '@sinclair/typebox'
 import type { FastifyInstance } from 'fastify'
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client'
 import type { VmEvent, VmManager } from '../daemon/vm-manager.js'
+import type { TemplateEvent, TemplateManager } from '../snapshot/template-manager.js'
 import type { PoolManager } from '../pool/pool-manager.js'
 
 export interface DaemonInfo {
@@ -53,17 +54,23 @@ export function createMetrics (manager: VmManager, pools: PoolManager): Registry
       }
     })
   }
+  const counted = new Set<string>()
   const exits = new Counter({ name: 'uigniter_vm_exits_total', help: 'VM ends by reason', labelNames: ['reason'], registers: [registry] })
-  const starts = new Counter({ name: 'uigniter_vm_starts_total', help: 'VMs that reached running', registers: [registry] })
+  const starts = new Counter({ name: 'uigniter_vm_starts_total', help: 'VMs started, by start path (cold boot, or clone)', labelNames: ['path'], registers: [registry] })
   manager.on('vm', (event: VmEvent) => {
-    if (event.vm.state === 'running' && event.vm.startedAt !== null) starts.inc()
+    // Counted once: when the start is recorded (running, or paused for a prespawned instance).
+    if ((event.vm.state === 'running' || event.vm.state === 'paused') && event.vm.startTimings !== null && event.vm.pool?.claimed !== true && !counted.has(event.vm.id)) {
+      counted.add(event.vm.id)
+      starts.inc({ path: event.vm.startPath })
+    }
+    if (event.vm.state === 'exited' || event.vm.state === 'failed') counted.delete(event.vm.id)
     if ((event.vm.state === 'exited' || event.vm.state === 'failed') && event.vm.exit !== null) exits.inc({ reason: event.vm.exit.reason })
   })
   return registry
 }
 
 /** Health, info, metrics, OpenAPI and the server-sent event stream. */
-export function systemRoutes (manager: VmManager, info: DaemonInfo, metrics: Registry) {
+export function systemRoutes (manager: VmManager, templates: TemplateManager, info: DaemonInfo, metrics: Registry) {
   return async function system (app: FastifyInstance): Promise<void> {
     app.get('/healthz', {
       schema: { tags: ['system'], summary: 'Liveness', response: { 200: Type.Object({ status: Type.Literal('ok') }) } }
@@ -80,7 +87,7 @@ export function systemRoutes (manager: VmManager, info: DaemonInfo, metrics: Reg
     app.get<{ Querystring: { vm?: string } }>('/v1/events', {
       schema: {
         tags: ['system'],
-        summary: 'Server-sent events: `vm.state` with the VM record at each state change',
+        summary: 'Server-sent events: `vm.state` with the VM record at each state change; `template.creating|created|deleted`',
         querystring: Type.Object({ vm: Type.Optional(Type.String({ description: 'Only this VM id' })) }, { additionalProperties: false })
       }
     }, async (request, reply) => {
@@ -92,12 +99,18 @@ export function systemRoutes (manager: VmManager, info: DaemonInfo, metrics: Reg
         if (request.query.vm !== undefined && event.vm.id !== request.query.vm) return
         raw.write(`event: ${event.type}\ndata: ${JSON.stringify(event.vm)}\n\n`)
       }
+      const onTemplate = (event: TemplateEvent): void => {
+        if (request.query.vm !== undefined) return
+        raw.write(`event: ${event.type}\ndata: ${JSON.stringify(event.template)}\n\n`)
+      }
       // A comment every 15 s keeps proxies from closing an idle stream.
       const keepAlive = setInterval(() => raw.write(': keep-alive\n\n'), 15_000)
       manager.on('vm', onVm)
+      templates.on('template', onTemplate)
       request.raw.on('close', () => {
         clearInterval(keepAlive)
         manager.off('vm', onVm)
+        templates.off('template', onTemplate)
       })
     })
   }

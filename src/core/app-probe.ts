@@ -1,4 +1,3 @@
-import { request } from 'node:http'
 import { connect } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 
@@ -18,33 +17,51 @@ export interface AppProbe {
  */
 const TCP_SETTLE_MS = 250
 
-/** One attempt: resolves to whether the app answered. Never throws. */
+/** How long a probe waits for the app to close its end after an answer. */
+const CLOSE_WAIT_MS = 1000
+
+/**
+ * One attempt: resolves to whether the app answered. Never throws. An
+ * answered probe ends cleanly: it waits for the app to close its side, so
+ * that no half-open connection is left in a guest about to be snapshotted
+ * (a single-threaded app blocked on it would be stuck in every clone).
+ */
 export async function probeOnce (probe: AppProbe, timeoutMs = 2000): Promise<boolean> {
-  if (probe.httpPath !== undefined) {
-    return await new Promise((resolve) => {
-      const req = request({ host: probe.host, port: probe.port, path: probe.httpPath, timeout: timeoutMs, agent: false }, (res) => {
-        res.resume()
-        const status = res.statusCode ?? 0
-        resolve(status >= 200 && status < 400)
-      })
-      req.on('timeout', () => req.destroy(new Error('timeout')))
-      req.on('error', () => resolve(false))
-      req.end()
-    })
-  }
   return await new Promise((resolve) => {
     const socket = connect({ host: probe.host, port: probe.port, timeout: timeoutMs })
     let settled = false
     const done = (ok: boolean): void => {
       if (settled) return
       settled = true
-      socket.destroy()
-      resolve(ok)
+      if (!ok) {
+        socket.destroy()
+        resolve(false)
+        return
+      }
+      // Answered: say goodbye and let the app close its end.
+      const timer = setTimeout(() => socket.destroy(), CLOSE_WAIT_MS)
+      socket.once('close', () => { clearTimeout(timer); resolve(true) })
+      socket.end()
     }
-    socket.once('connect', () => { setTimeout(() => done(true), TCP_SETTLE_MS).unref() })
     socket.once('timeout', () => done(false))
     socket.once('error', () => done(false))
     socket.once('close', () => done(false))
+    socket.once('connect', () => {
+      if (probe.httpPath === undefined) {
+        setTimeout(() => done(true), TCP_SETTLE_MS).unref()
+        return
+      }
+      socket.write(`GET ${probe.httpPath} HTTP/1.1\r\nHost: ${probe.host}\r\nConnection: close\r\n\r\n`)
+      let head = ''
+      socket.setEncoding('latin1')
+      socket.on('data', (chunk: string) => {
+        if (settled) return
+        head += chunk
+        const status = /^HTTP\/1\.[01] (\d{3})/.exec(head)
+        if (status !== null) done(Number(status[1]) >= 200 && Number(status[1]) < 400)
+        else if (head.length > 1024 || head.includes('\r\n')) done(false)
+      })
+    })
   })
 }
 

@@ -26,6 +26,9 @@ export interface TemplateManagerDeps {
 
 const LIVE = ['starting', 'running', 'paused', 'stopping'] as const
 
+/** What the API's event stream relays: a template being made (its name only), made, or deleted. */
+export interface TemplateEvent { type: 'template.creating' | 'template.created' | 'template.deleted', template: TemplateInfo | { name: string } }
+
 /**
  * The daemon's templates: made from an image on request, kept as files in
  * `<dataDir>/templates/<name>/` (so they outlive the daemon), cloned by
@@ -102,7 +105,7 @@ export class TemplateManager extends EventEmitter {
             guestPort: port,
             ...(spec.httpPath !== undefined ? { httpPath: spec.httpPath } : {})
           }
-      this.emit('template', { type: 'template.creating', name: spec.name })
+      this.#emit({ type: 'template.creating', template: { name: spec.name } })
       const template = await Template.create(this.#deps.driver, {
         id: spec.name,
         dataDir: this.#deps.dataDir,
@@ -113,7 +116,7 @@ export class TemplateManager extends EventEmitter {
       })
       const info = await this.#info(template)
       this.#deps.log.info({ template: spec.name, timings: template.record.timings }, 'template made')
-      this.emit('template', { type: 'template.created', template: info })
+      this.#emit({ type: 'template.created', template: info })
       return info
     } finally {
       await this.#deps.launches.release(owner).catch((err: unknown) => { this.#deps.log.warn({ err, template: spec.name }, 'releasing the template VM\'s network failed') })
@@ -162,13 +165,17 @@ export class TemplateManager extends EventEmitter {
     } finally {
       this.#busy.delete(name)
     }
-    this.emit('template', { type: 'template.deleted', template: info })
+    this.#emit({ type: 'template.deleted', template: info })
     return info
   }
 
   /** Names of the live VMs cloned from the template. */
   liveClones (name: string): string[] {
     return this.#deps.store.listVms({ state: [...LIVE] }).filter((vm) => vm.template === name).map((vm) => vm.name)
+  }
+
+  #emit (event: TemplateEvent): void {
+    this.emit('template', event)
   }
 
   async #info (template: Template): Promise<TemplateInfo> {

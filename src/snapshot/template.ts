@@ -82,6 +82,8 @@ export interface CloneResult {
 }
 
 const TMPFS_MAGIC = 0x01021994
+/** From the app's answer to the snapshot (ready: app). */
+const QUIESCE_MS = 200
 
 /**
  * A snapshot of a guest stopped where its init waits for an identity, from
@@ -153,6 +155,9 @@ export class Template {
         let ended: string | undefined
         void started.exited.then((exit) => { ended = `the template VM ended: ${exit.reason}: ${exit.detail}` })
         await waitForAppAnswer(options.probe ?? { host: '', port: 0 }, left(), () => ended)
+        // Under TCG the guest may still be tearing the probe's connection down: let it finish,
+        // or the app could be caught mid-connection in every clone.
+        await sleep(QUIESCE_MS)
       }
       const bootMs = Date.now() - t0
       const t1 = Date.now()

@@ -228,7 +228,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     const metrics = await daemon.api.call<string>('GET', '/metrics')
     assert.match(metrics, /uigniter_vms\{state="running"\} \d+/)
     // Counters start at zero with each daemon; the legacy VM above started and stopped under this one.
-    assert.match(metrics, /uigniter_vm_starts_total [1-9]/)
+    assert.match(metrics, /uigniter_vm_starts_total\{path="cold"\} [1-9]/)
     assert.match(metrics, /uigniter_vm_exits_total\{reason="stopped"\} [1-9]/)
     const ps = await runCli(['ps'], { env: daemon.env })
     assert.equal(ps.code, 0, ps.stderr)
