@@ -81,6 +81,15 @@ describe('templates and clones through the daemon', () => {
     assert.equal((await daemon.api.call<TemplateInfo>('GET', '/v1/templates/node')).clones, 3)
     const ps = await runCli(['ps'], { env: daemon.env })
     assert.match(ps.stdout, /node-0 .* clone of node/)
+    const ls = await runCli(['template', 'ls'], { env: daemon.env })
+    assert.match(ls.stdout, /^node\s+node-http:latest\s+app\s+8080\s+1\s+256 MiB\s+\S+ \S+\s+[\d.]+ s\s+3\s/m)
+    const run = await runCli(['run', '-d', '--name', 'cli-clone', '--template', 'node'], { env: daemon.env })
+    const cli = await daemon.api.call<Vm>('GET', `/v1/vms/${run.stdout.trim()}`)
+    assert.deepEqual([cli.name, cli.startPath, cli.template], ['cli-clone', 'clone', 'node'])
+    await daemon.api.call('DELETE', '/v1/vms/cli-clone?force=true')
+    const bad = await runCli(['run', '--template', 'node', 'node-http'], { env: daemon.env })
+    assert.equal(bad.code, 2)
+    assert.match(bad.stderr, /UIG_ERR_CLI_USAGE/)
   })
 
   test('a template cannot be deleted under live clones; once they are gone it can', async () => {
