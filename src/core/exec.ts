@@ -7,14 +7,17 @@ export interface RunResult { stdout: string; stderr: string }
  * Runs a host program to completion, capturing its output; rejects with
  * UIG_ERR_HOST_MISSING_TOOL when it is not installed, or `onFail(result)`'s
  * error when it exits non-zero. `onLine` sees stdout and stderr line by line
- * (for progress) without the output being held twice.
+ * (for progress); then only the last `keepTail` characters of each are kept
+ * (200 000 by default), for the error message of a long build. Without
+ * `onLine` all of it is kept: callers parse it (`ip -j` on a host with
+ * hundreds of taps is megabytes of JSON).
  */
 export async function run (cmd: string, args: string[], options: SpawnOptions & {
   onLine?: (line: string) => void
   onFail?: (result: RunResult & { code: number | null }) => Error
   keepTail?: number
 } = {}): Promise<RunResult> {
-  const { onLine, onFail, keepTail = 200_000, ...spawnOptions } = options
+  const { onLine, onFail, keepTail = onLine !== undefined ? 200_000 : Infinity, ...spawnOptions } = options
   return await new Promise((resolve, reject) => {
     const child = spawn(cmd, args, { ...spawnOptions, stdio: ['ignore', 'pipe', 'pipe'] })
     let stdout = ''

@@ -145,7 +145,7 @@ export class PoolManager extends EventEmitter {
           shares: [],
           ...(spec.vcpus !== undefined ? { vcpus: spec.vcpus } : {}),
           ...(spec.memoryMiB !== undefined ? { memoryMiB: spec.memoryMiB } : {})
-        }, { pool: spec.name, ...(spec.kind === 'prespawned' ? { startPaused: true } : spec.kind === 'booted' ? { waitForIdentity: true } : {}) })
+        }, { pool: spec.name, ...(spec.kind === 'prespawned' ? { startPaused: true } : spec.kind === 'booted' ? { waitForIdentity: true } : { warmUp: true }) })
         return vm.id
       },
       destroy: async (id) => { await this.#vms.remove(id, true).catch((err: unknown) => { this.#log.warn({ err, vm: id }, 'removing a pool VM failed') }) }
