@@ -7,6 +7,8 @@ export interface AppProbe {
   port: number
   /** GET this path and want 2xx/3xx; without it, a TCP connection that stays open. */
   httpPath?: string
+  /** Any HTTP answer will do (warming an app up, not checking its health). */
+  anyStatus?: boolean
 }
 
 /**
@@ -58,7 +60,7 @@ export async function probeOnce (probe: AppProbe, timeoutMs = 2000): Promise<boo
         if (settled) return
         head += chunk
         const status = /^HTTP\/1\.[01] (\d{3})/.exec(head)
-        if (status !== null) done(Number(status[1]) >= 200 && Number(status[1]) < 400)
+        if (status !== null) done(probe.anyStatus === true || (Number(status[1]) >= 200 && Number(status[1]) < 400))
         else if (head.length > 1024 || head.includes('\r\n')) done(false)
       })
     })

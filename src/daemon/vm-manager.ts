@@ -193,7 +193,9 @@ export class VmManager extends EventEmitter {
         const warmStarted = performance.now()
         let ended: string | undefined
         void clone.vm.exited.then((exit) => { ended = `the clone ended: ${exit.reason}` })
-        await waitForAppAnswer({ host: vm.ipAddress, port: probe.port, ...(probe.httpPath !== undefined ? { httpPath: probe.httpPath } : {}) }, 30_000, () => ended)
+        // An HTTP port is warmed with a request, so that the request path is what gets translated.
+        const http = probe.httpPath !== undefined || launch.manifest.ports.some((p) => p.port === probe.port && p.protocol === 'http')
+        await waitForAppAnswer({ host: vm.ipAddress, port: probe.port, ...(http ? { httpPath: probe.httpPath ?? '/', anyStatus: probe.httpPath === undefined } : {}) }, 30_000, () => ended)
           .catch(async (err: unknown) => { clone.vm.kill(); await clone.vm.exited; throw err })
         return { qemu: clone.vm, timings: { ...clone.timings, warmMs: performance.now() - warmStarted, totalMs: performance.now() - t0 }, paused: false }
       }
