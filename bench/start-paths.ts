@@ -327,13 +327,17 @@ async function density (template: string): Promise<DensityResult> {
   const t0 = performance.now()
   const deadline = t0 + budgetS * 1000
   let stop: string | undefined
+  let inFlight = 0
   const worker = async (): Promise<void> => {
     while (stop === undefined) {
-      if (result.started >= maxClones) { stop = `--max-clones ${maxClones} reached`; break }
-      if (performance.now() > deadline) { stop = `--budget-s ${budgetS} spent`; break }
       const avail = await memAvailableKiB()
-      if (avail < MEM_FLOOR_KIB) { stop = `MemAvailable ${mib(avail)} MiB < 3 GiB`; break }
+      if (avail < MEM_FLOOR_KIB) { stop ??= `MemAvailable ${mib(avail)} MiB < 3 GiB`; break }
+      if (performance.now() > deadline) { stop ??= `--budget-s ${budgetS} spent`; break }
+      // Failed starts are deleted: only the clones that serve count towards --max-clones.
+      if (vms.length >= maxClones) { stop ??= `--max-clones ${maxClones} reached`; break }
+      if (vms.length + inFlight >= maxClones) { await sleep(100); continue }
       result.started++
+      inFlight++
       try {
         const r = await startVm({ template })
         vms.push(r.vm)
@@ -343,6 +347,8 @@ async function density (template: string): Promise<DensityResult> {
         result.failures.push(message(err))
         progress(`density: clone start ${result.started} failed: ${message(err)}`)
         if (result.failures.length >= DENSITY_MAX_FAILURES) stop ??= `${DENSITY_MAX_FAILURES} clone starts failed`
+      } finally {
+        inFlight--
       }
     }
   }
