@@ -9,15 +9,6 @@ import { DaemonProcess } from '../helpers/daemon-process.js'
 import { helloAt } from '../helpers/hello-client.js'
 import { createTestContext, exampleSpec, packageRoot, runCli, type TestContext } from '../helpers/fixtures.js'
 
-async function waitForPool (daemon: DaemonProcess, name: string, check: (p: PoolStatus) => boolean, timeoutMs = 60_000): Promise<PoolStatus> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const pool = await daemon.api.call<PoolStatus>('GET', `/v1/pools/${name}`)
-    if (check(pool)) return pool
-    if (Date.now() > deadline) throw new Error(`pool ${name} never got there: ${JSON.stringify(pool)}`)
-    await new Promise((resolve) => setTimeout(resolve, 100))
-  }
-}
 
 describe('warm pools of prespawned VMs', () => {
   let ctx: TestContext & { cleanup: () => Promise<void> }
@@ -30,20 +21,13 @@ describe('warm pools of prespawned VMs', () => {
     await daemon.start()
   })
   after(async () => {
-    for (const pool of await daemon.api.call<PoolStatus[]>('GET', '/v1/pools').catch(() => [])) {
-      await daemon.api.call('DELETE', `/v1/pools/${pool.spec.name}`).catch(() => {})
-    }
-    for (const vm of await daemon.api.call<Vm[]>('GET', '/v1/vms?all=true').catch(() => [])) {
-      await daemon.api.call('DELETE', `/v1/vms/${vm.id}?force=true`).catch(() => {})
-    }
-    await daemon.stop()
-    await daemon.removeNetwork()
+    await daemon.removeEverything()
     await ctx.cleanup()
   })
 
   test('a pool fills with paused VMs; a claim resumes one, which boots and serves; the pool refills', async () => {
     await daemon.api.call('POST', '/v1/pools', { name: 'web', image: 'hello', min: 2, max: 4, refillConcurrency: 2 })
-    const full = await waitForPool(daemon, 'web', (p) => p.ready === 2)
+    const full = await daemon.waitForPool('web', (p) => p.ready === 2)
     assert.equal(full.claimed, 0)
     const members = (await daemon.api.call<Vm[]>('GET', '/v1/vms')).filter((vm) => vm.pool?.name === 'web')
     assert.equal(members.length, 2)
@@ -57,12 +41,12 @@ describe('warm pools of prespawned VMs', () => {
     assert.deepEqual(claim.vm.pool, { name: 'web', claimed: true })
     assert.ok(claim.timings.totalMs >= claim.timings.resumeMs)
     assert.match(await helloAt(claim.vm.ipAddress ?? ''), /Hello from uigniter!/)
-    const refilled = await waitForPool(daemon, 'web', (p) => p.ready === 2 && p.claimed === 1)
+    const refilled = await daemon.waitForPool('web', (p) => p.ready === 2 && p.claimed === 1)
     assert.equal(refilled.hits, 1)
 
     await daemon.api.call('POST', '/v1/pools/web/release', { vm: claim.vm.id })
     await rejectsWith(daemon.api.call('GET', `/v1/vms/${claim.vm.id}`), 'UIG_ERR_VM_NOT_FOUND')
-    await waitForPool(daemon, 'web', (p) => p.claimed === 0 && p.ready >= 2)
+    await daemon.waitForPool('web', (p) => p.claimed === 0 && p.ready >= 2)
 
     const metrics = await daemon.api.call<string>('GET', '/metrics')
     assert.match(metrics, /uigniter_pool_instances\{pool="web",state="ready"\} [2-9]/)
@@ -92,7 +76,7 @@ describe('warm pools of prespawned VMs', () => {
     const before = (await daemon.api.call<Vm[]>('GET', '/v1/vms')).filter((vm) => vm.pool?.name === 'web').map((vm) => vm.id).sort()
     await daemon.stop()
     await daemon.start()
-    const restored = await waitForPool(daemon, 'web', (p) => p.ready >= 2)
+    const restored = await daemon.waitForPool('web', (p) => p.ready >= 2)
     assert.equal(restored.creating, 0)
     const again = (await daemon.api.call<Vm[]>('GET', '/v1/vms')).filter((vm) => vm.pool?.name === 'web').map((vm) => vm.id).sort()
     assert.deepEqual(again, before, 'the same VMs, none made anew')

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict'
 import { access, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
-import type { ClaimResult, PoolStatus } from '../../src/core/pool.js'
+import type { ClaimResult } from '../../src/core/pool.js'
 import type { TemplateInfo } from '../../src/core/template.js'
 import type { Vm } from '../../src/core/vm.js'
 import { probeOnce } from '../../src/core/app-probe.js'
@@ -13,15 +13,6 @@ import { createTestContext, exampleSpec, packageRoot, runCli, type TestContext }
 
 interface NodeAnswer { host: string, ip: string, mac: string, random: string }
 
-async function waitForPool (daemon: DaemonProcess, name: string, check: (p: PoolStatus) => boolean, timeoutMs = 60_000): Promise<PoolStatus> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const pool = await daemon.api.call<PoolStatus>('GET', `/v1/pools/${name}`)
-    if (check(pool)) return pool
-    if (Date.now() > deadline) throw new Error(`pool ${name} never got there: ${JSON.stringify(pool)}`)
-    await new Promise((resolve) => setTimeout(resolve, 100))
-  }
-}
 
 async function alive (pid: number): Promise<boolean> {
   return await access(`/proc/${pid}`).then(() => true, () => false)
@@ -40,17 +31,7 @@ describe('templates and clones through the daemon', () => {
     await daemon.start()
   })
   after(async () => {
-    for (const pool of await daemon.api.call<PoolStatus[]>('GET', '/v1/pools').catch(() => [])) {
-      await daemon.api.call('DELETE', `/v1/pools/${pool.spec.name}`).catch(() => {})
-    }
-    for (const vm of await daemon.api.call<Vm[]>('GET', '/v1/vms?all=true').catch(() => [])) {
-      await daemon.api.call('DELETE', `/v1/vms/${vm.id}?force=true`).catch(() => {})
-    }
-    for (const t of await daemon.api.call<TemplateInfo[]>('GET', '/v1/templates').catch(() => [])) {
-      await daemon.api.call('DELETE', `/v1/templates/${t.name}`).catch(() => {})
-    }
-    await daemon.stop()
-    await daemon.removeNetwork()
+    await daemon.removeEverything()
     await ctx.cleanup()
   })
 
@@ -139,14 +120,14 @@ describe('templates and clones through the daemon', () => {
 
   test('a clone pool hands out serving clones and refills; its template cannot be deleted meanwhile', async () => {
     await daemon.api.call('POST', '/v1/pools', { name: 'clones', kind: 'clone', template: 'hello', min: 2, max: 4, refillConcurrency: 2 })
-    await waitForPool(daemon, 'clones', (p) => p.ready === 2)
+    await daemon.waitForPool('clones', (p) => p.ready === 2)
     const claim = await daemon.api.call<ClaimResult>('POST', '/v1/pools/clones/claim')
     assert.equal(claim.path, 'pool')
     assert.equal(claim.vm.startPath, 'pool')
     assert.equal(claim.vm.template, 'hello')
     // Its app was already serving: the first try answers.
     assert.match(await helloAt(claim.vm.ipAddress ?? '', 1000), /Hello from uigniter!/)
-    await waitForPool(daemon, 'clones', (p) => p.ready === 2 && p.claimed === 1)
+    await daemon.waitForPool('clones', (p) => p.ready === 2 && p.claimed === 1)
     await rejectsWith(daemon.api.call('DELETE', '/v1/templates/hello'), 'UIG_ERR_TEMPLATE_IN_USE')
     await daemon.api.call('POST', '/v1/pools/clones/release', { vm: claim.vm.id, onRelease: 'destroy' })
     await daemon.api.call('DELETE', '/v1/pools/clones')
@@ -160,7 +141,7 @@ describe('templates and clones through the daemon', () => {
 
   test('a booted pool holds booted guests whose app starts at the claim', async () => {
     await daemon.api.call('POST', '/v1/pools', { name: 'booted', kind: 'booted', image: 'hello', min: 1, max: 2 })
-    await waitForPool(daemon, 'booted', (p) => p.ready === 1)
+    await daemon.waitForPool('booted', (p) => p.ready === 1)
     const [ready] = (await daemon.api.call<Vm[]>('GET', '/v1/vms')).filter((vm) => vm.pool?.name === 'booted')
     assert.equal(ready?.state, 'running')
     const logs = await daemon.api.call<string>('GET', `/v1/vms/${ready?.id ?? ''}/logs`)

@@ -4,6 +4,7 @@ import { join } from 'node:path'
 import { ApiClient } from '../../src/cli/api-client.js'
 import { run } from '../../src/core/exec.js'
 import { loadConfig } from '../../src/core/config.js'
+import type { PoolStatus } from '../../src/core/pool.js'
 import { socketAnswers } from '../../src/daemon/daemon.js'
 import { freePort } from '../../src/vmm/qemu/image-boot.js'
 import { packageRoot } from './fixtures.js'
@@ -58,6 +59,35 @@ export class DaemonProcess {
   /** SIGTERM and wait: VMs keep running. */
   async stop (): Promise<void> {
     await this.#signal('SIGTERM')
+  }
+
+  /**
+   * Deletes what the daemon holds (pools, VMs, templates, in that order: each
+   * depends on the next), stops it and removes its network. For `after` hooks.
+   */
+  async removeEverything (): Promise<void> {
+    for (const pool of await this.api.call<Array<{ spec: { name: string } }>>('GET', '/v1/pools').catch(() => [])) {
+      await this.api.call('DELETE', `/v1/pools/${pool.spec.name}`).catch(() => {})
+    }
+    for (const vm of await this.api.call<Array<{ id: string }>>('GET', '/v1/vms?all=true').catch(() => [])) {
+      await this.api.call('DELETE', `/v1/vms/${vm.id}?force=true`).catch(() => {})
+    }
+    for (const template of await this.api.call<Array<{ name: string }>>('GET', '/v1/templates').catch(() => [])) {
+      await this.api.call('DELETE', `/v1/templates/${template.name}`).catch(() => {})
+    }
+    await this.stop()
+    await this.removeNetwork()
+  }
+
+  /** Polls a pool until `check` holds; throws with its last state after `timeoutMs`. */
+  async waitForPool (name: string, check: (p: PoolStatus) => boolean, timeoutMs = 60_000): Promise<PoolStatus> {
+    const deadline = Date.now() + timeoutMs
+    for (;;) {
+      const pool = await this.api.call<PoolStatus>('GET', `/v1/pools/${name}`)
+      if (check(pool)) return pool
+      if (Date.now() > deadline) throw new Error(`pool ${name} never got there: ${JSON.stringify(pool)}`)
+      await new Promise((resolve) => setTimeout(resolve, 100))
+    }
   }
 
   /** Removes the bridge and firewall table this daemon made (tests only; a real host keeps them). */
