@@ -2,7 +2,7 @@ import { spawn } from 'node:child_process'
 import { mkdirSync, openSync, readFileSync } from 'node:fs'
 import { request, type IncomingMessage } from 'node:http'
 import { join } from 'node:path'
-import type { Config } from '../core/config.js'
+import { loadConfig, type Config } from '../core/config.js'
 import { UigniterError, errorCodes, type ErrorCode } from '../core/errors.js'
 import { packageRoot } from '../core/package-paths.js'
 import { socketAnswers } from '../daemon/daemon.js'
@@ -87,4 +87,11 @@ function toError (status: number, text: string): UigniterError {
     if (body.code !== undefined && body.code in errorCodes) return new UigniterError(body.code as ErrorCode, body.message ?? text)
   } catch { /* not JSON */ }
   return new UigniterError('UIG_ERR_INTERNAL', `the daemon answered ${status}: ${text.slice(0, 500)}`)
+}
+
+/** The CLI's client: the configured daemon, started first if none answers. */
+export async function daemonClient (): Promise<ApiClient> {
+  const api = new ApiClient(loadConfig())
+  await api.ensureDaemon()
+  return api
 }

@@ -1,14 +1,7 @@
-import { loadConfig } from '../core/config.js'
 import { UigniterError } from '../core/errors.js'
 import type { ClaimResult, PoolStatus } from '../core/pool.js'
-import { ApiClient } from './api-client.js'
+import { daemonClient } from './api-client.js'
 import { parseEnv, parseIntFlag, printTable, type Command } from './args.js'
-
-async function client (): Promise<ApiClient> {
-  const api = new ApiClient(loadConfig())
-  await api.ensureDaemon()
-  return api
-}
 
 function need (positionals: string[], n: number, usage: string): string[] {
   if (positionals.length !== n) throw new UigniterError('UIG_ERR_CLI_USAGE', `usage: ${usage}`)
@@ -68,7 +61,7 @@ export const poolCommands: Command[] = [
       int('memory', 'memoryMiB', 32, 1048576)
       if (values['on-empty'] !== undefined) body.onEmpty = values['on-empty']
       if (values['on-release'] !== undefined) body.onRelease = values['on-release']
-      const pool = await (await client()).call<PoolStatus>('POST', '/v1/pools', body)
+      const pool = await (await daemonClient()).call<PoolStatus>('POST', '/v1/pools', body)
       if (values.json === true) console.log(JSON.stringify(pool, null, 2))
       else printPools([pool])
       return 0
@@ -81,7 +74,7 @@ export const poolCommands: Command[] = [
     options: { json: { type: 'boolean' } },
     help: [],
     run: async (values) => {
-      const pools = await (await client()).call<PoolStatus[]>('GET', '/v1/pools')
+      const pools = await (await daemonClient()).call<PoolStatus[]>('GET', '/v1/pools')
       if (values.json === true) console.log(JSON.stringify(pools, null, 2))
       else printPools(pools)
       return 0
@@ -98,7 +91,7 @@ export const poolCommands: Command[] = [
       const body: Record<string, number> = {}
       if (values.min !== undefined) body.min = parseIntFlag(values.min as string, '--min', 0, 1000)
       if (values.max !== undefined) body.max = parseIntFlag(values.max as string, '--max', 1, 1000)
-      printPools([await (await client()).call<PoolStatus>('PATCH', `/v1/pools/${enc(name ?? '')}`, body)])
+      printPools([await (await daemonClient()).call<PoolStatus>('PATCH', `/v1/pools/${enc(name ?? '')}`, body)])
       return 0
     }
   },
@@ -110,7 +103,7 @@ export const poolCommands: Command[] = [
     help: [],
     run: async (_values, positionals) => {
       const [name] = need(positionals, 1, 'uigniter pool rm NAME')
-      await (await client()).call('DELETE', `/v1/pools/${enc(name ?? '')}`)
+      await (await daemonClient()).call('DELETE', `/v1/pools/${enc(name ?? '')}`)
       console.log(`removed pool ${name ?? ''}`)
       return 0
     }
@@ -124,7 +117,7 @@ export const poolCommands: Command[] = [
     run: async (values, positionals) => {
       const [name] = need(positionals, 1, 'uigniter pool claim NAME')
       const env = values.env !== undefined ? parseEnv(values.env as string[]) : undefined
-      const claim = await (await client()).call<ClaimResult>('POST', `/v1/pools/${enc(name ?? '')}/claim`,
+      const claim = await (await daemonClient()).call<ClaimResult>('POST', `/v1/pools/${enc(name ?? '')}/claim`,
         { ...(values['on-empty'] !== undefined ? { onEmpty: values['on-empty'] } : {}), ...(env !== undefined ? { env } : {}) })
       if (values.json === true) console.log(JSON.stringify(claim, null, 2))
       else console.log(`${claim.vm.id}  ${claim.vm.name}  ${claim.vm.ipAddress ?? '-'}  ${claim.path}  ${claim.timings.totalMs.toFixed(1)} ms (wait ${claim.timings.waitMs.toFixed(1)}, resume ${claim.timings.resumeMs.toFixed(1)})`)
@@ -139,7 +132,7 @@ export const poolCommands: Command[] = [
     help: [],
     run: async (values, positionals) => {
       const [name, vm] = need(positionals, 2, 'uigniter pool release NAME VM')
-      await (await client()).call('POST', `/v1/pools/${enc(name ?? '')}/release`, { vm, ...(values['on-release'] !== undefined ? { onRelease: values['on-release'] } : {}) })
+      await (await daemonClient()).call('POST', `/v1/pools/${enc(name ?? '')}/release`, { vm, ...(values['on-release'] !== undefined ? { onRelease: values['on-release'] } : {}) })
       console.log(`released ${vm ?? ''}`)
       return 0
     }

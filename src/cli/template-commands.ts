@@ -1,15 +1,8 @@
-import { loadConfig } from '../core/config.js'
 import { UigniterError } from '../core/errors.js'
 import { formatBytes } from '../core/progress.js'
 import type { TemplateInfo } from '../core/template.js'
-import { ApiClient } from './api-client.js'
+import { daemonClient } from './api-client.js'
 import { parseEnv, parseIntFlag, parseMiB, printTable, type Command } from './args.js'
-
-async function client (): Promise<ApiClient> {
-  const api = new ApiClient(loadConfig())
-  await api.ensureDaemon()
-  return api
-}
 
 function one (positionals: string[], usage: string): string {
   const [name] = positionals
@@ -60,7 +53,7 @@ export const templateCommands: Command[] = [
       if (values.memory !== undefined) body.memoryMiB = parseMiB(values.memory as string, '--memory')
       if (values.env !== undefined) body.env = parseEnv(values.env as string[])
       if (values.timeout !== undefined) body.timeoutMs = parseIntFlag(values.timeout as string, '--timeout', 1, 600) * 1000
-      const template = await (await client()).call<TemplateInfo>('POST', '/v1/templates', body)
+      const template = await (await daemonClient()).call<TemplateInfo>('POST', '/v1/templates', body)
       if (values.json === true) console.log(JSON.stringify(template, null, 2))
       else printTemplates([template])
       return 0
@@ -73,7 +66,7 @@ export const templateCommands: Command[] = [
     options: { json: { type: 'boolean' } },
     help: [],
     run: async (values) => {
-      const templates = await (await client()).call<TemplateInfo[]>('GET', '/v1/templates')
+      const templates = await (await daemonClient()).call<TemplateInfo[]>('GET', '/v1/templates')
       if (values.json === true) console.log(JSON.stringify(templates, null, 2))
       else printTemplates(templates)
       return 0
@@ -87,7 +80,7 @@ export const templateCommands: Command[] = [
     help: [],
     run: async (_values, positionals) => {
       const name = one(positionals, 'uigniter template inspect NAME')
-      console.log(JSON.stringify(await (await client()).call<TemplateInfo>('GET', `/v1/templates/${enc(name)}`), null, 2))
+      console.log(JSON.stringify(await (await daemonClient()).call<TemplateInfo>('GET', `/v1/templates/${enc(name)}`), null, 2))
       return 0
     }
   },
@@ -99,7 +92,7 @@ export const templateCommands: Command[] = [
     help: [],
     run: async (_values, positionals) => {
       const name = one(positionals, 'uigniter template rm NAME')
-      await (await client()).call('DELETE', `/v1/templates/${enc(name)}`)
+      await (await daemonClient()).call('DELETE', `/v1/templates/${enc(name)}`)
       console.log(`removed template ${name}`)
       return 0
     }

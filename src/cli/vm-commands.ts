@@ -5,14 +5,8 @@ import { formatBytes } from '../core/progress.js'
 import type { ImageManifest } from '../core/image.js'
 import type { Vm } from '../core/vm.js'
 import { startDaemon } from '../daemon/daemon.js'
-import { ApiClient } from './api-client.js'
+import { ApiClient, daemonClient } from './api-client.js'
 import { parseEnv, parseIntFlag, parseMiB, printTable, type Command } from './args.js'
-
-async function client (): Promise<ApiClient> {
-  const api = new ApiClient(loadConfig())
-  await api.ensureDaemon()
-  return api
-}
 
 function ports (vm: Vm): string {
   return vm.publish.map((p) => `${p.hostAddress}:${p.hostPort}->${p.guestPort}`).join(', ')
@@ -38,7 +32,7 @@ function requireSome (positionals: string[], usage: string): string[] {
 /** Does each of `ids` in turn; prints what it did. */
 function eachVm (verb: string, action: (api: ApiClient, id: string, values: Record<string, unknown>) => Promise<Vm>): Command['run'] {
   return async (values, positionals) => {
-    const api = await client()
+    const api = await daemonClient()
     for (const id of requireSome(positionals, `uigniter ${verb} VM...`)) {
       const vm = await action(api, id, values)
       console.log(`${vm.name}  ${exitText(vm)}`)
@@ -97,7 +91,7 @@ export const vmCommands: Command[] = [
       if (values.overlay !== undefined) body.overlaySizeMiB = parseMiB(values.overlay as string, '--overlay')
       body.publish = ((values.publish as string[] | undefined) ?? []).map(parsePublish)
       body.shares = ((values.volume as string[] | undefined) ?? []).map(parseVolume)
-      const api = await client()
+      const api = await daemonClient()
       const vm = await api.call<Vm>('POST', '/v1/vms', body)
       if (values.json === true) console.log(JSON.stringify(vm, null, 2))
       else if (values.detach === true) console.log(vm.id)
@@ -115,7 +109,7 @@ export const vmCommands: Command[] = [
     options: { all: { type: 'boolean', short: 'a' }, json: { type: 'boolean' } },
     help: ['-a, --all   include VMs that ended', '--json      print JSON'],
     run: async (values) => {
-      const vms = await (await client()).call<Vm[]>('GET', `/v1/vms${values.all === true ? '?all=true' : ''}`)
+      const vms = await (await daemonClient()).call<Vm[]>('GET', `/v1/vms${values.all === true ? '?all=true' : ''}`)
       if (values.json === true) console.log(JSON.stringify(vms, null, 2))
       else printTable(['ID', 'NAME', 'IMAGE', 'STATE', 'IP', 'PORTS', 'STARTED AS', 'CREATED'],
         vms.map((vm) => [vm.id.slice(0, 12), vm.name, vm.image, exitText(vm), vm.exit === null ? vm.ipAddress ?? '-' : '-', ports(vm),
@@ -132,7 +126,7 @@ export const vmCommands: Command[] = [
     run: async (values, positionals) => {
       const [id] = requireSome(positionals, 'uigniter logs [-f] VM')
       const tail = values.tail === undefined ? 65536 : parseIntFlag(values.tail as string, '--tail', 0, 16 * 1024 * 1024)
-      const api = await client()
+      const api = await daemonClient()
       const path = `/v1/vms/${enc(id ?? '')}/logs?tail=${tail}${values.follow === true ? '&follow=true' : ''}`
       await api.stream(path, (text) => process.stdout.write(text))
       return 0
@@ -188,7 +182,7 @@ export const vmCommands: Command[] = [
     options: {},
     help: [],
     run: async (_values, positionals) => {
-      const api = await client()
+      const api = await daemonClient()
       const vms = []
       for (const id of requireSome(positionals, 'uigniter inspect VM...')) vms.push(await api.call<Vm>('GET', `/v1/vms/${enc(id)}`))
       console.log(JSON.stringify(vms.length === 1 ? vms[0] : vms, null, 2))
@@ -202,7 +196,7 @@ export const vmCommands: Command[] = [
     options: { json: { type: 'boolean' } },
     help: ['--json   print the manifests as JSON'],
     run: async (values) => {
-      const images = await (await client()).call<ImageManifest[]>('GET', '/v1/images')
+      const images = await (await daemonClient()).call<ImageManifest[]>('GET', '/v1/images')
       if (values.json === true) console.log(JSON.stringify(images, null, 2))
       else printTable(['NAME', 'TAG', 'DIGEST', 'FORMAT', 'SIZE'], images.map((m) => [m.name, m.tag, m.digest.slice(7, 19), m.format, formatBytes(m.size)]))
       return 0
@@ -215,7 +209,7 @@ export const vmCommands: Command[] = [
     options: { json: { type: 'boolean' } },
     help: ['--json   print JSON'],
     run: async (values) => {
-      const info = await (await client()).call<Record<string, unknown>>('GET', '/v1/info')
+      const info = await (await daemonClient()).call<Record<string, unknown>>('GET', '/v1/info')
       if (values.json === true) { console.log(JSON.stringify(info, null, 2)); return 0 }
       const accel = info.accel as { accel: string, reason: string }
       const net = info.network as Record<string, string>

@@ -150,11 +150,10 @@ export class Template {
       await vm.waitForMarker('init', timeoutMs)
       const left = (): number => Math.max(1000, timeoutMs - (Date.now() - t0))
       if (ready === 'init') await waitForIdentityWait(vmDir.controlSocket, left())
-      else {
-        const started = vm
+      else if (options.probe !== undefined) {
         let ended: string | undefined
-        void started.exited.then((exit) => { ended = `the template VM ended: ${exit.reason}: ${exit.detail}` })
-        await waitForAppAnswer(options.probe ?? { host: '', port: 0 }, left(), () => ended)
+        void vm.exited.then((exit) => { ended = `the template VM ended: ${exit.reason}: ${exit.detail}` })
+        await waitForAppAnswer(options.probe, left(), () => ended)
         // Under TCG the guest may still be tearing the probe's connection down: let it finish,
         // or the app could be caught mid-connection in every clone.
         await sleep(QUIESCE_MS)
