@@ -7,13 +7,13 @@ cd "$(dirname "$0")/.."
 
 # qemu: the VMM. linux-source-6.1 .. libelf-dev, xz-utils, binutils: the guest kernel build.
 # gcc, libc6-dev: the static guest init and the examples. squashfs-tools, e2fsprogs: disk images.
-# cpio: tests check our archives with it. memcached: an example app.
+# cpio: tests check our archives with it. memcached: an example app. nginx: the gateway benchmark's baseline.
 # linux-image-cloud-amd64: the fallback guest kernel (kernel.source "debian-cloud"), its modules
 # and their modules.dep; lz4 (Debian 12's kernel payload), zstd: decompress the bzImage payload or modules.
 # iproute2, nftables: the bridge network (bridge, taps, NAT, published ports). python3: the network
 # tests hand-craft a hostile guest's packets with it.
 PACKAGES=(qemu-system-x86 linux-source-6.1 flex bison bc libelf-dev xz-utils binutils make gcc libc6-dev
-  squashfs-tools e2fsprogs cpio memcached linux-image-cloud-amd64 lz4 zstd iproute2 nftables python3)
+  squashfs-tools e2fsprogs cpio memcached nginx linux-image-cloud-amd64 lz4 zstd iproute2 nftables python3)
 
 say() { echo "setup: $*"; }
 

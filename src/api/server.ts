@@ -6,11 +6,14 @@ import type { ImageStore } from '../guest/image-store.js'
 import type { VmManager } from '../daemon/vm-manager.js'
 import type { PoolManager } from '../pool/pool-manager.js'
 import type { TemplateManager } from '../snapshot/template-manager.js'
+import type { ServiceManager } from '../service/service-manager.js'
+import type { Registry } from 'prom-client'
 import { installErrorHandlers } from './errors.js'
 import { imageRoutes } from './image-routes.js'
 import { legacyRoutes } from './legacy-routes.js'
 import { poolRoutes } from './pool-routes.js'
-import { createMetrics, systemRoutes, type DaemonInfo } from './system-routes.js'
+import { addDaemonMetrics, systemRoutes, type DaemonInfo } from './system-routes.js'
+import { serviceRoutes } from './service-routes.js'
 import { templateRoutes } from './template-routes.js'
 import { vmRoutes } from './vm-routes.js'
 
@@ -18,7 +21,10 @@ export interface ApiOptions {
   manager: VmManager
   pools: PoolManager
   templates: TemplateManager
+  services: ServiceManager
   images: ImageStore
+  /** The daemon's metrics registry; the gateway registers its own metrics in it too. */
+  metrics: Registry
   info: DaemonInfo
   log: Logger
   /** When set, TCP requests must carry `Authorization: Bearer <token>`; the unix socket is guarded by its file mode. */
@@ -57,12 +63,13 @@ export async function buildApi (options: ApiOptions): Promise<FastifyInstance> {
       }
     })
   }
-  const metrics = createMetrics(options.manager, options.pools)
-  await app.register(systemRoutes(options.manager, options.templates, options.info, metrics))
+  addDaemonMetrics(options.metrics, options.manager, options.pools)
+  await app.register(systemRoutes(options, options.metrics))
   await app.register(imageRoutes(options.images))
   await app.register(vmRoutes(options.manager))
   await app.register(poolRoutes(options.pools))
   await app.register(templateRoutes(options.templates))
+  await app.register(serviceRoutes(options.services))
   await app.register(legacyRoutes(options.manager))
   return app
 }

@@ -1,22 +1,25 @@
 import { Type } from '@sinclair/typebox'
 import type { FastifyInstance } from 'fastify'
-import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client'
+import { Counter, Gauge, collectDefaultMetrics, type Registry } from 'prom-client'
 import type { VmEvent, VmManager } from '../daemon/vm-manager.js'
 import type { TemplateEvent, TemplateManager } from '../snapshot/template-manager.js'
 import type { PoolManager } from '../pool/pool-manager.js'
+import type { ServiceEvent } from '../service/service-controller.js'
+import type { ServiceManager } from '../service/service-manager.js'
 
 export interface DaemonInfo {
   version: string
   accel: { accel: string, reason: string }
   network: { mode: string, bridge?: string, subnet?: string, reason?: string }
+  /** The service gateway: where it listens, and the address guests reach it on. */
+  gateway: { address: string, httpPort: number, guestAddress: string }
   dataDir: string
   startedAt: string
   recovered: { adopted: number, died: number }
 }
 
-/** Prometheus metrics of one daemon; its own registry, no global state. */
-export function createMetrics (manager: VmManager, pools: PoolManager): Registry {
-  const registry = new Registry()
+/** Registers the daemon's Prometheus metrics in its registry (one per daemon, no global state). */
+export function addDaemonMetrics (registry: Registry, manager: VmManager, pools: PoolManager): void {
   collectDefaultMetrics({ register: registry, prefix: 'uigniter_daemon_' })
   new Gauge({
     name: 'uigniter_vms',
@@ -66,11 +69,11 @@ export function createMetrics (manager: VmManager, pools: PoolManager): Registry
     if (event.vm.state === 'exited' || event.vm.state === 'failed') counted.delete(event.vm.id)
     if ((event.vm.state === 'exited' || event.vm.state === 'failed') && event.vm.exit !== null) exits.inc({ reason: event.vm.exit.reason })
   })
-  return registry
 }
 
 /** Health, info, metrics, OpenAPI and the server-sent event stream. */
-export function systemRoutes (manager: VmManager, templates: TemplateManager, info: DaemonInfo, metrics: Registry) {
+export function systemRoutes (parts: { manager: VmManager, templates: TemplateManager, services: ServiceManager, info: DaemonInfo }, metrics: Registry) {
+  const { manager, templates, services, info } = parts
   return async function system (app: FastifyInstance): Promise<void> {
     app.get('/healthz', {
       schema: { tags: ['system'], summary: 'Liveness', response: { 200: Type.Object({ status: Type.Literal('ok') }) } }
@@ -87,7 +90,7 @@ export function systemRoutes (manager: VmManager, templates: TemplateManager, in
     app.get<{ Querystring: { vm?: string } }>('/v1/events', {
       schema: {
         tags: ['system'],
-        summary: 'Server-sent events: `vm.state` with the VM record at each state change; `template.creating|created|deleted`',
+        summary: 'Server-sent events: `vm.state` with the VM record at each state change; `template.creating|created|deleted`; `service.*` with each decision of a service controller',
         querystring: Type.Object({ vm: Type.Optional(Type.String({ description: 'Only this VM id' })) }, { additionalProperties: false })
       }
     }, async (request, reply) => {
@@ -103,14 +106,20 @@ export function systemRoutes (manager: VmManager, templates: TemplateManager, in
         if (request.query.vm !== undefined) return
         raw.write(`event: ${event.type}\ndata: ${JSON.stringify(event.template)}\n\n`)
       }
+      const onService = (event: ServiceEvent): void => {
+        if (request.query.vm !== undefined) return
+        raw.write(`event: ${event.type}\ndata: ${JSON.stringify(event)}\n\n`)
+      }
       // A comment every 15 s keeps proxies from closing an idle stream.
       const keepAlive = setInterval(() => raw.write(': keep-alive\n\n'), 15_000)
       manager.on('vm', onVm)
       templates.on('template', onTemplate)
+      services.on('service', onService)
       request.raw.on('close', () => {
         clearInterval(keepAlive)
         manager.off('vm', onVm)
         templates.off('template', onTemplate)
+        services.off('service', onService)
       })
     })
   }

@@ -4,10 +4,11 @@ import { helpText, parseCommandArgs, type Command } from './args.js'
 import { imageCommands } from './image-commands.js'
 import { kernelCommands } from './kernel-commands.js'
 import { poolCommands } from './pool-commands.js'
+import { serviceCommands } from './service-commands.js'
 import { templateCommands } from './template-commands.js'
 import { vmCommands } from './vm-commands.js'
 
-const commands: Command[] = [...vmCommands, ...imageCommands, ...poolCommands, ...templateCommands, ...kernelCommands]
+const commands: Command[] = [...vmCommands, ...imageCommands, ...poolCommands, ...templateCommands, ...serviceCommands, ...kernelCommands]
 
 function usage (): string {
   const width = Math.max(...commands.map((c) => c.name.length))

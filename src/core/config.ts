@@ -34,6 +34,10 @@ export const ConfigSchema = Type.Object({
   }, { additionalProperties: false }),
   clones: Type.Object({
     identityTimeoutMs: Type.Integer({ minimum: 1, maximum: 600_000, description: 'How long a clone has to take its own identity before it is destroyed. Env: UIGNITER_CLONE_IDENTITY_TIMEOUT_MS' })
+  }, { additionalProperties: false }),
+  gateway: Type.Object({
+    address: Type.String({ minLength: 1, description: 'Host address the service gateway listens on, for its HTTP port and every service\'s TCP port; guests reach it on the bridge\'s gateway address. Env: UIGNITER_GATEWAY_ADDRESS' }),
+    httpPort: Type.Integer({ minimum: 1, maximum: 65535, description: 'The gateway\'s HTTP port: routes by Host header or /svc/NAME/ prefix. Env: UIGNITER_GATEWAY_HTTP_PORT' })
   }, { additionalProperties: false })
 }, { additionalProperties: false })
 
@@ -48,7 +52,8 @@ function defaults (): Static<typeof ConfigSchema> {
     accel: 'auto',
     api: { listen: '127.0.0.1:7377', socket: root ? '/run/uigniter/uigniter.sock' : join(homedir(), '.local/share/uigniter/uigniter.sock') },
     network: { mode: root ? 'bridge' : 'user', bridge: 'uigniter0', subnet: '10.77.0.0/24', nat: true },
-    clones: { identityTimeoutMs: 5000 }
+    clones: { identityTimeoutMs: 5000 },
+    gateway: { address: '0.0.0.0', httpPort: 7380 }
   }
 }
 
@@ -97,6 +102,11 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env): Config {
     // A number where one is due; anything else stays a string, and the schema check names it.
     const ms = /^\d+$/.test(env.UIGNITER_CLONE_IDENTITY_TIMEOUT_MS) ? Number(env.UIGNITER_CLONE_IDENTITY_TIMEOUT_MS) : env.UIGNITER_CLONE_IDENTITY_TIMEOUT_MS
     merged.clones = { ...(merged.clones as object), identityTimeoutMs: ms }
+  }
+  if (env.UIGNITER_GATEWAY_ADDRESS !== undefined) merged.gateway = { ...(merged.gateway as object), address: env.UIGNITER_GATEWAY_ADDRESS }
+  if (env.UIGNITER_GATEWAY_HTTP_PORT !== undefined) {
+    const port = /^\d+$/.test(env.UIGNITER_GATEWAY_HTTP_PORT) ? Number(env.UIGNITER_GATEWAY_HTTP_PORT) : env.UIGNITER_GATEWAY_HTTP_PORT
+    merged.gateway = { ...(merged.gateway as object), httpPort: port }
   }
   if (!Value.Check(ConfigSchema, merged)) {
     throw new UigniterError('UIG_ERR_CONFIG_INVALID', `configuration (${file} and UIGNITER_* variables) is invalid: ${describeSchemaErrors(ConfigSchema, merged)}`)

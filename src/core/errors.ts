@@ -69,7 +69,15 @@ export const errorCodes = {
   UIG_ERR_TEMPLATE_INVALID: { statusCode: 400, title: 'The template request is invalid' },
   UIG_ERR_CLONE_REQUEST: { statusCode: 400, title: 'The VM request asks for something a clone of its template cannot have' },
   UIG_ERR_CLONE_RESTORE: { statusCode: 500, title: 'A clone could not restore its template\'s state' },
-  UIG_ERR_CLONE_IDENTITY: { statusCode: 502, title: 'A clone did not take its own identity in time; it was destroyed' }
+  UIG_ERR_CLONE_IDENTITY: { statusCode: 502, title: 'A clone did not take its own identity in time; it was destroyed' },
+  UIG_ERR_SERVICE_SPEC_INVALID: { statusCode: 400, title: 'A service spec or application file is invalid' },
+  UIG_ERR_SERVICE_NOT_FOUND: { statusCode: 404, title: 'No service has that name' },
+  UIG_ERR_SERVICE_CONFLICT: { statusCode: 409, title: 'The service name or gateway port belongs to another application' },
+  UIG_ERR_GATEWAY_PORT_IN_USE: { statusCode: 409, title: 'The gateway cannot listen on a service\'s TCP port' },
+  UIG_ERR_GATEWAY_NO_SERVICE: { statusCode: 404, title: 'The gateway knows no service by the request\'s Host or /svc/NAME/ prefix' },
+  UIG_ERR_GATEWAY_NO_ENDPOINT: { statusCode: 503, title: 'The service has no healthy endpoint, and none became ready while the request was held' },
+  UIG_ERR_GATEWAY_HOLD_LIMIT: { statusCode: 503, title: 'The service is starting and the gateway already holds as many requests as its hold limit allows' },
+  UIG_ERR_GATEWAY_UPSTREAM: { statusCode: 502, title: 'The endpoint failed before it answered, and the request could not be retried elsewhere' }
 } as const satisfies Record<string, { statusCode: number; title: string }>
 
 export type ErrorCode = keyof typeof errorCodes

@@ -69,6 +69,12 @@ export const StartTimingsSchema = Type.Object({
 }, { additionalProperties: false, description: 'Milliseconds from the start of the create' })
 export type StartTimings = Static<typeof StartTimingsSchema>
 
+export const ServiceTagSchema = Type.Object({
+  name: Type.String(),
+  generation: Type.Integer({ description: 'The service spec generation the replica runs' })
+}, { additionalProperties: false })
+export type ServiceTag = Static<typeof ServiceTagSchema>
+
 export const VmSchema = Type.Object({
   id: Type.String(),
   name: Type.String(),
@@ -94,6 +100,7 @@ export const VmSchema = Type.Object({
   ], { description: 'The warm pool the VM belongs to, and whether it has been claimed' }),
   startPath: StartPathSchema,
   template: Type.Union([Type.String(), Type.Null()], { description: 'The template it was cloned from' }),
-  startTimings: Type.Union([StartTimingsSchema, Type.Null()])
+  startTimings: Type.Union([StartTimingsSchema, Type.Null()]),
+  service: Type.Union([ServiceTagSchema, Type.Null()], { description: 'The service this VM is a replica of' })
 }, { additionalProperties: false })
 export type Vm = Static<typeof VmSchema>

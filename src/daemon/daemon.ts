@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs'
 import { chmod, mkdir, rm } from 'node:fs/promises'
 import { createServer, request } from 'node:http'
+import { Registry } from 'prom-client'
 import { dirname, join } from 'node:path'
 import type { FastifyInstance } from 'fastify'
 import { buildApi } from '../api/server.js'
@@ -17,8 +18,14 @@ import { chooseAccel, type AccelChoice } from '../vmm/qemu/accel-probe.js'
 import { QemuDriver } from '../vmm/qemu/qemu-driver.js'
 import { PoolManager } from '../pool/pool-manager.js'
 import { TemplateManager } from '../snapshot/template-manager.js'
+import { Gateway } from '../gateway/gateway.js'
+import { ReplicaLauncher } from '../service/replica-launcher.js'
+import { ServiceManager } from '../service/service-manager.js'
 import { GuestLaunches } from './guest-launches.js'
 import { VmManager } from './vm-manager.js'
+
+/** QEMU's user-mode networking shows the host to a guest at this address. */
+const USER_MODE_HOST = '10.0.2.2'
 
 /** The version in package.json: one source for `uigniter info` and the OpenAPI document. */
 export const VERSION = (JSON.parse(readFileSync(join(packageRoot, 'package.json'), 'utf8')) as { version: string }).version
@@ -81,8 +88,47 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
   const pools = new PoolManager(manager, store, log.child({ component: 'pools' }))
   pools.restore()
 
-  const info: DaemonInfo = { version: VERSION, accel, network: networkInfo, dataDir: config.dataDir, startedAt: new Date().toISOString(), recovered }
-  const app = await buildApi({ manager, pools, templates, images, info, log, token: config.api.token })
+  const metrics = new Registry()
+  let services: ServiceManager | undefined
+  const gateway = new Gateway({
+    address: config.gateway.address,
+    httpPort: config.gateway.httpPort,
+    log: log.child({ component: 'gateway' }),
+    metrics,
+    wake: (service) => services?.wake(service)
+  })
+  await gateway.listen().catch((err: unknown) => {
+    throw new UigniterError('UIG_ERR_CONFIG_INVALID', `the service gateway cannot listen on ${config.gateway.address}:${config.gateway.httpPort} (${(err as Error).message}); set gateway.httpPort (UIGNITER_GATEWAY_HTTP_PORT) to a free port`, { cause: err })
+  })
+  // Guests reach the host on the bridge's gateway address, or on QEMU's user-mode host address.
+  const gatewayHost = network !== undefined ? network.subnet.gateway : USER_MODE_HOST
+  services = new ServiceManager({
+    vms: manager,
+    store,
+    launcher: new ReplicaLauncher({
+      vms: manager,
+      pools,
+      templates,
+      gatewayEnv: { UIGNITER_GATEWAY_HOST: gatewayHost, UIGNITER_GATEWAY_HTTP_PORT: String(gateway.httpPort) },
+      log: log.child({ component: 'services' })
+    }),
+    gateway,
+    gatewayHttpPort: gateway.httpPort,
+    allowGatewayPorts: async (ports) => { await network?.allowHostPorts(ports) },
+    log: log.child({ component: 'services' })
+  })
+  await services.restore()
+
+  const info: DaemonInfo = {
+    version: VERSION,
+    accel,
+    network: networkInfo,
+    gateway: { address: config.gateway.address, httpPort: gateway.httpPort, guestAddress: gatewayHost },
+    dataDir: config.dataDir,
+    startedAt: new Date().toISOString(),
+    recovered
+  }
+  const app = await buildApi({ manager, pools, templates, services, images, info, log, metrics, token: config.api.token })
   await mkdir(dirname(config.api.socket), { recursive: true })
   await rm(config.api.socket, { force: true })
   await app.listen({ path: config.api.socket })
@@ -103,6 +149,8 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
       tcp.closeAllConnections()
       await new Promise((resolve) => tcp.close(resolve))
       await app.close()
+      services?.close()
+      await gateway.close()
       pools.close()
       await manager.close()
       store.close()

@@ -6,7 +6,7 @@ import type { Config } from '../core/config.js'
 import { UigniterError } from '../core/errors.js'
 import { formatImageRef, type ImageManifest } from '../core/image.js'
 import type { Logger } from '../core/logger.js'
-import type { StartPath, StartTimings, Vm, VmCreateRequest, VmExit, VmState } from '../core/vm.js'
+import type { ServiceTag, StartPath, StartTimings, Vm, VmCreateRequest, VmExit, VmState } from '../core/vm.js'
 import type { ImageStore } from '../guest/image-store.js'
 import type { HostNetwork } from '../net/host-network.js'
 import type { SqliteStore, VmFilter } from '../store/sqlite-store.js'
@@ -30,6 +30,8 @@ export interface CreateInternal {
   waitForIdentity?: boolean
   /** Clones of a `ready: app` template: one request to the app before the create resolves. */
   warmUp?: boolean
+  /** Marks the VM as a replica of this service. */
+  service?: ServiceTag
 }
 
 export interface VmManagerDeps {
@@ -127,7 +129,7 @@ export class VmManager extends EventEmitter {
     const vcpus = request.vcpus ?? manifest.vcpus
     const memoryMiB = request.memoryMiB ?? manifest.memoryMiB
     checkResources(vcpus, memoryMiB)
-    const vm = this.#newRecord(manifest, request, { vcpus, memoryMiB, startPath: 'cold', template: null, pool: internal.pool })
+    const vm = this.#newRecord(manifest, request, { vcpus, memoryMiB, startPath: 'cold', template: null, pool: internal.pool, service: internal.service })
     const t0 = performance.now()
     return await this.#starting(vm, async () => {
       const { launch, attachment } = await this.#deps.launches.prepare(vm.id, manifest, {
@@ -170,7 +172,7 @@ export class VmManager extends EventEmitter {
     const template = await this.#deps.templates.open(name)
     const { launch } = template.record
     checkCloneRequest(template, request, this.#deps.launches.networkFor(request.network))
-    const vm = this.#newRecord(launch.manifest, request, { vcpus: launch.vcpus, memoryMiB: launch.memoryMiB, startPath: 'clone', template: name, pool: internal.pool })
+    const vm = this.#newRecord(launch.manifest, request, { vcpus: launch.vcpus, memoryMiB: launch.memoryMiB, startPath: 'clone', template: name, pool: internal.pool, service: internal.service })
     const t0 = performance.now()
     return await this.#starting(vm, async () => {
       const attached = await this.#deps.launches.attach(vm.id, vm.network, vm.publish)
@@ -203,7 +205,7 @@ export class VmManager extends EventEmitter {
     })
   }
 
-  #newRecord (manifest: ImageManifest, request: VmCreateRequest, fields: { vcpus: number, memoryMiB: number, startPath: StartPath, template: string | null, pool: string | undefined }): Vm {
+  #newRecord (manifest: ImageManifest, request: VmCreateRequest, fields: { vcpus: number, memoryMiB: number, startPath: StartPath, template: string | null, pool: string | undefined, service: ServiceTag | undefined }): Vm {
     const id = randomBytes(8).toString('hex')
     const vm: Vm = {
       id,
@@ -227,7 +229,8 @@ export class VmManager extends EventEmitter {
       pool: fields.pool !== undefined ? { name: fields.pool, claimed: false } : null,
       startPath: fields.startPath,
       template: fields.template,
-      startTimings: null
+      startTimings: null,
+      service: fields.service ?? null
     }
     this.#deps.store.insertVm(vm)
     this.#emit(vm)
@@ -409,6 +412,15 @@ export class VmManager extends EventEmitter {
       this.#deps.store.updateVm(vm)
       this.#emit(vm)
     }
+    return vm
+  }
+
+  /** Marks a VM (claimed from a pool) as a replica of a service. */
+  setService (id: string, service: ServiceTag): Vm {
+    const vm = this.get(id)
+    vm.service = service
+    this.#deps.store.updateVm(vm)
+    this.#emit(vm)
     return vm
   }
 

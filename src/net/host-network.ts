@@ -71,6 +71,7 @@ export class HostNetwork {
   readonly #options: HostNetworkOptions
   readonly #tapPrefix: string
   #firewall: Firewall | undefined
+  #allowedHostPorts: number[]
 
   constructor (options: HostNetworkOptions) {
     this.#options = options
@@ -79,6 +80,7 @@ export class HostNetwork {
     this.ipam = new Ipam(this.subnet, options.store)
     this.#tapPrefix = options.tapPrefix ?? DEFAULT_TAP_PREFIX
     this.#firewall = options.firewall
+    this.#allowedHostPorts = [...(options.allowedHostPorts ?? [])]
   }
 
   /**
@@ -91,11 +93,24 @@ export class HostNetwork {
       throw new UigniterError('UIG_ERR_HOST_NOT_ROOT', `bridge networking needs root: ${NOT_ROOT_ADVICE}`)
     }
     await ensureBridge({ name: this.bridge, subnet: this.subnet })
+    await this.#ensureBase()
+    this.#options.logger?.info({ bridge: this.bridge, subnet: this.subnet.cidr, nat: this.#options.nat, firewall: this.#firewall?.backend }, 'host network ready')
+  }
+
+  /**
+   * Replaces the TCP ports on the gateway address that VMs may reach (the
+   * service gateway's HTTP port and its TCP service ports). Idempotent.
+   */
+  async allowHostPorts (ports: number[]): Promise<void> {
+    const sorted = [...new Set(ports)].sort((a, b) => a - b)
+    if (sorted.join() === this.#allowedHostPorts.join()) return
+    this.#allowedHostPorts = sorted
+    await this.#ensureBase()
+  }
+
+  async #ensureBase (): Promise<void> {
     this.#firewall ??= await detectFirewall({ table: this.#options.firewallTable ?? DEFAULT_FIREWALL_TABLE })
-    await this.#firewall.ensureBase({
-      bridge: this.bridge, subnet: this.subnet, nat: this.#options.nat, allowedHostPorts: this.#options.allowedHostPorts ?? []
-    })
-    this.#options.logger?.info({ bridge: this.bridge, subnet: this.subnet.cidr, nat: this.#options.nat, firewall: this.#firewall.backend }, 'host network ready')
+    await this.#firewall.ensureBase({ bridge: this.bridge, subnet: this.subnet, nat: this.#options.nat, allowedHostPorts: this.#allowedHostPorts })
   }
 
   /**

@@ -3,9 +3,12 @@ import { dirname } from 'node:path'
 import Database from 'better-sqlite3'
 import { UigniterError } from '../core/errors.js'
 import type { PoolSpec } from '../core/pool.js'
+import type { ServiceSpec } from '../core/service.js'
 import type { Vm, VmState } from '../core/vm.js'
 
-const SCHEMA_VERSION = 2
+const SCHEMA_VERSION = 3
+
+export interface StoredService { spec: ServiceSpec, app: string | null, generation: number }
 
 export interface VmFilter { state?: VmState[], image?: string, name?: string }
 
@@ -54,6 +57,15 @@ export class SqliteStore {
         spec TEXT NOT NULL
       );
       PRAGMA user_version = 2;
+    `)
+    if (version < 3) this.#db.exec(`
+      CREATE TABLE IF NOT EXISTS services (
+        name TEXT PRIMARY KEY,
+        app TEXT,
+        generation INTEGER NOT NULL,
+        spec TEXT NOT NULL
+      );
+      PRAGMA user_version = 3;
     `)
   }
 
@@ -118,6 +130,21 @@ export class SqliteStore {
     this.#db.prepare('DELETE FROM pools WHERE name = ?').run(name)
   }
 
+  /** Services: the declared spec, its application and the generation its replicas should run. */
+  putService (record: StoredService): void {
+    this.#db.prepare('INSERT INTO services (name, app, generation, spec) VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET app = excluded.app, generation = excluded.generation, spec = excluded.spec')
+      .run(record.spec.name, record.app, record.generation, JSON.stringify(record.spec))
+  }
+
+  listServices (): StoredService[] {
+    return (this.#db.prepare('SELECT app, generation, spec FROM services ORDER BY name').all() as Array<{ app: string | null, generation: number, spec: string }>)
+      .map((r) => ({ app: r.app, generation: r.generation, spec: JSON.parse(r.spec) as ServiceSpec }))
+  }
+
+  deleteService (name: string): void {
+    this.#db.prepare('DELETE FROM services WHERE name = ?').run(name)
+  }
+
   /** IP allocations: the UNIQUE primary key makes `reserve` atomic across processes. */
   readonly ipAllocations = {
     list: (): Array<{ ip: string, owner: string }> =>
@@ -135,5 +162,5 @@ export class SqliteStore {
 
 /** Records written before a field existed get its empty value. */
 function parseVm (record: string): Vm {
-  return { pool: null, startPath: 'cold', template: null, startTimings: null, ...(JSON.parse(record) as Partial<Vm>) } as Vm
+  return { pool: null, startPath: 'cold', template: null, startTimings: null, service: null, ...(JSON.parse(record) as Partial<Vm>) } as Vm
 }

@@ -1,0 +1,125 @@
+import { Type } from '@sinclair/typebox'
+import type { FastifyInstance } from 'fastify'
+import { UigniterError } from '../core/errors.js'
+import { AppFileSchema, EndpointSchema, ServiceSpecSchema, ServiceStatusSchema } from '../core/service.js'
+import type { RegistryEntry, ServiceManager } from '../service/service-manager.js'
+import { ErrorBodySchema } from './errors.js'
+
+const NameParams = Type.Object({ name: Type.String({ minLength: 1 }) })
+const AppParams = Type.Object({ app: Type.String({ minLength: 1 }) })
+const errors = { 400: ErrorBodySchema, 404: ErrorBodySchema, 409: ErrorBodySchema, 500: ErrorBodySchema }
+const RegistryEntrySchema = Type.Object({ service: Type.String(), endpoints: Type.Array(EndpointSchema) })
+
+/**
+ * /v1/services, /v1/apps and /v1/registry. Specs are validated by the
+ * service manager, not by the route schema (`attachValidation`), so that an
+ * API body and an application file get the same errors
+ * (UIG_ERR_SERVICE_SPEC_INVALID naming the field); the schemas here document
+ * the bodies.
+ */
+export function serviceRoutes (services: ServiceManager) {
+  return async function serviceRoutesPlugin (app: FastifyInstance): Promise<void> {
+    app.get<{ Querystring: { app?: string } }>('/v1/services', {
+      schema: {
+        tags: ['services'],
+        summary: 'List services with their replicas, endpoints and health',
+        querystring: Type.Object({ app: Type.Optional(Type.String({ description: 'Only this application\'s' })) }, { additionalProperties: false }),
+        response: { 200: Type.Array(ServiceStatusSchema), ...errors }
+      }
+    }, async (request) => services.list(request.query.app))
+
+    app.get<{ Params: { name: string } }>('/v1/services/:name', {
+      schema: { tags: ['services'], summary: 'Get a service', params: NameParams, response: { 200: ServiceStatusSchema, ...errors } }
+    }, async (request) => services.get(request.params.name))
+
+    app.put<{ Params: { name: string }, Body: unknown }>('/v1/services/:name', {
+      attachValidation: true,
+      schema: {
+        tags: ['services'],
+        summary: 'Create or update a service. A change of image, args, env, resources or ports rolls out one replica at a time; other changes apply in place',
+        params: NameParams,
+        body: ServiceSpecSchema,
+        response: { 200: ServiceStatusSchema, ...errors }
+      }
+    }, async (request) => {
+      const body = request.body
+      if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', 'the body must be a service spec (a JSON object)')
+      const named = body as Record<string, unknown>
+      if (named.name !== undefined && named.name !== request.params.name) {
+        throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', `the body names service "${String(named.name)}" but the path names "${request.params.name}"`)
+      }
+      return await services.apply({ ...named, name: request.params.name })
+    })
+
+    app.delete<{ Params: { name: string } }>('/v1/services/:name', {
+      schema: {
+        tags: ['services'],
+        summary: 'Delete a service: routes removed, replicas stopped, its templates and pool deleted',
+        params: NameParams,
+        response: { 200: ServiceStatusSchema, ...errors }
+      }
+    }, async (request) => await services.remove(request.params.name))
+
+    app.put<{ Params: { app: string }, Body: unknown }>('/v1/apps/:app', {
+      attachValidation: true,
+      schema: {
+        tags: ['services'],
+        summary: 'Apply an application file (what `uigniter up` sends): its services created or updated, and its services no longer listed deleted',
+        params: AppParams,
+        body: AppFileSchema,
+        response: { 200: Type.Array(ServiceStatusSchema), ...errors }
+      }
+    }, async (request) => {
+      const body = request.body
+      if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', 'the body must be an application (a JSON object with app and services)')
+      const named = body as Record<string, unknown>
+      if (named.app !== undefined && named.app !== request.params.app) {
+        throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', `the body names application "${String(named.app)}" but the path names "${request.params.app}"`)
+      }
+      return await services.applyApp({ ...named, app: request.params.app })
+    })
+
+    app.delete<{ Params: { app: string } }>('/v1/apps/:app', {
+      schema: {
+        tags: ['services'],
+        summary: 'Delete every service of the application (what `uigniter down` does)',
+        params: AppParams,
+        response: { 200: Type.Object({ app: Type.String(), deleted: Type.Array(Type.String()) }), ...errors }
+      }
+    }, async (request) => ({ app: request.params.app, deleted: await services.removeApp(request.params.app) }))
+
+    app.get<{ Querystring: { service?: string } }>('/v1/registry', {
+      schema: {
+        tags: ['services'],
+        summary: 'The registry: each service\'s endpoints (replicas and external endpoints) with their health',
+        querystring: Type.Object({ service: Type.Optional(Type.String()) }, { additionalProperties: false }),
+        response: { 200: Type.Array(RegistryEntrySchema), ...errors }
+      }
+    }, async (request) => services.registry(request.query.service))
+
+    app.get<{ Querystring: { service?: string } }>('/v1/registry/watch', {
+      schema: {
+        tags: ['services'],
+        summary: 'Server-sent events: `registry` with a service\'s endpoints, first one per service, then at each change',
+        querystring: Type.Object({ service: Type.Optional(Type.String()) }, { additionalProperties: false })
+      }
+    }, async (request, reply) => {
+      const only = request.query.service
+      const initial = services.registry(only)
+      reply.hijack()
+      const raw = reply.raw
+      raw.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' })
+      const send = (entry: RegistryEntry): void => {
+        if (only !== undefined && entry.service !== only) return
+        raw.write(`event: registry\ndata: ${JSON.stringify(entry)}\n\n`)
+      }
+      for (const entry of initial) send(entry)
+      const keepAlive = setInterval(() => raw.write(': keep-alive\n\n'), 15_000)
+      services.on('registry', send)
+      request.raw.on('close', () => {
+        clearInterval(keepAlive)
+        services.off('registry', send)
+      })
+    })
+  }
+}

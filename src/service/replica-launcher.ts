@@ -1,0 +1,131 @@
+import { UigniterError } from '../core/errors.js'
+import type { Logger } from '../core/logger.js'
+import type { ServiceSpec } from '../core/service.js'
+import type { Vm } from '../core/vm.js'
+import type { VmManager } from '../daemon/vm-manager.js'
+import type { PoolManager } from '../pool/pool-manager.js'
+import type { TemplateManager } from '../snapshot/template-manager.js'
+
+export interface ReplicaLauncherDeps {
+  vms: VmManager
+  pools: PoolManager
+  templates: TemplateManager
+  /** Env every replica gets on top of its spec's: where the gateway is. */
+  gatewayEnv: Record<string, string>
+  log: Logger
+}
+
+/** Templates and pools a service owns are named after it and its generation. */
+export const templateName = (service: string, generation: number): string => `svc-${service}-g${generation}`
+export const poolName = (service: string): string => `svc-${service}`
+const OWNED = /^svc-([a-z][a-z0-9-]{0,30})-g(\d+)$/
+
+/**
+ * Starts replicas by a service's start path:
+ * - `cold`: boots the image;
+ * - `clone`: clones a template of the service's generation, which it makes
+ *   first (`ready: app`, so a clone serves as soon as it took its identity);
+ * - `pool`: claims from a clone pool of that template that keeps a spare.
+ * The template bakes the spec's env and the gateway's address in, so a new
+ * generation gets a new template.
+ */
+export class ReplicaLauncher {
+  readonly #deps: ReplicaLauncherDeps
+  /** Templates being made, by name: several replicas wait for one making. */
+  readonly #making = new Map<string, Promise<void>>()
+
+  constructor (deps: ReplicaLauncherDeps) {
+    this.#deps = deps
+  }
+
+  /** Makes what the start path needs (template, pool), so that the first replica is quick. Idempotent. */
+  async prepare (spec: ServiceSpec, generation: number): Promise<string | null> {
+    if (spec.image === undefined || spec.startPath === 'cold') return null
+    const name = templateName(spec.name, generation)
+    await this.#template(spec, name)
+    if (spec.startPath === 'pool') await this.#pool(spec, name)
+    return name
+  }
+
+  /** Starts one replica; resolves once its VM runs (its health check decides when it serves). */
+  async start (spec: ServiceSpec, generation: number, replicaName: string): Promise<Vm> {
+    const image = spec.image
+    if (image === undefined) throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', `service ${spec.name} has no image to start replicas from`)
+    const service = { name: spec.name, generation }
+    if (spec.startPath === 'cold') {
+      return await this.#deps.vms.create({
+        name: replicaName,
+        image,
+        env: this.#env(spec),
+        network: 'bridge',
+        publish: [],
+        shares: [],
+        ...(spec.args !== undefined ? { args: spec.args } : {}),
+        ...(spec.resources.vcpus !== undefined ? { vcpus: spec.resources.vcpus } : {}),
+        ...(spec.resources.memoryMiB !== undefined ? { memoryMiB: spec.resources.memoryMiB } : {})
+      }, { service })
+    }
+    const template = await this.prepare(spec, generation) ?? ''
+    if (spec.startPath === 'pool') {
+      const claim = await this.#deps.pools.claim(poolName(spec.name), { onEmpty: 'create' })
+      return this.#deps.vms.setService(claim.vm.id, service)
+    }
+    return await this.#deps.vms.create({ name: replicaName, template, env: {}, network: 'bridge', publish: [], shares: [] }, { service })
+  }
+
+  /**
+   * Removes the service's templates (and pool) of generations other than
+   * `keep`, once no replica runs them; with `keep` null, all of them.
+   * Templates still in use stay, for a later call.
+   */
+  async cleanup (service: string, keep: number | null, pool: boolean): Promise<void> {
+    if (!pool || keep === null) {
+      if (this.#deps.pools.list().some((p) => p.spec.name === poolName(service))) {
+        await this.#deps.pools.remove(poolName(service)).catch((err: unknown) => { this.#deps.log.warn({ err, service }, 'removing the service\'s pool failed') })
+      }
+    }
+    for (const info of await this.#deps.templates.list()) {
+      const m = OWNED.exec(info.name)
+      if (m === null || m[1] !== service || Number(m[2]) === keep || this.#making.has(info.name)) continue
+      if (this.#deps.templates.liveClones(info.name).length > 0) continue
+      if (this.#deps.pools.list().some((p) => p.spec.template === info.name)) continue
+      await this.#deps.templates.remove(info.name).catch((err: unknown) => { this.#deps.log.debug({ err, template: info.name }, 'template not removed yet') })
+    }
+  }
+
+  #env (spec: ServiceSpec): Record<string, string> {
+    return { ...this.#deps.gatewayEnv, ...spec.env }
+  }
+
+  async #template (spec: ServiceSpec, name: string): Promise<void> {
+    const making = this.#making.get(name)
+    if (making !== undefined) return await making
+    if (await this.#deps.templates.get(name).then(() => true, () => false)) return
+    const probePort = spec.healthCheck?.port ?? spec.ports[0]?.port
+    const work = this.#deps.templates.create({
+      name,
+      image: spec.image,
+      ready: 'app',
+      ...(probePort !== undefined ? { port: probePort } : {}),
+      ...(spec.healthCheck?.type !== 'tcp' && spec.healthCheck !== undefined ? { httpPath: spec.healthCheck.path } : {}),
+      env: this.#env(spec),
+      ...(spec.args !== undefined ? { args: spec.args } : {}),
+      ...(spec.resources.vcpus !== undefined ? { vcpus: spec.resources.vcpus } : {}),
+      ...(spec.resources.memoryMiB !== undefined ? { memoryMiB: spec.resources.memoryMiB } : {})
+    }).then(() => undefined)
+    this.#making.set(name, work)
+    try {
+      await work
+    } finally {
+      this.#making.delete(name)
+    }
+  }
+
+  async #pool (spec: ServiceSpec, template: string): Promise<void> {
+    const existing = this.#deps.pools.list().find((p) => p.spec.name === poolName(spec.name))
+    if (existing?.spec.template === template) return
+    if (existing !== undefined) await this.#deps.pools.remove(existing.spec.name)
+    // One spare: a claim takes it and the pool clones the next in the background.
+    await this.#deps.pools.create({ name: poolName(spec.name), kind: 'clone', template, min: 1, max: 1, onEmpty: 'create', onRelease: 'destroy' })
+  }
+}
