@@ -86,7 +86,7 @@ export const BuildSpecSchema = Type.Object({
   name: Type.String({ minLength: 1, description: 'name[:tag]' }),
   source: BuildSourceSchema,
   format: Type.Union([Type.Literal('auto'), Type.Literal('initramfs'), Type.Literal('squashfs'), Type.Literal('ext4')], { default: 'auto' }),
-  env: Type.Record(Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' }), Type.String(), { default: {} }),
+  env: Type.Record(Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' }), Type.String(), { additionalProperties: false, default: {} }),
   workdir: Type.Optional(Type.String({ pattern: '^/' })),
   vcpus: Type.Integer({ minimum: 1, maximum: 64, default: 1 }),
   memoryMiB: Type.Integer({ minimum: 32, maximum: 65536, default: 128 }),

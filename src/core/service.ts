@@ -45,8 +45,10 @@ export const HealthCheckSchema = Type.Object({
 }, { additionalProperties: false })
 export type HealthCheck = Static<typeof HealthCheckSchema>
 
+const IPV4 = '^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$'
+
 export const ExternalEndpointSchema = Type.Object({
-  host: Type.String({ format: 'ipv4', description: 'An address outside uigniter that serves the same ports (a fallback, a legacy server)' }),
+  host: Type.String({ pattern: IPV4, description: 'An IPv4 address outside uigniter that serves the same ports (a fallback, a legacy server)' }),
   weight: Type.Integer({ minimum: 1, maximum: 1000, default: 1 }),
   priority: Type.Integer({ minimum: 0, maximum: 100, default: 1, description: 'Lower is preferred; replicas have priority 0' })
 }, { additionalProperties: false })
@@ -73,7 +75,7 @@ export const ServiceSpecSchema = Type.Object({
   }, { additionalProperties: false, default: {}, description: 'Default: the image\'s' }),
   ports: Type.Array(ServicePortSchema, { minItems: 1, maxItems: 16 }),
   args: Type.Optional(Type.Array(Type.String(), { description: 'Replace the image\'s app arguments' })),
-  env: Type.Record(Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' }), Type.String(), { default: {} }),
+  env: Type.Record(Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' }), Type.String(), { default: {}, additionalProperties: false, description: 'Names are letters, digits and _' }),
   healthCheck: Type.Optional(HealthCheckSchema),
   restart: Type.Union([Type.Literal('always'), Type.Literal('on-failure'), Type.Literal('never')], {
     default: 'always',

@@ -17,7 +17,7 @@ export const TemplateSpecSchema = Type.Object({
   vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),
   memoryMiB: Type.Optional(Type.Integer({ minimum: 32, maximum: 1048576 })),
   args: Type.Optional(Type.Array(Type.String(), { description: 'Replace the image\'s app arguments (every clone runs them)' })),
-  env: Type.Record(Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' }), Type.String(), { default: {}, description: 'Every clone\'s app gets these' }),
+  env: Type.Record(Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' }), Type.String(), { additionalProperties: false, default: {}, description: 'Every clone\'s app gets these' }),
   timeoutMs: Type.Integer({ minimum: 1000, maximum: 600_000, default: 120_000, description: 'Boot to the ready point' })
 }, { additionalProperties: false })
 export type TemplateSpec = Static<typeof TemplateSpecSchema>

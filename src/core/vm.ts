@@ -32,7 +32,7 @@ export const VmCreateRequestSchema = Type.Object({
   image: Type.Optional(Type.String({ minLength: 1, description: 'name[:tag]; give this or template' })),
   template: Type.Optional(Type.String({ minLength: 1, description: 'Clone this template instead of booting an image (start path `clone`)' })),
   args: Type.Optional(Type.Array(Type.String(), { description: 'Replace the image\'s app arguments' })),
-  env: Type.Record(Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' }), Type.String(), { default: {} }),
+  env: Type.Record(Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' }), Type.String(), { additionalProperties: false, default: {} }),
   vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),
   memoryMiB: Type.Optional(Type.Integer({ minimum: 32, maximum: 1048576 })),
   cpuAffinity: Type.Optional(Type.Array(Type.Integer({ minimum: 0 }), { minItems: 1, description: 'Host CPUs for the VM\'s threads' })),

@@ -51,16 +51,18 @@ export function scaleDecision (input: ScaleInput): ScaleDecision {
     const fixed = clamp(min)
     return { desired: fixed, reason: fixed !== desired ? `fixed at replicas.min ${fixed}` : null }
   }
+  // Held requests wait for a replica: they are load as much as the ones in flight.
+  const demand = input.inFlight + input.held
   if (desired === 0) {
-    if ((input.held > 0 || input.inFlight > 0) && max > 0) return { desired: clamp(Math.max(1, Math.ceil(input.inFlight / settings.targetInFlight))), reason: 'a request arrived for a service at zero' }
+    if (demand > 0 && max > 0) return { desired: clamp(Math.max(1, Math.ceil(demand / settings.targetInFlight))), reason: 'a request arrived for a service at zero' }
     return { desired: clamp(0), reason: null }
   }
-  const wanted = Math.ceil(input.inFlight / settings.targetInFlight)
+  const wanted = Math.ceil(demand / settings.targetInFlight)
   if (wanted > desired && desired < max && now - input.lastScaleUpAt >= settings.scaleUpCooldownMs) {
-    return { desired: clamp(wanted), reason: `${input.inFlight} in flight over ${desired} replica(s), target ${settings.targetInFlight} each` }
+    return { desired: clamp(wanted), reason: `${demand} in flight or held over ${desired} replica(s), target ${settings.targetInFlight} each` }
   }
   if (now - input.lastScaleDownAt < settings.scaleDownCooldownMs || now - input.lastScaleUpAt < settings.scaleDownCooldownMs) return { desired: clamp(desired), reason: null }
-  const idle = input.inFlight === 0 && input.held === 0 && now - input.lastRequestAt >= settings.idleToZeroMs
+  const idle = demand === 0 && now - input.lastRequestAt >= settings.idleToZeroMs
   if (idle && min === 0) return { desired: 0, reason: `idle for ${Math.round((now - input.lastRequestAt) / 1000)} s` }
   const peakWanted = Math.max(1, Math.ceil(input.recentPeakInFlight / settings.targetInFlight))
   if (peakWanted < desired && desired > min) {

@@ -31,19 +31,31 @@ const OWNED = /^svc-([a-z][a-z0-9-]{0,30})-g(\d+)$/
  */
 export class ReplicaLauncher {
   readonly #deps: ReplicaLauncherDeps
-  /** Templates being made, by name: several replicas wait for one making. */
+  /** Templates (and pools) being made, by template name and start path: several replicas wait for one making. */
   readonly #making = new Map<string, Promise<void>>()
 
   constructor (deps: ReplicaLauncherDeps) {
     this.#deps = deps
   }
 
-  /** Makes what the start path needs (template, pool), so that the first replica is quick. Idempotent. */
+  /**
+   * Makes what the start path needs (template, pool), so that the first
+   * replica is quick. Idempotent; concurrent calls share one making.
+   */
   async prepare (spec: ServiceSpec, generation: number): Promise<string | null> {
     if (spec.image === undefined || spec.startPath === 'cold') return null
     const name = templateName(spec.name, generation)
-    await this.#template(spec, name)
-    if (spec.startPath === 'pool') await this.#pool(spec, name)
+    const key = `${name}/${spec.startPath}`
+    let making = this.#making.get(key)
+    if (making === undefined) {
+      making = (async () => {
+        await this.#template(spec, name)
+        if (spec.startPath === 'pool') await this.#pool(spec, name)
+      })()
+      this.#making.set(key, making)
+      making.then(() => this.#making.delete(key), () => this.#making.delete(key))
+    }
+    await making
     return name
   }
 
@@ -86,7 +98,7 @@ export class ReplicaLauncher {
     }
     for (const info of await this.#deps.templates.list()) {
       const m = OWNED.exec(info.name)
-      if (m === null || m[1] !== service || Number(m[2]) === keep || this.#making.has(info.name)) continue
+      if (m === null || m[1] !== service || Number(m[2]) === keep || [...this.#making.keys()].some((k) => k.startsWith(`${info.name}/`))) continue
       if (this.#deps.templates.liveClones(info.name).length > 0) continue
       if (this.#deps.pools.list().some((p) => p.spec.template === info.name)) continue
       await this.#deps.templates.remove(info.name).catch((err: unknown) => { this.#deps.log.debug({ err, template: info.name }, 'template not removed yet') })
@@ -98,11 +110,9 @@ export class ReplicaLauncher {
   }
 
   async #template (spec: ServiceSpec, name: string): Promise<void> {
-    const making = this.#making.get(name)
-    if (making !== undefined) return await making
     if (await this.#deps.templates.get(name).then(() => true, () => false)) return
     const probePort = spec.healthCheck?.port ?? spec.ports[0]?.port
-    const work = this.#deps.templates.create({
+    await this.#deps.templates.create({
       name,
       image: spec.image,
       ready: 'app',
@@ -112,13 +122,7 @@ export class ReplicaLauncher {
       ...(spec.args !== undefined ? { args: spec.args } : {}),
       ...(spec.resources.vcpus !== undefined ? { vcpus: spec.resources.vcpus } : {}),
       ...(spec.resources.memoryMiB !== undefined ? { memoryMiB: spec.resources.memoryMiB } : {})
-    }).then(() => undefined)
-    this.#making.set(name, work)
-    try {
-      await work
-    } finally {
-      this.#making.delete(name)
-    }
+    })
   }
 
   async #pool (spec: ServiceSpec, template: string): Promise<void> {

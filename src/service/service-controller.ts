@@ -119,8 +119,21 @@ export class ServiceController {
   async start (): Promise<void> {
     await this.#deps.gateway.configure(this.#route())
     this.#publish()
+    this.#prepare()
     this.#timer = setInterval(() => this.kick(), this.#deps.tickMs ?? 500)
     this.kick()
+  }
+
+  /** Makes the template (and pool) of the current generation ahead of need, so that a wake from zero only clones. */
+  #prepare (): void {
+    const { spec, generation } = this
+    if (spec.image === undefined || spec.startPath === 'cold') return
+    this.#deps.launcher.prepare(spec, generation).then((name) => {
+      if (generation === this.generation) this.#template = name
+    }, (err: unknown) => {
+      this.#message = `making the template failed: ${(err as Error).message}`
+      this.#deps.log.warn({ err, service: this.name }, 'making the service\'s template failed; the next replica start tries again')
+    })
   }
 
   /** Takes a new spec; a change of what replicas run starts a rolling update. */
@@ -140,6 +153,7 @@ export class ServiceController {
       this.#event('service.rollout', `rolling out generation ${this.generation}`)
     }
     this.#publish()
+    this.#prepare()
     this.kick()
     return rollout
   }

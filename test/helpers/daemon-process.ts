@@ -19,7 +19,7 @@ export class DaemonProcess {
   #child: ChildProcess | undefined
   output = ''
 
-  constructor (dataDir: string, overrides: NodeJS.ProcessEnv = {}, apiPort = 0) {
+  constructor (dataDir: string, overrides: NodeJS.ProcessEnv = {}, apiPort = 0, gatewayPort = 0) {
     const suffix = randomBytes(3).toString('hex')
     this.env = {
       ...process.env,
@@ -27,6 +27,7 @@ export class DaemonProcess {
       UIGNITER_SOCKET: join(dataDir, 'uigniter.sock'),
       UIGNITER_API_LISTEN: `127.0.0.1:${apiPort}`,
       UIGNITER_BRIDGE: `uigd${suffix}`,
+      UIGNITER_GATEWAY_HTTP_PORT: String(gatewayPort),
       UIGNITER_LOG_LEVEL: 'info',
       ...overrides
     }
@@ -34,7 +35,12 @@ export class DaemonProcess {
   }
 
   static async create (dataDir: string, overrides: NodeJS.ProcessEnv = {}): Promise<DaemonProcess> {
-    return new DaemonProcess(dataDir, overrides, await freePort())
+    return new DaemonProcess(dataDir, overrides, await freePort(), await freePort())
+  }
+
+  /** The service gateway's HTTP port on the host. */
+  get gatewayPort (): number {
+    return Number(this.env.UIGNITER_GATEWAY_HTTP_PORT)
   }
 
   get pid (): number | undefined {
@@ -62,10 +68,13 @@ export class DaemonProcess {
   }
 
   /**
-   * Deletes what the daemon holds (pools, VMs, templates, in that order: each
+   * Deletes what the daemon holds (services, pools, VMs, templates, in that order: each
    * depends on the next), stops it and removes its network. For `after` hooks.
    */
   async removeEverything (): Promise<void> {
+    for (const service of await this.api.call<Array<{ spec: { name: string } }>>('GET', '/v1/services').catch(() => [])) {
+      await this.api.call('DELETE', `/v1/services/${service.spec.name}`).catch(() => {})
+    }
     for (const pool of await this.api.call<Array<{ spec: { name: string } }>>('GET', '/v1/pools').catch(() => [])) {
       await this.api.call('DELETE', `/v1/pools/${pool.spec.name}`).catch(() => {})
     }

@@ -1,0 +1,190 @@
+import assert from 'node:assert/strict'
+import { readFile, writeFile } from 'node:fs/promises'
+import { createServer } from 'node:net'
+import { join } from 'node:path'
+import { after, before, describe, test } from 'node:test'
+import { setTimeout as sleep } from 'node:timers/promises'
+import memjs from 'memjs'
+import type { ServiceStatus } from '../../src/core/service.js'
+import type { TemplateInfo } from '../../src/core/template.js'
+import type { Vm } from '../../src/core/vm.js'
+import { freePort } from '../../src/vmm/qemu/image-boot.js'
+import { rejectsWith } from '../helpers/assertions.js'
+import { DaemonProcess } from '../helpers/daemon-process.js'
+import { createTestContext, exampleSpec, packageRoot, runCli, type TestContext } from '../helpers/fixtures.js'
+import { httpGet, startLoad } from '../helpers/http-load.js'
+
+/**
+ * Services through a real daemon: hello replicas cloned from templates, the
+ * gateway in front of them, memcached behind a gateway TCP port.
+ */
+describe('services, the registry and the gateway', () => {
+  let ctx: TestContext & { cleanup: () => Promise<void> }
+  let daemon: DaemonProcess
+  let gateway: string
+
+  async function waitFor (name: string, check: (s: ServiceStatus) => boolean, timeoutMs = 60_000): Promise<ServiceStatus> {
+    const deadline = Date.now() + timeoutMs
+    for (;;) {
+      const status = await daemon.api.call<ServiceStatus>('GET', `/v1/services/${name}`)
+      if (check(status)) return status
+      if (Date.now() > deadline) throw new Error(`service ${name} never got there: ${JSON.stringify({ ...status, spec: undefined })}`)
+      await sleep(100)
+    }
+  }
+  const healthy = (s: ServiceStatus): string[] => s.endpoints.filter((e) => e.health === 'healthy' && e.vm !== null).map((e) => e.id)
+
+  before(async () => {
+    ctx = await createTestContext()
+    for (const example of ['hello', 'memcached']) {
+      await ctx.builder.build(JSON.parse(await readFile(exampleSpec(example), 'utf8')), join(packageRoot, 'examples', example))
+    }
+    daemon = await DaemonProcess.create(ctx.dataDir, { UIGNITER_SUBNET: `10.241.${Math.floor(Math.random() * 200)}.0/24` })
+    await daemon.start()
+    gateway = `http://127.0.0.1:${daemon.gatewayPort}`
+  })
+  after(async () => {
+    await daemon.removeEverything()
+    await ctx.cleanup()
+  })
+
+  test('bad specs are refused with their codes, and nothing is kept', async () => {
+    await rejectsWith(daemon.api.call('PUT', '/v1/services/bad', { image: 'hello', ports: [{ port: 8080 }], replicas: { min: 3, max: 1 } }),
+      'UIG_ERR_SERVICE_SPEC_INVALID', 'replicas.max (1) is below replicas.min (3)')
+    await rejectsWith(daemon.api.call('PUT', '/v1/services/bad', { image: 'hello', ports: [{ port: 11211, protocol: 'tcp' }] }),
+      'UIG_ERR_SERVICE_SPEC_INVALID', 'needs a gatewayPort')
+    await rejectsWith(daemon.api.call('PUT', '/v1/services/bad', { name: 'other', image: 'hello', ports: [{ port: 8080 }] }),
+      'UIG_ERR_SERVICE_SPEC_INVALID', 'the path names "bad"')
+    await rejectsWith(daemon.api.call('PUT', '/v1/services/bad', { image: 'nope', ports: [{ port: 8080 }] }), 'UIG_ERR_IMAGE_NOT_FOUND')
+    await rejectsWith(daemon.api.call('PUT', '/v1/services/bad', { image: 'hello', ports: [{ port: 1, protocol: 'tcp', gatewayPort: daemon.gatewayPort }] }),
+      'UIG_ERR_SERVICE_CONFLICT', 'the gateway\'s HTTP port')
+    const taken = createServer()
+    await new Promise<void>((resolve) => taken.listen(0, '0.0.0.0', resolve))
+    const port = (taken.address() as { port: number }).port
+    try {
+      await rejectsWith(daemon.api.call('PUT', '/v1/services/bad', { image: 'hello', replicas: { min: 0 }, ports: [{ port: 1, protocol: 'tcp', gatewayPort: port }] }),
+        'UIG_ERR_GATEWAY_PORT_IN_USE')
+    } finally {
+      taken.close()
+    }
+    await rejectsWith(daemon.api.call('GET', '/v1/services/bad'), 'UIG_ERR_SERVICE_NOT_FOUND')
+    assert.deepEqual(await daemon.api.call('GET', '/v1/services'), [], 'no refused spec was kept')
+    const unknown = await httpGet(`${gateway}/svc/bad/`)
+    assert.equal(unknown.status, 404)
+    assert.equal((JSON.parse(unknown.body) as { code: string }).code, 'UIG_ERR_GATEWAY_NO_SERVICE')
+  })
+
+  test('kill -9 of a replica under load: the service is back at its minimum and no GET fails', async () => {
+    const spec = { image: 'hello', replicas: { min: 2 }, ports: [{ port: 8080 }], healthCheck: { intervalMs: 300, unhealthyThreshold: 2 } }
+    await daemon.api.call('PUT', '/v1/services/web', spec)
+    const before = await waitFor('web', (s) => healthy(s).length === 2)
+    assert.ok(before.template?.startsWith('svc-web-g1'), 'replicas are clones of the service\'s template')
+
+    const load = startLoad(`${gateway}/svc/web/`, 4)
+    await sleep(1000)
+    const victim = await daemon.api.call<Vm>('GET', `/v1/vms/${before.endpoints[0]?.id ?? ''}`)
+    process.kill(victim.pid ?? 0, 'SIGKILL')
+    const restored = await waitFor('web', (s) => healthy(s).length === 2 && !healthy(s).includes(victim.id), 30_000)
+    await sleep(1000)
+    const result = await load.stop()
+    assert.deepEqual(result.failures, [], 'every GET was answered 200, the ones in flight to the killed replica retried elsewhere')
+    assert.ok(result.ok > 20, `requests flowed (${result.ok})`)
+    const registry = await daemon.api.call<Array<{ service: string, endpoints: Array<{ id: string, health: string }> }>>('GET', '/v1/registry?service=web')
+    assert.deepEqual(registry[0]?.endpoints.filter((e) => e.health === 'healthy').map((e) => e.id).sort(), healthy(restored).sort(), 'the registry shows the live replicas')
+  })
+
+  test('a rolling update (new env) replaces every replica with no failed request', async () => {
+    const oldIds = healthy(await daemon.api.call<ServiceStatus>('GET', '/v1/services/web'))
+    const load = startLoad(`${gateway}/svc/web/`, 4)
+    await sleep(500)
+    const updated = await daemon.api.call<ServiceStatus>('PUT', '/v1/services/web', {
+      image: 'hello', replicas: { min: 2 }, ports: [{ port: 8080 }], healthCheck: { intervalMs: 300, unhealthyThreshold: 2 }, env: { RELEASE: '2' }
+    })
+    assert.equal(updated.generation, 2)
+    const done = await waitFor('web', (s) => s.endpoints.length === 2 && s.endpoints.every((e) => e.generation === 2 && e.health === 'healthy'), 90_000)
+    await sleep(500)
+    const result = await load.stop()
+    assert.deepEqual(result.failures, [], 'no request failed during the rollout')
+    assert.ok(healthy(done).every((id) => !oldIds.includes(id)), 'every replica was replaced')
+    const newNames = done.endpoints.map((e) => e.vm ?? '')
+    const lastAnswers = await Promise.all([1, 2, 3, 4].map(async () => (await httpGet(`${gateway}/svc/web/`)).body))
+    for (const body of lastAnswers) assert.ok(newNames.some((n) => body.includes(n)), `answered by a new replica: ${body.trim()}`)
+    // The first generation's template goes once no replica runs it.
+    const deadline = Date.now() + 10_000
+    let templates: string[] = []
+    while (Date.now() < deadline) {
+      templates = (await daemon.api.call<TemplateInfo[]>('GET', '/v1/templates')).map((t) => t.name)
+      if (!templates.includes('svc-web-g1')) break
+      await sleep(200)
+    }
+    assert.deepEqual(templates.filter((t) => t.startsWith('svc-web-')), ['svc-web-g2'])
+  })
+
+  test('scale from zero: the first request is held while a clone starts; past the hold limit, 503 with Retry-After; idle, back to zero', async () => {
+    await daemon.api.call('PUT', '/v1/services/lazy', {
+      image: 'hello',
+      replicas: { min: 0, max: 1 },
+      ports: [{ port: 8080 }],
+      hold: { maxRequests: 2, timeoutMs: 30_000 },
+      autoscale: { idleToZeroMs: 1500, scaleDownCooldownMs: 1000, scaleUpCooldownMs: 0 }
+    })
+    const idle = await waitFor('lazy', (s) => s.template !== null)
+    assert.equal(idle.desired, 0)
+    assert.equal(idle.endpoints.length, 0, 'nothing runs before the first request')
+
+    const answers = await Promise.all([0, 1, 2, 3].map(async () => await httpGet(`${gateway}/svc/lazy/`)))
+    const served = answers.filter((a) => a.status === 200)
+    const refused = answers.filter((a) => a.status === 503)
+    assert.equal(served.length, 2, 'the two held requests were forwarded once the clone answered')
+    assert.equal(refused.length, 2, 'requests past the hold limit were refused')
+    for (const r of refused) {
+      assert.equal((JSON.parse(r.body) as { code: string }).code, 'UIG_ERR_GATEWAY_HOLD_LIMIT')
+      assert.ok(Number(r.headers['retry-after']) >= 1, 'with Retry-After')
+    }
+    await waitFor('lazy', (s) => s.desired === 0 && s.endpoints.length === 0, 30_000)
+    const again = await httpGet(`${gateway}/svc/lazy/`)
+    assert.equal(again.status, 200, 'it wakes again from zero')
+    assert.match(again.body, /Hello from uigniter/)
+  })
+
+  test('an application file: up starts memcached behind a gateway TCP port that an npm memcached client uses; down removes it', async () => {
+    const kvPort = await freePort()
+    const file = join(ctx.dataDir, 'uigniter.yaml')
+    await writeFile(file, `app: cache
+services:
+  - name: kv
+    image: memcached
+    ports:
+      - { port: 11211, protocol: tcp, gatewayPort: ${kvPort} }
+  - name: front
+    image: hello
+    replicas: { min: 1, max: 2 }
+    ports: [{ port: 8080, protocol: http }]
+    loadBalancing: { strategy: least-connections }
+`)
+    const up = await runCli(['up', file, '--timeout', '120'], { env: daemon.env })
+    assert.equal(up.code, 0, up.stderr)
+    assert.match(up.stdout, /kv\s+cache\s+memcached/)
+    assert.match(up.stdout, new RegExp(`${kvPort}→11211/tcp`))
+
+    const client = memjs.Client.create(`127.0.0.1:${kvPort}`, { retries: 0, timeout: 5 })
+    try {
+      await client.set('task:1', JSON.stringify({ id: 1, status: 'queued' }), { expires: 0 })
+      const { value } = await client.get('task:1')
+      assert.deepEqual(JSON.parse(value?.toString() ?? 'null'), { id: 1, status: 'queued' })
+    } finally {
+      client.close()
+    }
+    const viaHost = await httpGet(`${gateway}/`, { headers: { host: 'front' } })
+    assert.equal(viaHost.status, 200, 'the Host header routes too')
+
+    const ls = await runCli(['service', 'ls', '--app', 'cache'], { env: daemon.env })
+    assert.match(ls.stdout, /front\s+cache\s+hello\S*\s+1\s+1\/1/)
+    const down = await runCli(['down', file], { env: daemon.env })
+    assert.equal(down.code, 0, down.stderr)
+    assert.match(down.stdout, /took down cache: /)
+    assert.deepEqual(await daemon.api.call('GET', '/v1/services?app=cache'), [])
+    const vms = await daemon.api.call<Vm[]>('GET', '/v1/vms')
+    assert.deepEqual(vms.filter((vm) => vm.service?.name === 'kv' || vm.service?.name === 'front'), [], 'its replicas are gone')
+  })
+})
