@@ -80,6 +80,9 @@ describe('services, the registry and the gateway', () => {
     const before = await waitFor('web', (s) => healthy(s).length === 2)
     assert.ok(before.template?.startsWith('svc-web-g1'), 'replicas are clones of the service\'s template')
 
+    const events: string[] = []
+    const subscription = new AbortController()
+    const streaming = daemon.api.stream('/v1/events', (text) => { events.push(text) }, subscription.signal).catch(() => {})
     const load = startLoad(`${gateway}/svc/web/`, 4)
     await sleep(1000)
     const victim = await daemon.api.call<Vm>('GET', `/v1/vms/${before.endpoints[0]?.id ?? ''}`)
@@ -87,10 +90,24 @@ describe('services, the registry and the gateway', () => {
     const restored = await waitFor('web', (s) => healthy(s).length === 2 && !healthy(s).includes(victim.id), 30_000)
     await sleep(1000)
     const result = await load.stop()
+    subscription.abort()
+    await streaming
     assert.deepEqual(result.failures, [], 'every GET was answered 200, the ones in flight to the killed replica retried elsewhere')
     assert.ok(result.ok > 20, `requests flowed (${result.ok})`)
+    const stream = events.join('')
+    assert.match(stream, new RegExp(`event: service\\.replica-exited\ndata: .*replica ${victim.name} ended \\(killed.*replacing it`), 'the controller\'s decision is an event')
+    assert.match(stream, /event: service\.replica-ready\n/)
     const registry = await daemon.api.call<Array<{ service: string, endpoints: Array<{ id: string, health: string }> }>>('GET', '/v1/registry?service=web')
     assert.deepEqual(registry[0]?.endpoints.filter((e) => e.health === 'healthy').map((e) => e.id).sort(), healthy(restored).sort(), 'the registry shows the live replicas')
+  })
+
+  test('after a daemon restart, the replicas are adopted and keep serving', async () => {
+    const ids = healthy(await daemon.api.call<ServiceStatus>('GET', '/v1/services/web')).sort()
+    await daemon.stop()
+    await daemon.start()
+    const adopted = await waitFor('web', (s) => healthy(s).length === 2)
+    assert.deepEqual(healthy(adopted).sort(), ids, 'the same VMs, not new ones')
+    assert.equal((await httpGet(`${gateway}/svc/web/`)).status, 200)
   })
 
   test('a rolling update (new env) replaces every replica with no failed request', async () => {
