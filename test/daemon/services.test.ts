@@ -164,6 +164,22 @@ describe('services, the registry and the gateway', () => {
     assert.match(again.body, /Hello from uigniter/)
   })
 
+  test('start path pool: replicas are claimed from a clone pool that keeps a spare; deleting the service deletes both', async () => {
+    await daemon.api.call('PUT', '/v1/services/pooled', { image: 'hello', replicas: { min: 1 }, ports: [{ port: 8080 }], startPath: 'pool' })
+    const status = await waitFor('pooled', (s) => healthy(s).length === 1)
+    const replica = await daemon.api.call<Vm>('GET', `/v1/vms/${status.endpoints[0]?.id ?? ''}`)
+    assert.equal(replica.service?.name, 'pooled')
+    assert.equal(replica.pool?.name, 'svc-pooled', 'claimed from the service\'s pool')
+    const pool = await daemon.waitForPool('svc-pooled', (p) => p.ready === 1)
+    assert.equal(pool.spec.template, 'svc-pooled-g1')
+    assert.equal((await httpGet(`${gateway}/svc/pooled/`)).status, 200)
+    await daemon.api.call('DELETE', '/v1/services/pooled')
+    await rejectsWith(daemon.api.call('GET', '/v1/pools/svc-pooled'), 'UIG_ERR_POOL_NOT_FOUND')
+    assert.ok(!(await daemon.api.call<TemplateInfo[]>('GET', '/v1/templates')).some((t) => t.name.startsWith('svc-pooled')), 'its template is gone')
+    const left = (await daemon.api.call<Vm[]>('GET', '/v1/vms')).filter((vm) => vm.service?.name === 'pooled' || vm.pool?.name === 'svc-pooled')
+    assert.deepEqual(left, [], 'no replica or spare is left')
+  })
+
   test('an application file: up starts memcached behind a gateway TCP port that an npm memcached client uses; down removes it', async () => {
     const kvPort = await freePort()
     const file = join(ctx.dataDir, 'uigniter.yaml')
@@ -177,6 +193,7 @@ services:
     image: hello
     replicas: { min: 1, max: 2 }
     ports: [{ port: 8080, protocol: http }]
+    startPath: cold
     loadBalancing: { strategy: least-connections }
 `)
     const up = await runCli(['up', file, '--timeout', '120'], { env: daemon.env })
@@ -194,6 +211,9 @@ services:
     }
     const viaHost = await httpGet(`${gateway}/`, { headers: { host: 'front' } })
     assert.equal(viaHost.status, 200, 'the Host header routes too')
+    const front = await daemon.api.call<ServiceStatus>('GET', '/v1/services/front')
+    assert.equal(front.template, null, 'a cold service has no template')
+    assert.equal((await daemon.api.call<Vm>('GET', `/v1/vms/${front.endpoints[0]?.id ?? ''}`)).startPath, 'cold')
 
     const ls = await runCli(['service', 'ls', '--app', 'cache'], { env: daemon.env })
     assert.match(ls.stdout, /front\s+cache\s+hello\S*\s+1\s+1\/1/)
