@@ -19,7 +19,7 @@ export class DaemonProcess {
   #child: ChildProcess | undefined
   output = ''
 
-  constructor (dataDir: string, overrides: NodeJS.ProcessEnv = {}, apiPort = 0, gatewayPort = 0) {
+  constructor (dataDir: string, overrides: NodeJS.ProcessEnv, apiPort: number, gatewayPort: number) {
     const suffix = randomBytes(3).toString('hex')
     this.env = {
       ...process.env,
