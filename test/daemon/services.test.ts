@@ -164,6 +164,23 @@ describe('services, the registry and the gateway', () => {
     assert.match(again.body, /Hello from uigniter/)
   })
 
+  test('autoscaling follows the requests in flight: up under load, back down when it ends', async () => {
+    await daemon.api.call('PUT', '/v1/services/busy', {
+      image: 'hello',
+      replicas: { min: 1, max: 2 },
+      ports: [{ port: 8080 }],
+      autoscale: { targetInFlight: 2, scaleUpCooldownMs: 0, scaleDownCooldownMs: 2000 }
+    })
+    await waitFor('busy', (s) => healthy(s).length === 1)
+    const load = startLoad(`${gateway}/svc/busy/`, 8)
+    const scaled = await waitFor('busy', (s) => s.desired === 2 && healthy(s).length === 2, 30_000)
+    const result = await load.stop()
+    assert.deepEqual(result.failures, [])
+    assert.equal(scaled.spec.replicas.max, 2, 'never past max, though 8 in flight over a target of 2 wants 4')
+    await waitFor('busy', (s) => s.desired === 1 && s.endpoints.length === 1, 30_000)
+    await daemon.api.call('DELETE', '/v1/services/busy')
+  })
+
   test('start path pool: replicas are claimed from a clone pool that keeps a spare; deleting the service deletes both', async () => {
     await daemon.api.call('PUT', '/v1/services/pooled', { image: 'hello', replicas: { min: 1 }, ports: [{ port: 8080 }], startPath: 'pool' })
     const status = await waitFor('pooled', (s) => healthy(s).length === 1)
