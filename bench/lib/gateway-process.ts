@@ -34,8 +34,9 @@ export class GatewayProcess {
     })
     let stderr = ''
     child.stderr?.on('data', (c: Buffer) => { stderr = (stderr + c.toString()).slice(-4000) })
-    const lines = createInterface({ input: child.stdout! })
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs)
+    const lines = createInterface({ input: child.stdout })
+    let timedOut = false
+    const timer = setTimeout(() => { timedOut = true; child.kill('SIGKILL') }, timeoutMs)
     try {
       const [first] = await Promise.race([
         once(lines, 'line') as Promise<[string]>,
@@ -45,7 +46,7 @@ export class GatewayProcess {
       return new GatewayProcess(port, service, child, () => stderr)
     } catch (err) {
       child.kill('SIGKILL')
-      if (child.signalCode === 'SIGKILL' && stderr === '') throw new Error(`the gateway process did not start within ${timeoutMs} ms`)
+      if (timedOut) throw new Error(`the gateway process did not start within ${timeoutMs} ms:\n${stderr}`)
       throw err
     } finally {
       clearTimeout(timer)

@@ -140,13 +140,13 @@ export class NginxProcess {
     try {
       // Synchronously: an exit handler cannot await.
       for (const w of readChildrenSync(pid)) killQuietly(w, 'SIGKILL')
-    } catch {}
+    } catch { /* no children left */ }
     killQuietly(pid, 'SIGKILL')
   }
 }
 
 function killQuietly (pid: number, signal: NodeJS.Signals): void {
-  try { process.kill(pid, signal) } catch {}
+  try { process.kill(pid, signal) } catch { /* gone already */ }
 }
 
 function readChildrenSync (pid: number): number[] {
