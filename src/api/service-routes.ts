@@ -46,7 +46,7 @@ export function serviceRoutes (services: ServiceManager) {
       if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', 'the body must be a service spec (a JSON object)')
       const named = body as Record<string, unknown>
       if (named.name !== undefined && named.name !== request.params.name) {
-        throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', `the body names service "${String(named.name)}" but the path names "${request.params.name}"`)
+        throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', `the body names service ${JSON.stringify(named.name)} but the path names "${request.params.name}"`)
       }
       return await services.apply({ ...named, name: request.params.name })
     })
@@ -74,7 +74,7 @@ export function serviceRoutes (services: ServiceManager) {
       if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', 'the body must be an application (a JSON object with app and services)')
       const named = body as Record<string, unknown>
       if (named.app !== undefined && named.app !== request.params.app) {
-        throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', `the body names application "${String(named.app)}" but the path names "${request.params.app}"`)
+        throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', `the body names application ${JSON.stringify(named.app)} but the path names "${request.params.app}"`)
       }
       return await services.applyApp({ ...named, app: request.params.app })
     })

@@ -77,6 +77,7 @@ export const errorCodes = {
   UIG_ERR_GATEWAY_NO_SERVICE: { statusCode: 404, title: 'The gateway knows no service by the request\'s Host or /svc/NAME/ prefix' },
   UIG_ERR_GATEWAY_NO_ENDPOINT: { statusCode: 503, title: 'The service has no healthy endpoint, and none became ready while the request was held' },
   UIG_ERR_GATEWAY_HOLD_LIMIT: { statusCode: 503, title: 'The service is starting and the gateway already holds as many requests as its hold limit allows' },
+  UIG_ERR_GATEWAY_UPGRADE_UNSUPPORTED: { statusCode: 501, title: 'The gateway does not proxy protocol upgrades (WebSocket) on its HTTP port' },
   UIG_ERR_GATEWAY_UPSTREAM: { statusCode: 502, title: 'The endpoint failed before it answered, and the request could not be retried elsewhere' }
 } as const satisfies Record<string, { statusCode: number; title: string }>
 

@@ -89,20 +89,20 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
   pools.restore()
 
   const metrics = new Registry()
-  let services: ServiceManager | undefined
   const gateway = new Gateway({
     address: config.gateway.address,
     httpPort: config.gateway.httpPort,
     log: log.child({ component: 'gateway' }),
     metrics,
-    wake: (service) => services?.wake(service)
+    // Only configured services wake, and services are configured by the manager below.
+    wake: (service) => { services.wake(service) }
   })
   await gateway.listen().catch((err: unknown) => {
     throw new UigniterError('UIG_ERR_CONFIG_INVALID', `the service gateway cannot listen on ${config.gateway.address}:${config.gateway.httpPort} (${(err as Error).message}); set gateway.httpPort (UIGNITER_GATEWAY_HTTP_PORT) to a free port`, { cause: err })
   })
   // Guests reach the host on the bridge's gateway address, or on QEMU's user-mode host address.
   const gatewayHost = network !== undefined ? network.subnet.gateway : USER_MODE_HOST
-  services = new ServiceManager({
+  const services = new ServiceManager({
     vms: manager,
     store,
     launcher: new ReplicaLauncher({
@@ -149,7 +149,7 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
       tcp.closeAllConnections()
       await new Promise((resolve) => tcp.close(resolve))
       await app.close()
-      services?.close()
+      services.close()
       await gateway.close()
       pools.close()
       await manager.close()

@@ -1,5 +1,7 @@
+import type { Histogram } from 'prom-client'
 import type { Logger } from '../core/logger.js'
 import type { GatewayEndpoint, GatewayRoute } from './gateway.js'
+import type { GatewayMetrics } from './gateway-metrics.js'
 import { HoldQueue, type HeldItem } from './hold-queue.js'
 import { createStrategy } from './strategies/create-strategy.js'
 import type { Strategy } from './strategies/strategy.js'
@@ -13,8 +15,13 @@ export interface OutlierSettings {
   maxEjectionMs: number
 }
 
-/** Where a service's ejections and re-admissions are reported. */
-export interface OutlierEvents {
+/** What every service shares with the gateway. */
+export interface ServiceContext {
+  outlier: OutlierSettings
+  connectTimeoutMs: number
+  log: Logger
+  metrics: GatewayMetrics
+  wake (service: string): void
   ejected (service: string, endpointId: string, reason: string): void
   readmitted (service: string, endpointId: string, reason: string): void
 }
@@ -59,16 +66,13 @@ export class GatewayService {
   tcpConnections = 0
   upstreamFailures = 0
   ejections = 0
-  readonly durationBuckets: Float64Array
-  durationSum = 0
-  durationCount = 0
+  private readonly duration: Histogram.Internal<'service'>
 
-  constructor (route: GatewayRoute, readonly bucketBounds: readonly number[], private readonly outlier: OutlierSettings,
-    private readonly events: OutlierEvents, private readonly connectTimeoutMs: number, private readonly log: Logger) {
+  constructor (route: GatewayRoute, private readonly ctx: ServiceContext) {
     this.route = route
     this.strategy = createStrategy(route.loadBalancing.strategy)
     this.hashOn = parseHashOn(route)
-    this.durationBuckets = new Float64Array(bucketBounds.length + 1)
+    this.duration = ctx.metrics.durationOf(route.service)
   }
 
   get name (): string {
@@ -86,14 +90,9 @@ export class GatewayService {
     }
   }
 
-  /** Records one request's duration in seconds (the histogram's buckets are cumulative at scrape time). */
+  /** Counts one answered request. */
   observe (seconds: number, statusCode: number): void {
-    const bounds = this.bucketBounds
-    let i = 0
-    while (i < bounds.length && seconds > (bounds[i] as number)) i++
-    this.durationBuckets[i] = (this.durationBuckets[i] as number) + 1
-    this.durationSum += seconds
-    this.durationCount++
+    this.duration.observe(seconds)
     const cls = (statusCode / 100) | 0
     if (cls >= 1 && cls <= 5) this.statusCounts[cls] = (this.statusCounts[cls] as number) + 1
   }
@@ -113,7 +112,7 @@ export class GatewayService {
         ep = undefined
       }
       if (ep === undefined) {
-        ep = new UpstreamEndpoint(e.id, e.host, e.weight, e.priority, this.connectTimeoutMs)
+        ep = new UpstreamEndpoint(e.id, e.host, e.weight, e.priority, this.ctx.connectTimeoutMs)
         this.endpoints.set(e.id, ep)
       }
       ep.weight = e.weight
@@ -174,19 +173,30 @@ export class GatewayService {
     ep.failures++
     ep.consecutiveFailures++
     this.upstreamFailures++
-    if (ep.ejected || !ep.routable || ep.consecutiveFailures < this.outlier.consecutiveFailures) return
+    if (ep.ejected || !ep.routable || ep.consecutiveFailures < this.ctx.outlier.consecutiveFailures) return
     // Fail open: the last endpoint standing is never ejected; a bad endpoint beats none.
     if (this.candidates.length <= 1) return
     ep.ejected = true
     ep.timesEjected++
     this.ejections++
-    const ms = Math.min(this.outlier.ejectionMs * 2 ** (ep.timesEjected - 1), this.outlier.maxEjectionMs)
+    const ms = Math.min(this.ctx.outlier.ejectionMs * 2 ** (ep.timesEjected - 1), this.ctx.outlier.maxEjectionMs)
     ep.ejectionTimer = setTimeout(() => this.readmit(ep, `ejection of ${ms} ms ended`), ms)
     ep.ejectionTimer.unref()
     this.rebuild()
     const reason = `${ep.consecutiveFailures} consecutive connection failures; ejected for ${ms} ms`
-    this.log.warn({ service: this.name, endpoint: ep.id, ms }, 'endpoint ejected')
-    this.events.ejected(this.name, ep.id, reason)
+    this.ctx.log.warn({ service: this.name, endpoint: ep.id, ms }, 'endpoint ejected')
+    this.ctx.ejected(this.name, ep.id, reason)
+  }
+
+  /** Asks for an endpoint, once per stretch without one. */
+  wakeOnce (): void {
+    if (this.woken) return
+    this.woken = true
+    try {
+      this.ctx.wake(this.name)
+    } catch (err) {
+      this.ctx.log.error({ err, service: this.name }, 'wake failed')
+    }
   }
 
   /** Holds a request or connection until an endpoint appears; false when the hold limit is reached. */
@@ -212,8 +222,8 @@ export class GatewayService {
     if (!this.unEject(ep)) return
     if (this.endpoints.get(ep.id) === ep && ep.routable) {
       this.rebuild()
-      this.log.info({ service: this.name, endpoint: ep.id }, 'endpoint re-admitted')
-      this.events.readmitted(this.name, ep.id, reason)
+      this.ctx.log.info({ service: this.name, endpoint: ep.id }, 'endpoint re-admitted')
+      this.ctx.readmitted(this.name, ep.id, reason)
     }
   }
 
@@ -229,8 +239,9 @@ export class GatewayService {
 
   private unroute (ep: UpstreamEndpoint): void {
     ep.routable = false
-    clearTimeout(ep.ejectionTimer)
-    ep.ejectionTimer = undefined
+    // Out of the set, its ejection ends too: were it set again while still
+    // draining, it must not stay ejected with no timer to re-admit it.
+    this.unEject(ep)
     if (ep.inFlight === 0) this.forget(ep)
   }
 
@@ -252,7 +263,7 @@ export class GatewayService {
       for (const ep of this.endpoints.values()) {
         if (!ep.routable || !this.unEject(ep)) continue
         candidates.push(ep)
-        this.events.readmitted(this.name, ep.id, 'fail-open: no other endpoint is left')
+        this.ctx.readmitted(this.name, ep.id, 'fail-open: no other endpoint is left')
       }
     }
     this.candidates = candidates

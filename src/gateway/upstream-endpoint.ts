@@ -1,57 +1,15 @@
-import { Agent, type ClientRequestArgs } from 'node:http'
-import { createConnection, type Socket } from 'node:net'
-import type { Duplex } from 'node:stream'
 import type { StrategyEndpoint } from './strategies/strategy.js'
+import { UpstreamPool } from './upstream-pool.js'
 
-/** Upstream connections per endpoint; past it, requests queue in the agent. */
-const MAX_SOCKETS = 256
-
-/**
- * Idle upstream connections are closed after this long: below Node's 5 s
- * default keepAliveTimeout, so that the gateway usually closes first instead
- * of reusing a socket the app is closing (that race is retried anyway).
- */
-const IDLE_SOCKET_MS = 4000
-
-/**
- * A keep-alive agent whose connections fail with ETIMEDOUT when they are not
- * established within the connect timeout: net.connect has no such timeout,
- * and a VM that is gone (its address still routed, nobody answering) would
- * otherwise hold a request for the kernel's SYN retries, about two minutes.
- */
-class EndpointAgent extends Agent {
-  constructor (private readonly connectTimeoutMs: number) {
-    super({ keepAlive: true, maxSockets: MAX_SOCKETS, maxFreeSockets: MAX_SOCKETS, scheduling: 'lifo', timeout: IDLE_SOCKET_MS })
-  }
-
-  override createConnection (options: ClientRequestArgs, _callback?: (err: Error | null, stream: Duplex) => void): Duplex {
-    const socket = createConnection(options as Parameters<typeof createConnection>[0])
-    socket.setNoDelay(true)
-    armConnectTimeout(socket, this.connectTimeoutMs)
-    return socket
-  }
-}
-
-/** Destroys the socket with an ETIMEDOUT error when it has not connected in time. */
-export function armConnectTimeout (socket: Socket, ms: number): void {
-  const timer = setTimeout(onConnectTimeout, ms, socket)
-  socket.once('connect', () => clearTimeout(timer))
-  socket.once('close', () => clearTimeout(timer))
-}
-
-function onConnectTimeout (socket: Socket): void {
-  if (!socket.connecting) return
-  const err = new Error(`connect timed out (${socket.remoteAddress ?? 'endpoint'})`) as NodeJS.ErrnoException
-  err.code = 'ETIMEDOUT'
-  socket.destroy(err)
-}
+/** Upstream HTTP connections per endpoint; past it, requests wait for one. */
+const MAX_CONNECTIONS = 256
 
 /**
  * One endpoint of a service as the gateway sees it: its upstream connection
  * pool, what is in flight to it, its latency and its outlier state.
  */
 export class UpstreamEndpoint implements StrategyEndpoint {
-  readonly agent: Agent
+  readonly pool: UpstreamPool
   weight: number
   priority: number
   inFlight = 0
@@ -73,7 +31,7 @@ export class UpstreamEndpoint implements StrategyEndpoint {
   constructor (readonly id: string, readonly host: string, weight: number, priority: number, connectTimeoutMs: number) {
     this.weight = weight
     this.priority = priority
-    this.agent = new EndpointAgent(connectTimeoutMs)
+    this.pool = new UpstreamPool(host, connectTimeoutMs, MAX_CONNECTIONS)
   }
 
   /** Folds a response-header latency into the EWMA. */
@@ -82,14 +40,14 @@ export class UpstreamEndpoint implements StrategyEndpoint {
     this.sampledAt = now
   }
 
-  /** Cuts everything open to it: upstream HTTP sockets (their requests fail, and are retried) and TCP connections. */
+  /** Cuts everything open to it: upstream HTTP connections (their requests fail, and are retried) and TCP connections. */
   abortAll (): void {
-    this.agent.destroy()
+    this.pool.destroy()
     for (const c of [...this.connections]) c.destroy()
   }
 
   close (): void {
     clearTimeout(this.ejectionTimer)
-    this.agent.destroy()
+    this.pool.destroy()
   }
 }

@@ -166,20 +166,19 @@ export class ServiceController {
   /** Reconciles now, or again right after the reconcile under way. */
   kick (): void {
     if (this.#closed) return
+    // A reconcile can end in a kick (a replica failing its start deadline): run again after it, not inside it.
     if (this.#busy) { this.#again = true; return }
     this.#busy = true
-    void (async () => {
-      try {
-        do {
-          this.#again = false
-          this.#reconcile()
-        } while (this.#again && !this.#closed)
-      } catch (err) {
-        this.#deps.log.error({ err, service: this.name }, 'reconciling the service failed')
-      } finally {
-        this.#busy = false
-      }
-    })()
+    try {
+      do {
+        this.#again = false
+        this.#reconcile()
+      } while (this.#again && !this.#closed)
+    } catch (err) {
+      this.#deps.log.error({ err, service: this.name }, 'reconciling the service failed')
+    } finally {
+      this.#busy = false
+    }
   }
 
   /** A replica's VM ended (crashed, killed, stopped by someone): replace it as the restart policy says. */
