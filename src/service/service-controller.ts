@@ -337,6 +337,7 @@ export class ServiceController {
         const current = this.#deps.vms.get(vm.id)
         if (current.state !== 'running') throw new Error(`its VM is ${current.state}`)
         this.#replicas.set(vm.id, this.#newReplica(current, generation))
+        this.#deps.onEndpoints(this.name)
         this.#startFailures = 0
         this.#event('service.replica-started', `replica ${vm.name} runs (${vm.startPath}, ${Math.round(vm.startTimings?.totalMs ?? 0)} ms); checking its health`, vm.name)
       } catch (err) {
@@ -393,6 +394,7 @@ export class ServiceController {
     this.#event('service.replica-unhealthy', `replica ${replica.vm.name} ${why}; replacing it`, replica.vm.name)
     this.#replicas.delete(replica.vm.id)
     this.#deps.gateway.endpointDied(this.name, replica.vm.id)
+    this.#publish()
     void this.#deps.vms.remove(replica.vm.id, true).catch(() => {})
     this.kick()
   }

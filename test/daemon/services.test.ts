@@ -101,6 +101,25 @@ describe('services, the registry and the gateway', () => {
     assert.deepEqual(registry[0]?.endpoints.filter((e) => e.health === 'healthy').map((e) => e.id).sort(), healthy(restored).sort(), 'the registry shows the live replicas')
   })
 
+  test('a replica that stops answering its health check is taken out and replaced; the registry watch shows it', async () => {
+    const before = await daemon.api.call<ServiceStatus>('GET', '/v1/services/web')
+    const frozen = before.endpoints[0]?.id ?? ''
+    const updates: string[] = []
+    const subscription = new AbortController()
+    const watching = daemon.api.stream('/v1/registry/watch?service=web', (text) => { updates.push(text) }, subscription.signal).catch(() => {})
+    await daemon.api.call('POST', `/v1/vms/${frozen}/pause`)
+    const after = await waitFor('web', (s) => healthy(s).length === 2 && !s.endpoints.some((e) => e.id === frozen), 30_000)
+    subscription.abort()
+    await watching
+    const events = updates.join('').split('\n\n').filter((e) => e.startsWith('event: registry'))
+      .map((e) => JSON.parse(e.slice(e.indexOf('data: ') + 6)) as { service: string, endpoints: Array<{ id: string, health: string }> })
+    assert.ok(events.length >= 3, `an event at once, then at each change (${events.length})`)
+    assert.deepEqual(events[0]?.endpoints.map((e) => e.id).sort(), before.endpoints.map((e) => e.id).sort(), 'the first event is the current state')
+    assert.ok(events.some((e) => e.endpoints.some((p) => p.id === frozen && p.health === 'unhealthy')), 'the frozen replica was seen unhealthy')
+    assert.deepEqual(events.at(-1)?.endpoints.filter((e) => e.health === 'healthy').map((e) => e.id).sort(), healthy(after).sort())
+    await rejectsWith(daemon.api.call('GET', `/v1/vms/${frozen}`), 'UIG_ERR_VM_NOT_FOUND')
+  })
+
   test('after a daemon restart, the replicas are adopted and keep serving', async () => {
     const ids = healthy(await daemon.api.call<ServiceStatus>('GET', '/v1/services/web')).sort()
     await daemon.stop()
