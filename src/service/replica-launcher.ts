@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto'
 import { UigniterError } from '../core/errors.js'
 import type { Logger } from '../core/logger.js'
 import type { ServiceSpec } from '../core/service.js'
@@ -15,10 +16,8 @@ export interface ReplicaLauncherDeps {
   log: Logger
 }
 
-/** Templates and pools a service owns are named after it and its generation. */
-export const templateName = (service: string, generation: number): string => `svc-${service}-g${generation}`
 export const poolName = (service: string): string => `svc-${service}`
-const OWNED = /^svc-([a-z][a-z0-9-]{0,30})-g(\d+)$/
+const OWNED = /^svc-([a-z][a-z0-9-]{0,30})-g(\d+)-[0-9a-f]{8}$/
 
 /**
  * Starts replicas by a service's start path:
@@ -33,6 +32,8 @@ export class ReplicaLauncher {
   readonly #deps: ReplicaLauncherDeps
   /** Templates (and pools) being made, by template name and start path: several replicas wait for one making. */
   readonly #making = new Map<string, Promise<void>>()
+  /** The ones known made, so that a replica start does not look at the template's files again (a wake from zero waits on it). */
+  readonly #made = new Set<string>()
 
   constructor (deps: ReplicaLauncherDeps) {
     this.#deps = deps
@@ -44,8 +45,9 @@ export class ReplicaLauncher {
    */
   async prepare (spec: ServiceSpec, generation: number): Promise<string | null> {
     if (spec.image === undefined || spec.startPath === 'cold') return null
-    const name = templateName(spec.name, generation)
+    const name = this.#templateName(spec, generation)
     const key = `${name}/${spec.startPath}`
+    if (this.#made.has(key)) return name
     let making = this.#making.get(key)
     if (making === undefined) {
       making = (async () => {
@@ -53,7 +55,7 @@ export class ReplicaLauncher {
         if (spec.startPath === 'pool') await this.#pool(spec, name)
       })()
       this.#making.set(key, making)
-      making.then(() => this.#making.delete(key), () => this.#making.delete(key))
+      making.then(() => { this.#making.delete(key); this.#made.add(key) }, () => this.#making.delete(key))
     }
     await making
     return name
@@ -78,11 +80,17 @@ export class ReplicaLauncher {
       }, { service })
     }
     const template = await this.prepare(spec, generation) ?? ''
-    if (spec.startPath === 'pool') {
-      const claim = await this.#deps.pools.claim(poolName(spec.name), { onEmpty: 'create' })
-      return this.#deps.vms.setService(claim.vm.id, service)
+    try {
+      if (spec.startPath === 'pool') {
+        const claim = await this.#deps.pools.claim(poolName(spec.name), { onEmpty: 'create' })
+        return this.#deps.vms.setService(claim.vm.id, service)
+      }
+      return await this.#deps.vms.create({ name: replicaName, template, env: {}, network: 'bridge', publish: [], shares: [] }, { service })
+    } catch (err) {
+      // Deleted behind the service's back: the next start makes it again.
+      if (err instanceof UigniterError && (err.code === 'UIG_ERR_TEMPLATE_NOT_FOUND' || err.code === 'UIG_ERR_POOL_NOT_FOUND')) this.#made.delete(`${template}/${spec.startPath}`)
+      throw err
     }
-    return await this.#deps.vms.create({ name: replicaName, template, env: {}, network: 'bridge', publish: [], shares: [] }, { service })
   }
 
   /**
@@ -94,6 +102,7 @@ export class ReplicaLauncher {
     if (!pool || keep === null) {
       if (this.#deps.pools.list().some((p) => p.spec.name === poolName(service))) {
         await this.#deps.pools.remove(poolName(service)).catch((err: unknown) => { this.#deps.log.warn({ err, service }, 'removing the service\'s pool failed') })
+        for (const key of [...this.#made]) if (key.startsWith(`svc-${service}-g`) && key.endsWith('/pool')) this.#made.delete(key)
       }
     }
     for (const info of await this.#deps.templates.list()) {
@@ -101,8 +110,22 @@ export class ReplicaLauncher {
       if (m === null || m[1] !== service || Number(m[2]) === keep || [...this.#making.keys()].some((k) => k.startsWith(`${info.name}/`))) continue
       if (this.#deps.templates.liveClones(info.name).length > 0) continue
       if (this.#deps.pools.list().some((p) => p.spec.template === info.name)) continue
-      await this.#deps.templates.remove(info.name).catch((err: unknown) => { this.#deps.log.debug({ err, template: info.name }, 'template not removed yet') })
+      await this.#deps.templates.remove(info.name).then(() => {
+        for (const key of [...this.#made]) if (key.startsWith(`${info.name}/`)) this.#made.delete(key)
+      }, (err: unknown) => { this.#deps.log.debug({ err, template: info.name }, 'template not removed yet') })
     }
+  }
+
+  /**
+   * A service's template is named after it, its generation and a hash of
+   * what the template bakes in (image, args, env with the gateway's address,
+   * resources, ports), so that a template left from an earlier service of
+   * the same name, or from before the gateway moved, is never cloned.
+   */
+  #templateName (spec: ServiceSpec, generation: number): string {
+    const env = Object.entries(this.#env(spec)).sort(([a], [b]) => a.localeCompare(b))
+    const baked = JSON.stringify([spec.image, spec.args ?? null, env, spec.resources.vcpus ?? null, spec.resources.memoryMiB ?? null, spec.ports])
+    return `svc-${spec.name}-g${generation}-${createHash('sha256').update(baked).digest('hex').slice(0, 8)}`
   }
 
   #env (spec: ServiceSpec): Record<string, string> {

@@ -11,25 +11,13 @@ import { randomUUID } from 'node:crypto'
 import { createServer } from 'node:http'
 import { hostname } from 'node:os'
 import { HttpError, postJson, readJson, sendError, sendJson, serve, serviceUrl } from './http-json.js'
-import { KvClient } from './kv-client.js'
+import { TASK_TTL_S, intEnv, kvFromEnv } from './service-env.js'
 import { checkTask } from './task-types.js'
 
-const env = process.env
 const log = (msg) => console.log(`api: ${msg}`)
-const intEnv = (name, fallback) => {
-  const v = Number(env[name] ?? fallback)
-  if (!Number.isInteger(v) || v < 0) throw new Error(`${name} must be a whole number, not ${JSON.stringify(env[name])}`)
-  return v
-}
-
-const kv = new KvClient({
-  host: env.KV_HOST ?? env.UIGNITER_GATEWAY_HOST ?? '127.0.0.1',
-  port: intEnv('KV_PORT', 11311),
-  timeoutMs: intEnv('KV_TIMEOUT_MS', 3000)
-})
-const TASK_TTL_S = intEnv('TASK_TTL_S', 86_400)
+const kv = kvFromEnv()
 const WORKER_TIMEOUT_MS = intEnv('WORKER_TIMEOUT_MS', 60_000)
-const workerUrl = serviceUrl(env.WORKER_SERVICE ?? 'worker', '/run')
+const workerUrl = serviceUrl(process.env.WORKER_SERVICE ?? 'worker', '/run')
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/
 const taskKey = (id) => `task:${id}`

@@ -8,23 +8,11 @@
 import { createServer } from 'node:http'
 import { hostname } from 'node:os'
 import { HttpError, readJson, sendError, sendJson, serve } from './http-json.js'
-import { KvClient } from './kv-client.js'
+import { TASK_TTL_S, kvFromEnv } from './service-env.js'
 import { checkTask, runTask } from './task-types.js'
 
-const env = process.env
 const log = (msg) => console.log(`worker: ${msg}`)
-const intEnv = (name, fallback) => {
-  const v = Number(env[name] ?? fallback)
-  if (!Number.isInteger(v) || v < 0) throw new Error(`${name} must be a whole number, not ${JSON.stringify(env[name])}`)
-  return v
-}
-
-const kv = new KvClient({
-  host: env.KV_HOST ?? env.UIGNITER_GATEWAY_HOST ?? '127.0.0.1',
-  port: intEnv('KV_PORT', 11311),
-  timeoutMs: intEnv('KV_TIMEOUT_MS', 3000)
-})
-const TASK_TTL_S = intEnv('TASK_TTL_S', 86_400)
+const kv = kvFromEnv()
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/
 
 async function run (req, res) {
