@@ -10,6 +10,16 @@ const AppParams = Type.Object({ app: Type.String({ minLength: 1 }) })
 const errors = { 400: ErrorBodySchema, 404: ErrorBodySchema, 409: ErrorBodySchema, 500: ErrorBodySchema }
 const RegistryEntrySchema = Type.Object({ service: Type.String(), endpoints: Type.Array(EndpointSchema) })
 
+/** The body (a JSON object) with its `field` set to the path's name; a body that names another is refused. */
+function namedAsPath (body: unknown, field: 'name' | 'app', name: string, what: string): Record<string, unknown> {
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', `the body must be a JSON object: the ${what}`)
+  const named = body as Record<string, unknown>
+  if (named[field] !== undefined && named[field] !== name) {
+    throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', `the body names ${what} ${JSON.stringify(named[field])} but the path names "${name}"`)
+  }
+  return { ...named, [field]: name }
+}
+
 /**
  * /v1/services, /v1/apps and /v1/registry. Specs are validated by the
  * service manager, not by the route schema (`attachValidation`), so that an
@@ -42,13 +52,7 @@ export function serviceRoutes (services: ServiceManager) {
         response: { 200: ServiceStatusSchema, ...errors }
       }
     }, async (request) => {
-      const body = request.body
-      if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', 'the body must be a service spec (a JSON object)')
-      const named = body as Record<string, unknown>
-      if (named.name !== undefined && named.name !== request.params.name) {
-        throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', `the body names service ${JSON.stringify(named.name)} but the path names "${request.params.name}"`)
-      }
-      return await services.apply({ ...named, name: request.params.name })
+      return await services.apply(namedAsPath(request.body, 'name', request.params.name, 'service'))
     })
 
     app.delete<{ Params: { name: string } }>('/v1/services/:name', {
@@ -70,13 +74,7 @@ export function serviceRoutes (services: ServiceManager) {
         response: { 200: Type.Array(ServiceStatusSchema), ...errors }
       }
     }, async (request) => {
-      const body = request.body
-      if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', 'the body must be an application (a JSON object with app and services)')
-      const named = body as Record<string, unknown>
-      if (named.app !== undefined && named.app !== request.params.app) {
-        throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', `the body names application ${JSON.stringify(named.app)} but the path names "${request.params.app}"`)
-      }
-      return await services.applyApp({ ...named, app: request.params.app })
+      return await services.applyApp(namedAsPath(request.body, 'app', request.params.app, 'application'))
     })
 
     app.delete<{ Params: { app: string } }>('/v1/apps/:app', {

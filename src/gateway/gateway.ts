@@ -4,7 +4,7 @@ import type { Socket } from 'node:net'
 import type { Registry } from 'prom-client'
 import { UigniterError, hasErrno } from '../core/errors.js'
 import type { Logger } from '../core/logger.js'
-import type { LoadBalancing } from '../core/service.js'
+import { SERVICE_NAME, type LoadBalancing } from '../core/service.js'
 import { upstreamRequestHead } from './forward-headers.js'
 import { sendGatewayError } from './gateway-answer.js'
 import { GatewayMetrics } from './gateway-metrics.js'
@@ -67,7 +67,6 @@ export interface EndpointStats {
   ejected: boolean
 }
 
-const SERVICE_NAME = /^[a-z][a-z0-9-]{0,30}$/
 
 /**
  * The load-balancing gateway: one HTTP port that routes each request by its

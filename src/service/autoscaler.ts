@@ -20,6 +20,9 @@ export interface ScaleInput {
 
 export interface ScaleDecision { desired: number, reason: string | null }
 
+/** The settings of a service at min 0 that does not say how to scale. */
+const DEFAULTS = Object.freeze(Value.Default(AutoscaleSchema, {}) as Autoscale)
+
 /**
  * The autoscaling settings in force: the spec's, or the defaults when the
  * service may scale to zero (min 0) without saying how; undefined for a
@@ -27,7 +30,7 @@ export interface ScaleDecision { desired: number, reason: string | null }
  */
 export function autoscaleSettings (spec: Pick<ServiceSpec, 'replicas' | 'autoscale'>): Autoscale | undefined {
   if (spec.autoscale !== undefined) return spec.autoscale
-  return spec.replicas.min === 0 ? Value.Default(AutoscaleSchema, {}) as Autoscale : undefined
+  return spec.replicas.min === 0 ? DEFAULTS : undefined
 }
 
 /**

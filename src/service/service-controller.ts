@@ -323,7 +323,6 @@ export class ServiceController {
     this.#event('service.replica-starting', `starting replica ${name} (${spec.startPath})`, name)
     const start = (async () => {
       try {
-        if (spec.startPath !== 'cold' && this.#template === null) this.#template = await this.#deps.launcher.prepare(spec, generation)
         const vm = await this.#deps.launcher.start(spec, generation, name)
         if (this.#closed || generation !== this.generation) {
           // Deleted, or a newer spec arrived meanwhile: this replica runs the old one.
@@ -337,6 +336,8 @@ export class ServiceController {
         const current = this.#deps.vms.get(vm.id)
         if (current.state !== 'running') throw new Error(`its VM is ${current.state}`)
         this.#replicas.set(vm.id, this.#newReplica(current, generation))
+        // Set here too when making it ahead (#prepare) failed and the start made it.
+        this.#template ??= current.template
         this.#deps.onEndpoints(this.name)
         this.#startFailures = 0
         this.#event('service.replica-started', `replica ${vm.name} runs (${vm.startPath}, ${Math.round(vm.startTimings?.totalMs ?? 0)} ms); checking its health`, vm.name)
