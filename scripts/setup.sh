@@ -56,4 +56,11 @@ build_c() { # out src flags...
 build_c build/uigniter-init src/guest/init/uigniter-init.c -static -Os -s
 build_c build/examples/hello examples/hello/hello.c -O2
 
+# `uigniter` on the PATH, so that the README's commands work as written (root: /usr/local/bin).
+if [ "$(id -u)" = 0 ]; then
+  ln -sfn "$PWD/dist/src/cli/main.js" /usr/local/bin/uigniter
+elif ! command -v uigniter >/dev/null; then
+  say "uigniter is not on the PATH; as root: ln -s $PWD/dist/src/cli/main.js /usr/local/bin/uigniter"
+fi
+
 node dist/src/cli/main.js kernel build

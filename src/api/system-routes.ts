@@ -3,7 +3,7 @@ import type { FastifyInstance } from 'fastify'
 import { Counter, Gauge, collectDefaultMetrics, type Registry } from 'prom-client'
 import type { VmEvent, VmManager } from '../daemon/vm-manager.js'
 import type { TemplateEvent, TemplateManager } from '../snapshot/template-manager.js'
-import type { PoolManager } from '../pool/pool-manager.js'
+import type { PoolEvent, PoolManager } from '../pool/pool-manager.js'
 import type { ServiceEvent } from '../service/service-controller.js'
 import type { ServiceManager } from '../service/service-manager.js'
 
@@ -11,6 +11,8 @@ export interface DaemonInfo {
   version: string
   accel: { accel: string, reason: string }
   network: { mode: string, bridge?: string, subnet?: string, reason?: string }
+  /** Where the REST API listens: a unix socket and a TCP address. */
+  api: { socket: string, listen: string }
   /** The service gateway: where it listens, and the address guests reach it on. */
   gateway: { address: string, httpPort: number, guestAddress: string }
   dataDir: string
@@ -45,7 +47,7 @@ export function addDaemonMetrics (registry: Registry, manager: VmManager, pools:
       }
     }
   })
-  for (const [key, help] of [['hits', 'Claims served by a ready instance'], ['misses', 'Claims that found the pool empty'], ['waits', 'Claims that queued']] as const) {
+  for (const [key, help] of [['hits', 'Claims served by a ready instance'], ['misses', 'Claims that found the pool empty'], ['waits', 'Claims that queued'], ['failures', 'Instance makes and removals that failed']] as const) {
     new Gauge({
       name: `uigniter_pool_${key}_total`,
       help: `${help} (since the daemon started)`,
@@ -57,6 +59,16 @@ export function addDaemonMetrics (registry: Registry, manager: VmManager, pools:
       }
     })
   }
+  new Gauge({
+    name: 'uigniter_pool_consecutive_failures',
+    help: 'Instance makes that failed in a row; above 0, the pool refills after a backoff',
+    labelNames: ['pool'],
+    registers: [registry],
+    collect () {
+      this.reset()
+      for (const p of pools.list()) this.set({ pool: p.spec.name }, p.consecutiveFailures)
+    }
+  })
   const counted = new Set<string>()
   const exits = new Counter({ name: 'uigniter_vm_exits_total', help: 'VM ends by reason', labelNames: ['reason'], registers: [registry] })
   const starts = new Counter({ name: 'uigniter_vm_starts_total', help: 'VMs started, by start path (cold boot, or clone)', labelNames: ['path'], registers: [registry] })
@@ -72,8 +84,8 @@ export function addDaemonMetrics (registry: Registry, manager: VmManager, pools:
 }
 
 /** Health, info, metrics, OpenAPI and the server-sent event stream. */
-export function systemRoutes (parts: { manager: VmManager, templates: TemplateManager, services: ServiceManager, info: DaemonInfo }, metrics: Registry) {
-  const { manager, templates, services, info } = parts
+export function systemRoutes (parts: { manager: VmManager, templates: TemplateManager, services: ServiceManager, pools: PoolManager, info: DaemonInfo }, metrics: Registry) {
+  const { manager, templates, services, pools, info } = parts
   return async function system (app: FastifyInstance): Promise<void> {
     app.get('/healthz', {
       schema: { tags: ['system'], summary: 'Liveness', response: { 200: Type.Object({ status: Type.Literal('ok') }) } }
@@ -90,7 +102,7 @@ export function systemRoutes (parts: { manager: VmManager, templates: TemplateMa
     app.get<{ Querystring: { vm?: string } }>('/v1/events', {
       schema: {
         tags: ['system'],
-        summary: 'Server-sent events: `vm.state` with the VM record at each state change; `template.creating|created|deleted`; `service.*` with each decision of a service controller',
+        summary: 'Server-sent events: `vm.state` with the VM record at each state change; `template.creating|created|deleted`; `service.*` with each decision of a service controller; `pool.create-failed|recovered` when a pool\'s refill fails or recovers',
         querystring: Type.Object({ vm: Type.Optional(Type.String({ description: 'Only this VM id' })) }, { additionalProperties: false })
       }
     }, async (request, reply) => {
@@ -106,7 +118,7 @@ export function systemRoutes (parts: { manager: VmManager, templates: TemplateMa
         if (request.query.vm !== undefined) return
         raw.write(`event: ${event.type}\ndata: ${JSON.stringify(event.template)}\n\n`)
       }
-      const onService = (event: ServiceEvent): void => {
+      const onService = (event: ServiceEvent | PoolEvent): void => {
         if (request.query.vm !== undefined) return
         raw.write(`event: ${event.type}\ndata: ${JSON.stringify(event)}\n\n`)
       }
@@ -115,11 +127,13 @@ export function systemRoutes (parts: { manager: VmManager, templates: TemplateMa
       manager.on('vm', onVm)
       templates.on('template', onTemplate)
       services.on('service', onService)
+      pools.on('pool', onService)
       request.raw.on('close', () => {
         clearInterval(keepAlive)
         manager.off('vm', onVm)
         templates.off('template', onTemplate)
         services.off('service', onService)
+        pools.off('pool', onService)
       })
     })
   }

@@ -204,7 +204,7 @@ export const vmCommands: Command[] = [
   },
   {
     name: 'info',
-    summary: 'Show the daemon: version, accelerator and why, network, data directory.',
+    summary: 'Show the daemon: version, accelerator and why, network, the API\'s and the gateway\'s addresses, data directory.',
     usage: 'uigniter info [--json]',
     options: { json: { type: 'boolean' } },
     help: ['--json   print JSON'],
@@ -213,7 +213,17 @@ export const vmCommands: Command[] = [
       if (values.json === true) { console.log(JSON.stringify(info, null, 2)); return 0 }
       const accel = info.accel as { accel: string, reason: string }
       const net = info.network as Record<string, string>
-      console.log(`version:      ${String(info.version)}\naccelerator:  ${accel.accel} (${accel.reason})\nnetwork:      ${net.mode}${net.bridge !== undefined ? ` on ${net.bridge} ${net.subnet}` : ''}${net.reason !== undefined ? ` (${net.reason})` : ''}\ndata dir:     ${String(info.dataDir)}\nstarted:      ${String(info.startedAt)}`)
+      const api = info.api as { socket: string, listen: string }
+      const gw = info.gateway as { address: string, httpPort: number, guestAddress: string }
+      console.log([
+        `version:      ${String(info.version)}`,
+        `accelerator:  ${accel.accel} (${accel.reason})`,
+        `network:      ${net.mode}${net.bridge !== undefined ? ` on ${net.bridge} ${net.subnet}` : ''}${net.reason !== undefined ? ` (${net.reason})` : ''}`,
+        `api:          http://${api.listen} and ${api.socket}`,
+        `gateway:      http://${gw.address}:${gw.httpPort}/svc/NAME/ (guests: ${gw.guestAddress}:${gw.httpPort})`,
+        `data dir:     ${String(info.dataDir)}`,
+        `started:      ${String(info.startedAt)}`
+      ].join('\n'))
       return 0
     }
   },

@@ -34,7 +34,10 @@ export const PoolStatusSchema = Type.Object({
   hits: Type.Integer(),
   misses: Type.Integer(),
   waits: Type.Integer(),
-  failures: Type.Integer()
+  failures: Type.Integer({ description: 'Instance makes and removals that failed, in all' }),
+  consecutiveFailures: Type.Integer({ description: 'Makes that failed in a row; the refill backs off while it is above 0' }),
+  lastError: Type.Union([Type.String(), Type.Null()], { description: 'Why the last make failed' }),
+  retryAt: Type.Union([Type.String(), Type.Null()], { description: 'When the refill tries again (ISO 8601), while it backs off' })
 }, { additionalProperties: false })
 export type PoolStatus = Static<typeof PoolStatusSchema>
 

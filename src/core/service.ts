@@ -67,7 +67,7 @@ export const ServiceSpecSchema = Type.Object({
   image: Type.Optional(Type.String({ minLength: 1, description: 'name[:tag]; a service without one routes only to its `endpoints`' })),
   replicas: Type.Object({
     min: Type.Integer({ minimum: 0, maximum: 1000, default: 1, description: '0 lets the service scale to zero when idle' }),
-    max: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, description: 'Default: min, or 1 when min is 0' }))
+    max: Type.Optional(Type.Integer({ minimum: 0, maximum: 1000, description: 'Default: min, or 1 when min is 0; at least 1 with an image. A service without an image has 0' }))
   }, { additionalProperties: false, default: {} }),
   resources: Type.Object({
     vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),

@@ -123,6 +123,7 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
     version: VERSION,
     accel,
     network: networkInfo,
+    api: { socket: config.api.socket, listen: config.api.listen },
     gateway: { address: config.gateway.address, httpPort: gateway.httpPort, guestAddress: gatewayHost },
     dataDir: config.dataDir,
     startedAt: new Date().toISOString(),

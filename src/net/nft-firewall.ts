@@ -126,7 +126,8 @@ export class NftFirewall implements Firewall {
   }
 
   async unpublishAll (vmId: string): Promise<void> {
-    assertVmId(vmId)
+    // An owner that publish() refuses (a template's VM, "template:NAME") holds no rule: nothing to remove.
+    if (!VM_ID.test(vmId)) return
     await this.#remove((r) => r.vmId === vmId)
   }
 

@@ -6,7 +6,15 @@ import type { Logger } from '../core/logger.js'
 import { PoolSpecSchema, type ClaimResult, type PoolSpec, type PoolStatus } from '../core/pool.js'
 import type { VmEvent, VmManager } from '../daemon/vm-manager.js'
 import type { SqliteStore } from '../store/sqlite-store.js'
-import { WarmPool, type EmptyPolicy, type ReleasePolicy } from './warm-pool.js'
+import { WarmPool, type CreateFailure, type EmptyPolicy, type ReleasePolicy } from './warm-pool.js'
+
+/** A pool's refill failed or recovered; on /v1/events. */
+export interface PoolEvent {
+  type: 'pool.create-failed' | 'pool.recovered'
+  pool: string
+  message: string
+  at: string
+}
 
 /**
  * The daemon's warm pools. A pool's instances are ordinary VMs (marked with
@@ -17,6 +25,8 @@ import { WarmPool, type EmptyPolicy, type ReleasePolicy } from './warm-pool.js'
  * - `booted`: the guest booted and its init holds the app back; the claim
  *   gives it its identity (and env), and the app starts;
  * - `clone`: a clone of a template, app started; the claim hands it out.
+ * Events: 'changed' (pool name) after any change of its counts; 'pool'
+ * (PoolEvent) when its refill fails or recovers; 'claim'.
  */
 export class PoolManager extends EventEmitter {
   readonly #vms: VmManager
@@ -151,6 +161,16 @@ export class PoolManager extends EventEmitter {
       destroy: async (id) => { await this.#vms.remove(id, true).catch((err: unknown) => { this.#log.warn({ err, vm: id }, 'removing a pool VM failed') }) }
     }, spec)
     pool.on('changed', () => this.emit('changed', spec.name))
+    pool.on('create-failed', (failure: CreateFailure) => {
+      const message = `making an instance failed (${failure.consecutiveFailures} in a row): ${failure.error.message}; the refill tries again in ${Math.round(failure.retryInMs / 100) / 10} s`
+      this.#log.warn({ err: failure.error, pool: spec.name, consecutiveFailures: failure.consecutiveFailures, retryInMs: failure.retryInMs }, message)
+      this.emit('pool', { type: 'pool.create-failed', pool: spec.name, message, at: new Date().toISOString() } satisfies PoolEvent)
+    })
+    pool.on('recovered', () => {
+      const message = 'an instance was made again after failures; the refill is back to normal'
+      this.#log.info({ pool: spec.name }, message)
+      this.emit('pool', { type: 'pool.recovered', pool: spec.name, message, at: new Date().toISOString() } satisfies PoolEvent)
+    })
     const entry = { spec, pool }
     this.#pools.set(spec.name, entry)
     return entry

@@ -23,6 +23,10 @@ export interface PoolPolicy {
   onRelease: ReleasePolicy
   /** Instances made at once by the background refill, so that it cannot starve claims of CPU. */
   refillConcurrency: number
+  /** After a failed make, the refill waits this long (default 1 s), doubling per failure in a row ... */
+  retryBaseMs?: number
+  /** ... up to this (default 30 s). */
+  retryMaxMs?: number
 }
 
 export interface Claim<T> {
@@ -32,14 +36,33 @@ export interface Claim<T> {
   waitedMs: number
 }
 
-export interface PoolStats { ready: number, creating: number, claimed: number, hits: number, misses: number, waits: number, failures: number }
+export interface PoolStats {
+  ready: number
+  creating: number
+  claimed: number
+  hits: number
+  misses: number
+  waits: number
+  failures: number
+  /** Makes that failed in a row; 0 once one succeeds. */
+  consecutiveFailures: number
+  lastError: string | null
+  /** When the refill tries again after failures (ISO 8601), or null when it is not backing off. */
+  retryAt: string | null
+}
+
+/** Emitted as 'create-failed' after a failed make of the refill. */
+export interface CreateFailure { error: Error, consecutiveFailures: number, retryInMs: number }
 
 /**
  * A warm pool: keeps `min` instances ready, hands them out on `claim`, and
  * refills in the background with bounded concurrency. An empty pool
  * follows its policy (create one beyond the pool, queue until one is ready,
  * or reject), and so does a release (destroy, or recycle: destroy and make a
- * fresh one). Events: 'changed' after any change of the counts.
+ * fresh one). A failed make is retried with an exponential backoff until the
+ * pool is back at `min`, whether or not anyone claims. Events: 'changed'
+ * after any change of the counts; 'create-failed' (CreateFailure) after a
+ * failed make; 'recovered' when a make succeeds after failures.
  */
 export class WarmPool<T> extends EventEmitter {
   readonly #factory: InstanceFactory<T>
@@ -49,6 +72,10 @@ export class WarmPool<T> extends EventEmitter {
   #creating = 0
   readonly #waiters: Array<{ resolve: (claim: Claim<T>) => void, reject: (err: Error) => void, timer: NodeJS.Timeout, since: number }> = []
   readonly #stats = { hits: 0, misses: 0, waits: 0, failures: 0 }
+  #consecutiveFailures = 0
+  #lastError: string | null = null
+  /** Set while the refill backs off after failures; its timer refills when it fires. */
+  #retry: { at: number, timer: NodeJS.Timeout } | undefined
   #closed = false
   /** The daemon stops: no more instances are made, none is destroyed. */
   #stopped = false
@@ -65,7 +92,15 @@ export class WarmPool<T> extends EventEmitter {
   }
 
   stats (): PoolStats {
-    return { ready: this.#ready.length, creating: this.#creating, claimed: this.#claimed.size, ...this.#stats }
+    return {
+      ready: this.#ready.length,
+      creating: this.#creating,
+      claimed: this.#claimed.size,
+      ...this.#stats,
+      consecutiveFailures: this.#consecutiveFailures,
+      lastError: this.#lastError,
+      retryAt: this.#retry !== undefined ? new Date(this.#retry.at).toISOString() : null
+    }
   }
 
   /** Starts filling to `min`. */
@@ -160,6 +195,7 @@ export class WarmPool<T> extends EventEmitter {
    */
   stop (): void {
     this.#stopped = true
+    this.#cancelRetry()
     for (const w of this.#waiters.splice(0)) {
       clearTimeout(w.timer)
       w.reject(new UigniterError('UIG_ERR_POOL_CLOSED', 'the daemon is stopping'))
@@ -169,6 +205,7 @@ export class WarmPool<T> extends EventEmitter {
   /** Destroys every ready instance and fails queued claims; claimed ones stay with their holders. */
   async close (): Promise<void> {
     this.#closed = true
+    this.#cancelRetry()
     for (const w of this.#waiters.splice(0)) {
       clearTimeout(w.timer)
       w.reject(new UigniterError('UIG_ERR_POOL_CLOSED', 'the pool was deleted while this claim waited'))
@@ -187,7 +224,8 @@ export class WarmPool<T> extends EventEmitter {
    * never more than `max` in all nor more than `refillConcurrency` at once.
    */
   #refill (extra = 0): void {
-    if (this.#closed || this.#stopped) return
+    // While backing off, claims and releases do not retry early: that would be the tight loop the backoff prevents.
+    if (this.#closed || this.#stopped || this.#retry !== undefined) return
     const want = this.#policy.min + this.#waiters.length + extra
     while (this.#ready.length + this.#creating < want &&
       this.#total() < this.#policy.max &&
@@ -196,14 +234,44 @@ export class WarmPool<T> extends EventEmitter {
       this.#changed()
       this.#factory.create().then((instance) => {
         this.#creating--
+        if (this.#consecutiveFailures > 0) {
+          this.#consecutiveFailures = 0
+          this.emit('recovered')
+        }
         this.#arrive(instance)
-      }, () => {
+      }, (err: unknown) => {
         this.#creating--
-        this.#stats.failures++
-        this.#changed()
-        // A failed make is retried by the next claim or release, not in a tight loop.
+        this.#failed(err)
       })
     }
+  }
+
+  /** Counts a failed make and schedules the next refill after the backoff. */
+  #failed (err: unknown): void {
+    this.#stats.failures++
+    this.#consecutiveFailures++
+    const error = err instanceof Error ? err : new Error(String(err))
+    this.#lastError = error.message
+    const base = this.#policy.retryBaseMs ?? 1000
+    const retryInMs = Math.min(this.#policy.retryMaxMs ?? 30_000, base * 2 ** (this.#consecutiveFailures - 1))
+    if (!this.#closed && !this.#stopped) {
+      this.#cancelRetry()
+      const timer = setTimeout(() => {
+        this.#retry = undefined
+        this.#refill()
+        this.#changed()
+      }, retryInMs)
+      // The backoff alone must not keep a process alive.
+      timer.unref()
+      this.#retry = { at: Date.now() + retryInMs, timer }
+    }
+    this.#changed()
+    this.emit('create-failed', { error, consecutiveFailures: this.#consecutiveFailures, retryInMs } satisfies CreateFailure)
+  }
+
+  #cancelRetry (): void {
+    if (this.#retry !== undefined) clearTimeout(this.#retry.timer)
+    this.#retry = undefined
   }
 
   #arrive (instance: T): void {
@@ -252,4 +320,6 @@ function validatePolicy (p: PoolPolicy): void {
   if (p.min > p.max) bad(`min (${p.min}) is larger than max (${p.max})`)
   if (!Number.isInteger(p.refillConcurrency) || p.refillConcurrency < 1) bad(`refillConcurrency must be ≥ 1, not ${p.refillConcurrency}`)
   if (!(p.queueTimeoutMs >= 0)) bad(`queueTimeoutMs must be ≥ 0, not ${p.queueTimeoutMs}`)
+  if (p.retryBaseMs !== undefined && !(p.retryBaseMs >= 1)) bad(`retryBaseMs must be ≥ 1, not ${p.retryBaseMs}`)
+  if (p.retryMaxMs !== undefined && !(p.retryMaxMs >= (p.retryBaseMs ?? 1))) bad(`retryMaxMs must be ≥ retryBaseMs, not ${p.retryMaxMs}`)
 }

@@ -7,6 +7,7 @@ import type { Vm } from '../core/vm.js'
 import type { StoredService } from '../store/sqlite-store.js'
 import { autoscaleSettings, scaleDecision } from './autoscaler.js'
 import type { ReplicaLauncher } from './replica-launcher.js'
+import type { ReplicaReaper } from './replica-reaper.js'
 import { changesReplicas } from './service-spec.js'
 
 /** What the controller needs of the gateway (src/gateway/gateway.ts implements it). */
@@ -35,7 +36,8 @@ export interface ReplicaVms {
 export interface ServiceEvent {
   type: 'service.applied' | 'service.deleted' | 'service.scaled' | 'service.rollout' |
     'service.replica-starting' | 'service.replica-started' | 'service.replica-start-failed' | 'service.replica-ready' |
-    'service.replica-unhealthy' | 'service.replica-exited' | 'service.replica-draining' | 'service.replica-stopped'
+    'service.replica-unhealthy' | 'service.replica-exited' | 'service.replica-draining' | 'service.replica-stopped' |
+    'service.replica-remove-failed'
   service: string
   generation: number
   vm?: string
@@ -45,6 +47,8 @@ export interface ServiceEvent {
 
 export interface ServiceControllerDeps {
   vms: ReplicaVms
+  /** Removes the VMs of replicas that are done, retrying until they are gone. */
+  reaper: ReplicaReaper
   launcher: ReplicaLauncher
   gateway: ServiceGateway
   log: Logger
@@ -193,7 +197,7 @@ export class ServiceController {
     const replace = policy === 'always' || (policy === 'on-failure' && !succeeded)
     if (!replace) this.#retired++
     this.#event('service.replica-exited', `replica ${vm.name} ended (${vm.exit?.reason ?? vm.state}: ${vm.exit?.detail ?? ''}); ${replace ? 'replacing it' : `restart policy ${policy}: not replaced`}`, vm.name)
-    void this.#deps.vms.remove(vm.id, true).catch(() => {})
+    void this.#reap(vm)
     this.kick()
   }
 
@@ -241,10 +245,7 @@ export class ServiceController {
     this.close()
     await this.#deps.gateway.remove(this.name)
     await Promise.allSettled([...this.#starts])
-    await Promise.allSettled([...this.#replicas.values()].map(async (r) => {
-      await this.#deps.vms.stop(r.vm.id, 2000).catch(() => {})
-      await this.#deps.vms.remove(r.vm.id, true).catch(() => {})
-    }))
+    await Promise.all([...this.#replicas.values()].map(async (r) => { await this.#reap(r.vm, 2000) }))
     this.#replicas.clear()
     await this.#deps.launcher.cleanup(this.name, null, false)
   }
@@ -329,7 +330,7 @@ export class ServiceController {
           if (generation !== this.generation && !this.#closed) {
             this.#replicas.set(vm.id, this.#newReplica(vm, generation))
           } else {
-            await this.#deps.vms.remove(vm.id, true).catch(() => {})
+            await this.#reap(vm)
           }
           return
         }
@@ -396,7 +397,7 @@ export class ServiceController {
     this.#replicas.delete(replica.vm.id)
     this.#deps.gateway.endpointDied(this.name, replica.vm.id)
     this.#publish()
-    void this.#deps.vms.remove(replica.vm.id, true).catch(() => {})
+    void this.#reap(replica.vm)
     this.kick()
   }
 
@@ -408,13 +409,22 @@ export class ServiceController {
       const deadline = Date.now() + this.spec.drainTimeoutMs
       while (this.#deps.gateway.inFlight(this.name, replica.vm.id) > 0 && Date.now() < deadline) await sleep(20)
       const left = this.#deps.gateway.inFlight(this.name, replica.vm.id)
-      await this.#deps.vms.stop(replica.vm.id, 2000).catch(() => {})
-      await this.#deps.vms.remove(replica.vm.id, true).catch(() => {})
+      await this.#reap(replica.vm, 2000)
       this.#replicas.delete(replica.vm.id)
       this.#publish()
       this.#event('service.replica-stopped', `replica ${replica.vm.name} stopped${left > 0 ? ` with ${left} request(s) still in flight after ${this.spec.drainTimeoutMs} ms` : ' after its in-flight requests finished'}`, replica.vm.name)
       this.kick()
     })()
+  }
+
+  /** Stops (for `graceMs`, when given) and removes a replica's VM; a failure is an event, and retried. */
+  async #reap (vm: Vm, graceMs?: number): Promise<void> {
+    await this.#deps.reaper.reap(vm, {
+      ...(graceMs !== undefined ? { graceMs } : {}),
+      onFailure: (err, attempt, retryInMs) => {
+        this.#event('service.replica-remove-failed', `removing replica ${vm.name} failed (attempt ${attempt}: ${err.message}); trying again in ${Math.round(retryInMs / 1000)} s`, vm.name)
+      }
+    })
   }
 
   #setHealth (replica: Replica, health: EndpointHealth): void {

@@ -6,6 +6,7 @@ import type { Vm } from '../core/vm.js'
 import type { VmEvent, VmManager } from '../daemon/vm-manager.js'
 import type { SqliteStore } from '../store/sqlite-store.js'
 import type { ReplicaLauncher } from './replica-launcher.js'
+import { ReplicaReaper } from './replica-reaper.js'
 import { ServiceController, type ServiceEvent, type ServiceGateway } from './service-controller.js'
 import { checkGatewayPorts, parseAppFile, parseServiceSpec } from './service-spec.js'
 
@@ -34,12 +35,14 @@ export interface RegistryEntry { service: string, endpoints: Endpoint[] }
 export class ServiceManager extends EventEmitter {
   readonly #deps: ServiceManagerDeps
   readonly #controllers = new Map<string, ServiceController>()
+  readonly #reaper: ReplicaReaper
   /** Applies and deletions one at a time: they check and change what spans services (names, ports). */
   #queue: Promise<unknown> = Promise.resolve()
 
   constructor (deps: ServiceManagerDeps) {
     super()
     this.#deps = deps
+    this.#reaper = new ReplicaReaper(deps.vms, deps.log.child({ component: 'reaper' }))
     deps.vms.on('vm', (event: VmEvent) => {
       const { vm } = event
       if (vm.service === null || (vm.state !== 'exited' && vm.state !== 'failed')) return
@@ -128,6 +131,7 @@ export class ServiceManager extends EventEmitter {
   close (): void {
     for (const c of this.#controllers.values()) c.close()
     this.#controllers.clear()
+    this.#reaper.close()
   }
 
   async #apply (spec: ServiceSpec, app: string | null): Promise<ServiceStatus> {
@@ -168,6 +172,7 @@ export class ServiceManager extends EventEmitter {
   #controller (spec: ServiceSpec, app: string | null, generation: number, adopted: Vm[]): ServiceController {
     const controller = new ServiceController({
       vms: this.#deps.vms,
+      reaper: this.#reaper,
       launcher: this.#deps.launcher,
       gateway: this.#deps.gateway,
       log: this.#deps.log,

@@ -18,8 +18,12 @@ export function parseServiceSpec (input: unknown, where = ''): ServiceSpec {
   if (!Value.Check(ServiceSpecSchema, spec)) {
     throw invalid(where, describeSchemaErrors(ServiceSpecSchema, spec))
   }
+  // A service without an image runs no replicas: its replicas.min defaults to 0, not 1.
+  if (spec.image === undefined && !hasField(input, 'replicas', 'min')) spec.replicas.min = 0
   const at = (field: string): string => `${where === '' ? '' : `${where}.`}${field}`
   spec.replicas.max ??= Math.max(spec.replicas.min, 1)
+  // A checked spec (max 0 without an image) must pass again: the CLI checks a file, then the API checks what it sent.
+  if (spec.image !== undefined && spec.replicas.max < 1) throw invalid(where, `${at('replicas.max')} must be at least 1 for a service with an image (it runs replicas of it)`)
   if (spec.replicas.max < spec.replicas.min) throw invalid(where, `${at('replicas.max')} (${spec.replicas.max}) is below replicas.min (${spec.replicas.min})`)
   if (spec.image === undefined && spec.endpoints.length === 0) {
     throw invalid(where, `service "${spec.name}" has neither an image (for replicas) nor endpoints to route to`)
@@ -38,7 +42,7 @@ export function parseServiceSpec (input: unknown, where = ''): ServiceSpec {
   if (lb.strategy === 'consistent-hash' && lb.hashOn === undefined) throw invalid(where, `${at('loadBalancing.hashOn')}: consistent-hash needs hashOn (header:NAME, cookie:NAME, path or client-address)`)
   if (lb.strategy !== 'consistent-hash' && lb.hashOn !== undefined) throw invalid(where, `${at('loadBalancing.hashOn')}: only the consistent-hash strategy hashes; drop hashOn or change the strategy`)
   if (spec.image === undefined && (spec.replicas.min > 0 || spec.autoscale !== undefined)) {
-    throw invalid(where, `service "${spec.name}" has no image, so it cannot have replicas: set replicas.min to 0 and drop autoscale, or give an image`)
+    throw invalid(where, `service "${spec.name}" has no image, so it cannot have replicas: drop replicas.min (or set it to 0) and autoscale, or give an image`)
   }
   if (spec.image === undefined) spec.replicas = { min: 0, max: 0 }
   const hosts = new Set<string>()
@@ -47,6 +51,11 @@ export function parseServiceSpec (input: unknown, where = ''): ServiceSpec {
     hosts.add(e.host)
   }
   return spec
+}
+
+function hasField (input: unknown, object: string, field: string): boolean {
+  const inner = (input as Record<string, unknown> | null)?.[object]
+  return typeof inner === 'object' && inner !== null && field in inner
 }
 
 /**

@@ -177,3 +177,41 @@ test('stop (the daemon going away) makes no more instances and destroys none', a
   for (const child of [claimed.instance, first?.instance]) if (child !== undefined) await factory.destroy(child)
   await pool.close()
 })
+
+test('a pool whose makes fail retries with a backoff until it is back at min, with no claim to prompt it', { timeout: 20_000 }, async () => {
+  // The first three makes fail (as a VM whose image vanished, or a full disk, would); then they succeed.
+  const real = new ProcessFactory()
+  let attempts = 0
+  const attemptTimes: number[] = []
+  const failing: InstanceFactory<ChildProcess> = {
+    create: async () => {
+      attempts++
+      attemptTimes.push(Date.now())
+      if (attempts <= 3) throw new Error(`make ${attempts} failed`)
+      return await real.create()
+    },
+    destroy: async (c) => { await real.destroy(c) }
+  }
+  const pool = new WarmPool(failing, policy({ min: 2, refillConcurrency: 1, retryBaseMs: 100, retryMaxMs: 400 }))
+  const failures: Array<{ consecutiveFailures: number, retryInMs: number }> = []
+  pool.on('create-failed', (f: { consecutiveFailures: number, retryInMs: number }) => failures.push(f))
+  let recovered = 0
+  pool.on('recovered', () => { recovered++ })
+  try {
+    pool.start()
+    const failingState = await until(pool, (s) => s.consecutiveFailures === 2)
+    assert.equal(failingState.lastError, 'make 2 failed')
+    assert.ok(failingState.retryAt !== null && Date.parse(failingState.retryAt) > Date.now() - 50, 'the status says when it tries again')
+    const healed = await until(pool, (s) => s.ready === 2)
+    assert.equal(healed.failures, 3)
+    assert.equal(healed.consecutiveFailures, 0)
+    assert.equal(healed.retryAt, null)
+    assert.deepEqual(failures.map((f) => [f.consecutiveFailures, f.retryInMs]), [[1, 100], [2, 200], [3, 400]], 'the backoff doubles up to its maximum')
+    assert.equal(recovered, 1)
+    // The waits between attempts grew with the backoff: no tight loop.
+    const gaps = attemptTimes.slice(1, 4).map((t, i) => t - (attemptTimes[i] ?? t))
+    assert.ok((gaps[0] ?? 0) >= 90 && (gaps[1] ?? 0) >= 190 && (gaps[2] ?? 0) >= 390, `gaps ${gaps.join(', ')} ms`)
+  } finally {
+    await pool.close()
+  }
+})

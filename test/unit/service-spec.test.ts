@@ -48,7 +48,8 @@ describe('service specs', () => {
       [{ ...minimal, env: { 'BAD-NAME': 'x' } }, /env/],
       [{ ...minimal, replica: 2 }, /replica/],
       [{ name: 'ext', ports: [{ port: 80 }] }, /neither an image \(for replicas\) nor endpoints/],
-      [{ name: 'ext', ports: [{ port: 80 }], endpoints: [{ host: '10.0.0.1' }] }, /no image, so it cannot have replicas/],
+      [{ name: 'ext', ports: [{ port: 80 }], replicas: { min: 1 }, endpoints: [{ host: '10.0.0.1' }] }, /no image, so it cannot have replicas/],
+      [{ ...minimal, replicas: { min: 0, max: 0 } }, /replicas\.max must be at least 1 for a service with an image/],
       [{ name: 'ext', ports: [{ port: 80 }], replicas: { min: 0 }, endpoints: [{ host: '10.0.0.1' }, { host: '10.0.0.1' }] }, /10\.0\.0\.1 is listed twice/],
       [{ ...minimal, endpoints: [{ host: 'example.com' }] }, /endpoints\/0\/host/],
       [{ ...minimal, autoscale: { targetInFlight: 0 } }, /targetInFlight/]
@@ -60,6 +61,14 @@ describe('service specs', () => {
     const spec = parseServiceSpec({ name: 'legacy', ports: [{ port: 80 }], replicas: { min: 0 }, endpoints: [{ host: '192.168.1.5', weight: 3 }] })
     assert.deepEqual(spec.replicas, { min: 0, max: 0 })
     assert.deepEqual(spec.endpoints, [{ host: '192.168.1.5', weight: 3, priority: 1 }])
+  })
+
+  test('an external-only service needs no replicas field, and a checked spec passes the check again (uigniter up checks, then the API)', () => {
+    const spec = parseServiceSpec({ name: 'legacy', ports: [{ port: 80 }], endpoints: [{ host: '192.168.1.5' }] })
+    assert.deepEqual(spec.replicas, { min: 0, max: 0 })
+    assert.deepEqual(parseServiceSpec(JSON.parse(JSON.stringify(spec))), spec)
+    const file = parseAppFile({ app: 'legacy', services: [{ name: 'legacy', ports: [{ port: 80 }], endpoints: [{ host: '192.168.1.5' }] }] })
+    assert.deepEqual(parseAppFile(JSON.parse(JSON.stringify(file))), file)
   })
 
   test('only a change of what a replica runs makes a new generation', () => {
