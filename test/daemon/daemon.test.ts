@@ -63,7 +63,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
 
   const vms: Vm[] = []
 
-  test('two memcached VMs answer on their own addresses on the bridge', async () => {
+  test('two memcached VMs answer on their own addresses on the bridge', { timeout: 180_000 }, async () => {
     for (const name of ['mc-a', 'mc-b']) vms.push(await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'memcached', name }))
     const [a, b] = vms
     assert.ok(a?.ipAddress !== null && b?.ipAddress !== null)
@@ -76,7 +76,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     }
   })
 
-  test('a published port reaches the VM through 127.0.0.1', async () => {
+  test('a published port reaches the VM through 127.0.0.1', { timeout: 180_000 }, async () => {
     const hostPort = await freePort()
     const vm = await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'hello', name: 'web', publish: [{ hostPort, guestPort: 8080 }] })
     const answer = await httpGetWithRetry(hostPort, '/', 60_000)
@@ -90,7 +90,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     assert.deepEqual(again.exit, stopped.exit, 'stopping a stopped VM changes nothing')
   })
 
-  test('an address handed out again reaches the new VM at once', async () => {
+  test('an address handed out again reaches the new VM at once', { timeout: 180_000 }, async () => {
     const first = await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'hello', name: 'reuse-a' })
     await helloAt(first.ipAddress ?? '')
     await daemon.api.call('DELETE', `/v1/vms/${first.id}?force=true`)
@@ -105,7 +105,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     await daemon.api.call('DELETE', `/v1/vms/${second.id}?force=true`)
   })
 
-  test('bad input gets its code', async () => {
+  test('bad input gets its code', { timeout: 180_000 }, async () => {
     await rejectsWith(daemon.api.call('POST', '/v1/vms', { image: 'no-such-image' }), 'UIG_ERR_IMAGE_NOT_FOUND')
     await rejectsWith(daemon.api.call('POST', '/v1/vms', { image: 'memcached', name: 'mc-a' }), 'UIG_ERR_VM_NAME_IN_USE')
     await rejectsWith(daemon.api.call('POST', '/v1/vms', { image: 'memcached', memoryMiB: 1024 * 1024 }), 'UIG_ERR_VM_RESOURCES', 'MiB')
@@ -116,7 +116,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     await rejectsWith(daemon.api.call('DELETE', `/v1/vms/${vms[0]?.id ?? ''}`), 'UIG_ERR_VM_INVALID_STATE')
   })
 
-  test('an exhausted address pool is a clear error', async () => {
+  test('an exhausted address pool is a clear error', { timeout: 180_000 }, async () => {
     // Another process takes every free address, as a crowd of VMs would.
     const store = new SqliteStore(join(ctx.dataDir, 'uigniter.db'))
     const taken: string[] = []
@@ -132,7 +132,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     }
   })
 
-  test('kill -9 of a QEMU is noticed and reported with a reason', async () => {
+  test('kill -9 of a QEMU is noticed and reported with a reason', { timeout: 180_000 }, async () => {
     const vm = await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'hello', name: 'victim' })
     assert.ok(vm.pid !== null)
     process.kill(vm.pid, 'SIGKILL')
@@ -141,7 +141,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     assert.ok((ended.exit?.detail ?? '').length > 0)
   })
 
-  test('kill -9 of the daemon, then a restart, re-adopts every running VM with its address', async () => {
+  test('kill -9 of the daemon, then a restart, re-adopts every running VM with its address', { timeout: 180_000 }, async () => {
     const before = await daemon.api.call<Vm[]>('GET', '/v1/vms')
     assert.ok(before.length >= 2)
     await daemon.crash()
@@ -162,7 +162,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     assert.equal(stopped.state, 'exited')
   })
 
-  test('a VM that dies while the daemon is down is marked with the reason', async () => {
+  test('a VM that dies while the daemon is down is marked with the reason', { timeout: 180_000 }, async () => {
     const vm = await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'hello', name: 'orphan' })
     await daemon.crash()
     process.kill(vm.pid ?? 0, 'SIGKILL')
@@ -180,7 +180,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     assert.match(half.exit?.detail ?? '', /state directory/)
   })
 
-  test('the original Uigniter API works unchanged', async () => {
+  test('the original Uigniter API works unchanged', { timeout: 180_000 }, async () => {
     const created = await daemon.api.call<{ id: string, ip_address: string }>('POST', '/vm/run', { image_name: 'memcached', cmdline: '', read_only: true })
     assert.deepEqual(Object.keys(created).sort(), ['id', 'ip_address'])
     assert.match(await memcachedCommand(created.ip_address, 11211, 'version\r\n'), /^VERSION/)
@@ -188,7 +188,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     assert.equal(stopped.state, 'exited')
   })
 
-  test('events, pause and resume, logs, images, and the bearer token on TCP', async () => {
+  test('events, pause and resume, logs, images, and the bearer token on TCP', { timeout: 180_000 }, async () => {
     const vm = await daemon.api.call<Vm>('GET', '/v1/vms/mc-b')
     const events: string[] = []
     const subscription = new AbortController()
@@ -221,7 +221,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     assert.equal((await tcpRequest(port, '/v1/vms', { authorization: `Bearer ${TOKEN}` })).status, 200)
   })
 
-  test('OpenAPI, metrics, health and the CLI', async () => {
+  test('OpenAPI, metrics, health and the CLI', { timeout: 180_000 }, async () => {
     const openapi = await daemon.api.call<{ openapi: string, paths: Record<string, unknown> }>('GET', '/openapi.json')
     assert.match(openapi.openapi, /^3\./)
     for (const path of ['/v1/vms', '/v1/vms/{id}/stop', '/vm/run', '/vm/{id}/stop', '/v1/images']) assert.ok(path in openapi.paths, path)

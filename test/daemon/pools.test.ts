@@ -25,7 +25,7 @@ describe('warm pools of prespawned VMs', () => {
     await ctx.cleanup()
   })
 
-  test('a pool fills with paused VMs; a claim resumes one, which boots and serves; the pool refills', async () => {
+  test('a pool fills with paused VMs; a claim resumes one, which boots and serves; the pool refills', { timeout: 180_000 }, async () => {
     await daemon.api.call('POST', '/v1/pools', { name: 'web', image: 'hello', min: 2, max: 4, refillConcurrency: 2 })
     const full = await daemon.waitForPool('web', (p) => p.ready === 2)
     assert.equal(full.claimed, 0)
@@ -53,7 +53,7 @@ describe('warm pools of prespawned VMs', () => {
     assert.match(metrics, /uigniter_pool_hits_total\{pool="web"\} 1/)
   })
 
-  test('empty-pool policies through the API: reject, and create beyond the pool', async () => {
+  test('empty-pool policies through the API: reject, and create beyond the pool', { timeout: 180_000 }, async () => {
     await daemon.api.call('POST', '/v1/pools', { name: 'cold', image: 'hello', min: 0, max: 1, onEmpty: 'reject' })
     await rejectsWith(daemon.api.call('POST', '/v1/pools/cold/claim'), 'UIG_ERR_POOL_EMPTY')
     const created = await daemon.api.call<ClaimResult>('POST', '/v1/pools/cold/claim', { onEmpty: 'create' })
@@ -64,7 +64,7 @@ describe('warm pools of prespawned VMs', () => {
     assert.deepEqual([after.ready, after.claimed, after.misses], [0, 0, 2])
   })
 
-  test('bad pool specs get their codes', async () => {
+  test('bad pool specs get their codes', { timeout: 180_000 }, async () => {
     await rejectsWith(daemon.api.call('POST', '/v1/pools', { name: 'bad', image: 'hello', min: 5, max: 2 }), 'UIG_ERR_POOL_POLICY_INVALID', 'min (5)')
     await rejectsWith(daemon.api.call('POST', '/v1/pools', { name: 'bad', image: 'nope' }), 'UIG_ERR_IMAGE_NOT_FOUND')
     await rejectsWith(daemon.api.call('POST', '/v1/pools', { name: 'web', image: 'hello' }), 'UIG_ERR_POOL_NAME_IN_USE')
@@ -72,7 +72,7 @@ describe('warm pools of prespawned VMs', () => {
     await rejectsWith(daemon.api.call('POST', '/v1/pools/nope/claim'), 'UIG_ERR_POOL_NOT_FOUND')
   })
 
-  test('a daemon restart adopts the pool\'s ready VMs back; deleting the pool removes them', async () => {
+  test('a daemon restart adopts the pool\'s ready VMs back; deleting the pool removes them', { timeout: 180_000 }, async () => {
     const before = (await daemon.api.call<Vm[]>('GET', '/v1/vms')).filter((vm) => vm.pool?.name === 'web').map((vm) => vm.id).sort()
     await daemon.stop()
     await daemon.start()

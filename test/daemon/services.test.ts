@@ -48,7 +48,7 @@ describe('services, the registry and the gateway', () => {
     await ctx.cleanup()
   })
 
-  test('bad specs are refused with their codes, and nothing is kept', async () => {
+  test('bad specs are refused with their codes, and nothing is kept', { timeout: 300_000 }, async () => {
     await rejectsWith(daemon.api.call('PUT', '/v1/services/bad', { image: 'hello', ports: [{ port: 8080 }], replicas: { min: 3, max: 1 } }),
       'UIG_ERR_SERVICE_SPEC_INVALID', 'replicas.max (1) is below replicas.min (3)')
     await rejectsWith(daemon.api.call('PUT', '/v1/services/bad', { image: 'hello', ports: [{ port: 11211, protocol: 'tcp' }] }),
@@ -74,7 +74,7 @@ describe('services, the registry and the gateway', () => {
     assert.equal((JSON.parse(unknown.body) as { code: string }).code, 'UIG_ERR_GATEWAY_NO_SERVICE')
   })
 
-  test('kill -9 of a replica under load: the service is back at its minimum and no GET fails', async () => {
+  test('kill -9 of a replica under load: the service is back at its minimum and no GET fails', { timeout: 300_000 }, async () => {
     const spec = { image: 'hello', replicas: { min: 2 }, ports: [{ port: 8080 }], healthCheck: { intervalMs: 300, unhealthyThreshold: 2 } }
     await daemon.api.call('PUT', '/v1/services/web', spec)
     const before = await waitFor('web', (s) => healthy(s).length === 2)
@@ -101,7 +101,7 @@ describe('services, the registry and the gateway', () => {
     assert.deepEqual(registry[0]?.endpoints.filter((e) => e.health === 'healthy').map((e) => e.id).sort(), healthy(restored).sort(), 'the registry shows the live replicas')
   })
 
-  test('a replica that stops answering its health check is taken out and replaced; the registry watch shows it', async () => {
+  test('a replica that stops answering its health check is taken out and replaced; the registry watch shows it', { timeout: 300_000 }, async () => {
     const before = await daemon.api.call<ServiceStatus>('GET', '/v1/services/web')
     const frozen = before.endpoints[0]?.id ?? ''
     const updates: string[] = []
@@ -120,7 +120,7 @@ describe('services, the registry and the gateway', () => {
     await rejectsWith(daemon.api.call('GET', `/v1/vms/${frozen}`), 'UIG_ERR_VM_NOT_FOUND')
   })
 
-  test('after a daemon restart, the replicas are adopted and keep serving', async () => {
+  test('after a daemon restart, the replicas are adopted and keep serving', { timeout: 300_000 }, async () => {
     const ids = healthy(await daemon.api.call<ServiceStatus>('GET', '/v1/services/web')).sort()
     await daemon.stop()
     await daemon.start()
@@ -129,7 +129,7 @@ describe('services, the registry and the gateway', () => {
     assert.equal((await httpGet(`${gateway}/svc/web/`)).status, 200)
   })
 
-  test('a rolling update (new env) replaces every replica with no failed request', async () => {
+  test('a rolling update (new env) replaces every replica with no failed request', { timeout: 300_000 }, async () => {
     const oldIds = healthy(await daemon.api.call<ServiceStatus>('GET', '/v1/services/web'))
     const load = startLoad(`${gateway}/svc/web/`, 4)
     await sleep(500)
@@ -156,7 +156,7 @@ describe('services, the registry and the gateway', () => {
     assert.deepEqual(templates.filter((t) => t.startsWith('svc-web-')).map((t) => t.replace(/-[0-9a-f]{8}$/, '')), ['svc-web-g2'])
   })
 
-  test('scale from zero: the first request is held while a clone starts; past the hold limit, 503 with Retry-After; idle, back to zero', async () => {
+  test('scale from zero: the first request is held while a clone starts; past the hold limit, 503 with Retry-After; idle, back to zero', { timeout: 300_000 }, async () => {
     await daemon.api.call('PUT', '/v1/services/lazy', {
       image: 'hello',
       replicas: { min: 0, max: 1 },
@@ -183,7 +183,7 @@ describe('services, the registry and the gateway', () => {
     assert.match(again.body, /Hello from uigniter/)
   })
 
-  test('autoscaling follows the requests in flight: up under load, back down when it ends', async () => {
+  test('autoscaling follows the requests in flight: up under load, back down when it ends', { timeout: 300_000 }, async () => {
     await daemon.api.call('PUT', '/v1/services/busy', {
       image: 'hello',
       replicas: { min: 1, max: 2 },
@@ -200,7 +200,7 @@ describe('services, the registry and the gateway', () => {
     await daemon.api.call('DELETE', '/v1/services/busy')
   })
 
-  test('start path pool: replicas are claimed from a clone pool that keeps a spare; deleting the service deletes both', async () => {
+  test('start path pool: replicas are claimed from a clone pool that keeps a spare; deleting the service deletes both', { timeout: 300_000 }, async () => {
     await daemon.api.call('PUT', '/v1/services/pooled', { image: 'hello', replicas: { min: 1 }, ports: [{ port: 8080 }], startPath: 'pool' })
     const status = await waitFor('pooled', (s) => healthy(s).length === 1)
     const replica = await daemon.api.call<Vm>('GET', `/v1/vms/${status.endpoints[0]?.id ?? ''}`)
@@ -217,7 +217,7 @@ describe('services, the registry and the gateway', () => {
     assert.deepEqual(left, [], 'no replica or spare is left')
   })
 
-  test('an application file: up starts memcached behind a gateway TCP port that an npm memcached client uses; down removes it', async () => {
+  test('an application file: up starts memcached behind a gateway TCP port that an npm memcached client uses; down removes it', { timeout: 300_000 }, async () => {
     const kvPort = await freePort()
     const file = join(ctx.dataDir, 'uigniter.yaml')
     await writeFile(file, `app: cache

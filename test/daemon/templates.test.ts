@@ -35,7 +35,7 @@ describe('templates and clones through the daemon', () => {
     await ctx.cleanup()
   })
 
-  test('clones of node-http, snapshotted with its app ready, answer HTTP with their own address, MAC, hostname and random bytes', async () => {
+  test('clones of node-http, snapshotted with its app ready, answer HTTP with their own address, MAC, hostname and random bytes', { timeout: 180_000 }, async () => {
     const template = await daemon.api.call<TemplateInfo>('POST', '/v1/templates', { name: 'node', image: 'node-http', ready: 'app' })
     assert.equal(template.ready, 'app')
     assert.equal(template.port, 8080, 'the image\'s first port')
@@ -73,7 +73,7 @@ describe('templates and clones through the daemon', () => {
     assert.match(bad.stderr, /UIG_ERR_CLI_USAGE/)
   })
 
-  test('a template cannot be deleted under live clones; once they are gone it can', async () => {
+  test('a template cannot be deleted under live clones; once they are gone it can', { timeout: 180_000 }, async () => {
     await rejectsWith(daemon.api.call('DELETE', '/v1/templates/node'), 'UIG_ERR_TEMPLATE_IN_USE', '3 live clone(s)')
     const clones = (await daemon.api.call<Vm[]>('GET', '/v1/vms')).filter((vm) => vm.template === 'node')
     await daemon.api.call('DELETE', `/v1/vms/${clones[0]?.id ?? ''}?force=true`)
@@ -87,7 +87,7 @@ describe('templates and clones through the daemon', () => {
     await rejectsWith(daemon.api.call('POST', '/v1/vms', { template: 'node' }), 'UIG_ERR_TEMPLATE_NOT_FOUND')
   })
 
-  test('a ready: init template gives each clone its own env before its app starts; a ready: app one refuses env', async () => {
+  test('a ready: init template gives each clone its own env before its app starts; a ready: app one refuses env', { timeout: 180_000 }, async () => {
     await daemon.api.call('POST', '/v1/templates', { name: 'node-init', image: 'node-http', ready: 'init' })
     const vm = await daemon.api.call<Vm>('POST', '/v1/vms', { template: 'node-init', env: { PORT: '9090' } })
     const deadline = Date.now() + 30_000
@@ -102,7 +102,7 @@ describe('templates and clones through the daemon', () => {
     await rejectsWith(daemon.api.call('POST', '/v1/vms', { template: 'hello', env: { A: 'b' } }), 'UIG_ERR_CLONE_REQUEST', 'ready: init')
   })
 
-  test('bad template and clone requests get their codes', async () => {
+  test('bad template and clone requests get their codes', { timeout: 180_000 }, async () => {
     await rejectsWith(daemon.api.call('POST', '/v1/templates', { name: 'x', image: 'nope' }), 'UIG_ERR_IMAGE_NOT_FOUND')
     await rejectsWith(daemon.api.call('POST', '/v1/templates', { name: 'Bad Name', image: 'hello' }), 'UIG_ERR_API_VALIDATION')
     await rejectsWith(daemon.api.call('POST', '/v1/templates', { name: 'x', image: 'hello', ready: 'init', httpPath: '/' }), 'UIG_ERR_TEMPLATE_INVALID', 'httpPath')
@@ -118,7 +118,7 @@ describe('templates and clones through the daemon', () => {
     await rejectsWith(daemon.api.call('POST', '/v1/pools', { name: 'p', kind: 'clone', template: 'nope' }), 'UIG_ERR_TEMPLATE_NOT_FOUND')
   })
 
-  test('a clone pool hands out serving clones and refills; its template cannot be deleted meanwhile', async () => {
+  test('a clone pool hands out serving clones and refills; its template cannot be deleted meanwhile', { timeout: 180_000 }, async () => {
     await daemon.api.call('POST', '/v1/pools', { name: 'clones', kind: 'clone', template: 'hello', min: 2, max: 4, refillConcurrency: 2 })
     await daemon.waitForPool('clones', (p) => p.ready === 2)
     const claim = await daemon.api.call<ClaimResult>('POST', '/v1/pools/clones/claim')
@@ -139,7 +139,7 @@ describe('templates and clones through the daemon', () => {
     await daemon.api.call('DELETE', `/v1/vms/${made.vm.id}?force=true`)
   })
 
-  test('a booted pool holds booted guests whose app starts at the claim', async () => {
+  test('a booted pool holds booted guests whose app starts at the claim', { timeout: 180_000 }, async () => {
     await daemon.api.call('POST', '/v1/pools', { name: 'booted', kind: 'booted', image: 'hello', min: 1, max: 2 })
     await daemon.waitForPool('booted', (p) => p.ready === 1)
     const [ready] = (await daemon.api.call<Vm[]>('GET', '/v1/vms')).filter((vm) => vm.pool?.name === 'booted')
@@ -155,7 +155,7 @@ describe('templates and clones through the daemon', () => {
     await daemon.api.call('DELETE', `/v1/vms/${claim.vm.id}?force=true`)
   })
 
-  test('a clone that misses its identity deadline is destroyed and reported, never handed out; clones outlive a daemon restart', async () => {
+  test('a clone that misses its identity deadline is destroyed and reported, never handed out; clones outlive a daemon restart', { timeout: 180_000 }, async () => {
     const kept = await daemon.api.call<Vm>('POST', '/v1/vms', { template: 'hello', name: 'kept' })
     await daemon.stop()
     daemon.env.UIGNITER_CLONE_IDENTITY_TIMEOUT_MS = '1'

@@ -29,7 +29,7 @@ describe('booting images under QEMU', () => {
     await rm(scratch, { recursive: true, force: true })
   })
 
-  test('uigniter image test: hello boots and answers HTTP through user-mode port forwarding', async () => {
+  test('uigniter image test: hello boots and answers HTTP through user-mode port forwarding', { timeout: 120_000 }, async () => {
     const { code, stdout, stderr } = await runCli(['image', 'test', 'hello', '--http', '8080'], { env: ctx.env })
     assert.equal(code, 0, stderr)
     assert.match(stdout, /hello: listening on :8080 as hello/)
@@ -38,7 +38,7 @@ describe('booting images under QEMU', () => {
     assert.match(stderr, /app exited with code 0/, 'SIGTERM from the init lets hello exit cleanly')
   })
 
-  test('the control channel reports status and shuts the app down gracefully', async () => {
+  test('the control channel reports status and shuts the app down gracefully', { timeout: 120_000 }, async () => {
     const booted = await BootedImage.start({ config: ctx.config, store: ctx.store, manifest: images.hello! })
     const lines: string[] = []
     booted.guest.on('line', (l: string) => lines.push(l))
@@ -61,7 +61,7 @@ describe('booting images under QEMU', () => {
     }
   })
 
-  test('memcached from Debian answers "version" through a forwarded port', async () => {
+  test('memcached from Debian answers "version" through a forwarded port', { timeout: 120_000 }, async () => {
     const booted = await BootedImage.start({ config: ctx.config, store: ctx.store, manifest: images.memcached!, forwards: [{ hostPort: 0, guestPort: 11211 }] })
     try {
       await booted.guest.waitForMarker('app-started', 60_000)
@@ -72,7 +72,7 @@ describe('booting images under QEMU', () => {
     }
   })
 
-  test('node-http on a shared squashfs disk answers HTTP', async () => {
+  test('node-http on a shared squashfs disk answers HTTP', { timeout: 120_000 }, async () => {
     const manifest = await ctx.builder.build(await specOf('node-http'), join(packageRoot, 'examples/node-http'))
     assert.equal(manifest.format, 'squashfs')
     const booted = await BootedImage.start({ config: ctx.config, store: ctx.store, manifest, forwards: [{ hostPort: 0, guestPort: 8080 }] })
@@ -86,7 +86,7 @@ describe('booting images under QEMU', () => {
     }
   })
 
-  test('a rootfs directory: the app\'s output and exit code come back to the host', async () => {
+  test('a rootfs directory: the app\'s output and exit code come back to the host', { timeout: 120_000 }, async () => {
     const root = join(scratch, 'rootfs-exit')
     await mkdir(join(root, 'bin'), { recursive: true })
     await writeFile(join(scratch, 'exit3.c'), '#include <stdio.h>\n#include <stdlib.h>\nint main(int c, char **v) { printf("exit3: %s cwd-env=%s\\n", c > 1 ? v[1] : "-", getenv("GREETING")); return 3; }\n')
@@ -101,7 +101,7 @@ describe('booting images under QEMU', () => {
     assert.ok(lines.some((l) => l.includes('exit3: from-args cwd-env=hi')), lines.join('\n'))
   })
 
-  test('an app that cannot be executed is reported as such', async () => {
+  test('an app that cannot be executed is reported as such', { timeout: 120_000 }, async () => {
     const root = join(scratch, 'rootfs-noexec')
     await mkdir(join(root, 'bin'), { recursive: true })
     await writeFile(join(root, 'bin/app'), 'no shebang, not an ELF\n')
@@ -113,7 +113,7 @@ describe('booting images under QEMU', () => {
     assert.equal(exit.reason, 'exec-failed')
   })
 
-  test('bring your own kernel: booted as given, nothing injected', async () => {
+  test('bring your own kernel: booted as given, nothing injected', { timeout: 120_000 }, async () => {
     // Our own kernel and a squashfs of the hello image stand in for a unikernel and its disk.
     const disk = await ctx.builder.build({ name: 'hello-disk', source: { kind: 'elf', path: 'build/examples/hello' }, format: 'squashfs' }, packageRoot)
     const manifest = await ctx.builder.build({
@@ -136,7 +136,7 @@ describe('booting images under QEMU', () => {
     }
   })
 
-  test('acceleration: an explicit setting wins; auto gives a choice and its reason', async () => {
+  test('acceleration: an explicit setting wins; auto gives a choice and its reason', { timeout: 120_000 }, async () => {
     const digest = images.hello!.kernel.blob.digest
     const kernel = ctx.store.blobPath(digest)
     assert.deepEqual((await chooseAccel(loadConfig({ ...ctx.env, UIGNITER_ACCEL: 'tcg' }), kernel, digest)).accel, 'tcg')

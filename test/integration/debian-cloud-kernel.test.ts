@@ -32,7 +32,7 @@ describe('kernel.source "debian-cloud": Debian\'s packaged cloud kernel', { skip
   })
   after(async () => { await ctx.cleanup() })
 
-  test('the bzImage becomes a PVH vmlinux, and the virtio modules come in load order', async () => {
+  test('the bzImage becomes a PVH vmlinux, and the virtio modules come in load order', { timeout: 180_000 }, async () => {
     assert.equal(kernel.source, 'debian-cloud')
     assert.ok((await readElf(kernel.path)).pvhEntry, `${kernel.path} should have a PVH entry note`)
     const names = kernel.modules.map((m) => posix.basename(m.guestPath, '.ko').replace(/-/g, '_'))
@@ -49,7 +49,7 @@ describe('kernel.source "debian-cloud": Debian\'s packaged cloud kernel', { skip
     }
   })
 
-  test('hello boots, answers HTTP and the control channel, and exits with code 0', async () => {
+  test('hello boots, answers HTTP and the control channel, and exits with code 0', { timeout: 180_000 }, async () => {
     const spec = JSON.parse(await readFile(exampleSpec('hello'), 'utf8')) as { memoryMiB: number }
     const manifest = await ctx.builder.build(spec, join(packageRoot, 'examples/hello'))
     assert.equal(manifest.kernel.source, 'debian-cloud')
@@ -83,7 +83,7 @@ describe('kernel.source "debian-cloud": Debian\'s packaged cloud kernel', { skip
     }
   })
 
-  test('disk formats and microvm are refused: the disk driver is a module, and the kernel cannot find virtio-mmio devices', async () => {
+  test('disk formats and microvm are refused: the disk driver is a module, and the kernel cannot find virtio-mmio devices', { timeout: 180_000 }, async () => {
     const hello = { kind: 'elf', path: 'build/examples/hello' }
     await rejectsWith(ctx.builder.build({ name: 'hello-disk', source: hello, format: 'squashfs' }, packageRoot), 'UIG_ERR_IMAGE_KERNEL_MISMATCH', 'squashfs')
     await rejectsWith(ctx.builder.build({ name: 'hello-mvm', source: hello, machine: { type: 'microvm', transport: 'mmio' } }, packageRoot), 'UIG_ERR_IMAGE_KERNEL_MISMATCH', 'microvm')

@@ -22,7 +22,7 @@ describe('image build', () => {
     await rm(scratch, { recursive: true, force: true })
   })
 
-  test('the hello example becomes a small initramfs image with a complete manifest', async () => {
+  test('the hello example becomes a small initramfs image with a complete manifest', { timeout: 180_000 }, async () => {
     const { code, stdout, stderr } = await runCli(['image', 'build', '-f', exampleSpec('hello'), '--json'], { env: ctx.env })
     assert.equal(code, 0, stderr)
     const manifest = JSON.parse(stdout) as Record<string, unknown>
@@ -39,7 +39,7 @@ describe('image build', () => {
     assert.match(ls.stdout, /^hello\s+latest\s+[0-9a-f]{12}\s+initramfs/m)
   })
 
-  test('the initramfs holds the init, the app, its libraries and nothing else', async () => {
+  test('the initramfs holds the init, the app, its libraries and nothing else', { timeout: 180_000 }, async () => {
     const manifest = await ctx.store.get('hello')
     assert.ok(manifest.rootfs !== undefined)
     const listing = execFileSync('sh', ['-c', `zcat '${ctx.store.blobPath(manifest.rootfs.digest)}' | cpio -t --quiet`]).toString().split('\n')
@@ -49,7 +49,7 @@ describe('image build', () => {
     assert.ok(!listing.some((p) => /(^|\/)(sh|bash|busybox)$/.test(p)), 'no shell in the image')
   })
 
-  test('the same build gives the same digest; a rebuild under another tag shares the blobs', async () => {
+  test('the same build gives the same digest; a rebuild under another tag shares the blobs', { timeout: 180_000 }, async () => {
     const a = await ctx.store.get('hello')
     const b = await ctx.builder.build({ name: 'hello:again', source: { kind: 'elf', path: 'build/examples/hello', args: ['8080'] }, memoryMiB: 64, ports: [{ port: 8080, protocol: 'http' }] }, packageRoot)
     assert.equal(b.digest, a.digest)
@@ -58,14 +58,14 @@ describe('image build', () => {
     await stat(ctx.store.blobPath(a.rootfs?.digest ?? ''))
   })
 
-  test('memcached from Debian: libraries resolved from the ELF', async () => {
+  test('memcached from Debian: libraries resolved from the ELF', { timeout: 180_000 }, async () => {
     const m = await ctx.builder.build({ name: 'memcached', source: { kind: 'elf', path: '/usr/bin/memcached', args: ['-u', 'root'] } })
     assert.equal(m.format, 'initramfs')
     const listing = execFileSync('sh', ['-c', `zcat '${ctx.store.blobPath(m.rootfs?.digest ?? '')}' | cpio -t --quiet`]).toString()
     assert.match(listing, /libevent-2\.1\.so\.7/)
   })
 
-  test('a large image becomes a squashfs disk, and ext4 when asked', async () => {
+  test('a large image becomes a squashfs disk, and ext4 when asked', { timeout: 180_000 }, async () => {
     const squash = await ctx.builder.build(await readSpec('node-http'), join(packageRoot, 'examples/node-http'))
     assert.equal(squash.format, 'squashfs')
     assert.match(squash.cmdline, /rootfstype=squashfs/)
@@ -75,7 +75,7 @@ describe('image build', () => {
     assert.equal(magic, 'ext4')
   })
 
-  test('image rm deletes the tag and the blobs nobody else uses', async () => {
+  test('image rm deletes the tag and the blobs nobody else uses', { timeout: 180_000 }, async () => {
     const m = await ctx.store.get('hello-ext4')
     await ctx.store.remove('hello-ext4')
     await rejectsWith(ctx.store.get('hello-ext4'), 'UIG_ERR_IMAGE_NOT_FOUND')
@@ -87,14 +87,14 @@ describe('image build', () => {
   })
 
   describe('bad input', () => {
-    test('not an ELF', async () => {
+    test('not an ELF', { timeout: 180_000 }, async () => {
       const path = join(scratch, 'notes.txt')
       await writeFile(path, 'just text\n')
       await chmod(path, 0o755)
       await rejectsWith(ctx.builder.build({ name: 'x', source: { kind: 'elf', path } }), 'UIG_ERR_IMAGE_NOT_ELF')
     })
 
-    test('a shared library that cannot be found', async () => {
+    test('a shared library that cannot be found', { timeout: 180_000 }, async () => {
       const dir = join(scratch, 'missing-lib')
       await mkdir(dir, { recursive: true })
       await writeFile(join(dir, 'lib.c'), 'int answer(void) { return 42; }\n')
@@ -105,14 +105,14 @@ describe('image build', () => {
       await rejectsWith(ctx.builder.build({ name: 'x', source: { kind: 'elf', path: join(dir, 'app') } }), 'UIG_ERR_IMAGE_LIBRARY_NOT_FOUND', 'libanswer.so')
     })
 
-    test('a missing path', async () => {
+    test('a missing path', { timeout: 180_000 }, async () => {
       await rejectsWith(ctx.builder.build({ name: 'x', source: { kind: 'elf', path: join(scratch, 'nope') } }), 'UIG_ERR_IMAGE_PATH_NOT_FOUND')
       await rejectsWith(ctx.builder.build({ name: 'x', source: { kind: 'node', dir: join(scratch, 'nope'), entry: 'a.js' } }), 'UIG_ERR_IMAGE_PATH_NOT_FOUND')
       const cli = await runCli(['image', 'build', '-f', join(scratch, 'no-spec.json')], { env: ctx.env })
       assert.match(cli.stderr, /UIG_ERR_IMAGE_PATH_NOT_FOUND/)
     })
 
-    test('an unreadable path (the CLI run as nobody)', async () => {
+    test('an unreadable path (the CLI run as nobody)', { timeout: 180_000 }, async () => {
       const secretDir = await mkdtemp(join(tmpdir(), 'uigniter-unreadable-'))
       try {
         await chmod(secretDir, 0o755)
@@ -130,7 +130,7 @@ describe('image build', () => {
       }
     })
 
-    test('a directory without its entrypoint', async () => {
+    test('a directory without its entrypoint', { timeout: 180_000 }, async () => {
       const root = join(scratch, 'rootfs')
       await mkdir(join(root, 'bin'), { recursive: true })
       await rejectsWith(ctx.builder.build({ name: 'x', source: { kind: 'rootfs', dir: root, entrypoint: '/bin/app' } }), 'UIG_ERR_IMAGE_NO_ENTRYPOINT')
@@ -143,21 +143,21 @@ describe('image build', () => {
       await rejectsWith(ctx.builder.build({ name: 'x', source: { kind: 'node', dir: app, entry: '../server.js' } }), 'UIG_ERR_IMAGE_NO_ENTRYPOINT')
     })
 
-    test('an invalid name or tag', async () => {
+    test('an invalid name or tag', { timeout: 180_000 }, async () => {
       await rejectsWith(ctx.builder.build({ name: 'Bad Name', source: { kind: 'elf', path: '/usr/bin/memcached' } }), 'UIG_ERR_IMAGE_INVALID_NAME')
       const cli = await runCli(['image', 'build', '--elf', '/usr/bin/memcached', '-t', 'ok:bad:tag!'], { env: ctx.env })
       assert.equal(cli.code, 1)
       assert.match(cli.stderr, /UIG_ERR_IMAGE_INVALID_NAME/)
     })
 
-    test('a spec with a wrong field names the field', async () => {
+    test('a spec with a wrong field names the field', { timeout: 180_000 }, async () => {
       await rejectsWith(ctx.builder.build({ name: 'x', source: { kind: 'elf', path: '/usr/bin/memcached' }, memoryMiB: 'lots' }), 'UIG_ERR_IMAGE_SPEC_INVALID', 'memoryMiB')
       const cli = await runCli(['image', 'build', '--elf', '/usr/bin/memcached', '--cpus', 'two'], { env: ctx.env })
       assert.equal(cli.code, 2)
       assert.match(cli.stderr, /UIG_ERR_CLI_USAGE/)
     })
 
-    test('a kernel file that is not bootable', async () => {
+    test('a kernel file that is not bootable', { timeout: 180_000 }, async () => {
       const text = join(scratch, 'kernel.txt')
       await writeFile(text, 'not a kernel')
       await rejectsWith(ctx.builder.build({ name: 'x', source: { kind: 'unikernel', kernel: text } }), 'UIG_ERR_KERNEL_NOT_BOOTABLE')
@@ -165,7 +165,7 @@ describe('image build', () => {
       await rejectsWith(ctx.builder.build({ name: 'x', source: { kind: 'unikernel', kernel: '/usr/bin/memcached' } }), 'UIG_ERR_KERNEL_NOT_BOOTABLE')
     })
 
-    test('no space left: a clear error and nothing left behind', async () => {
+    test('no space left: a clear error and nothing left behind', { timeout: 180_000 }, async () => {
       const small = await mkdtemp(join(tmpdir(), 'uigniter-full-'))
       try {
         execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', small])
