@@ -73,7 +73,7 @@ export const BuildSourceSchema = Type.Union([
     kind: Type.Literal('unikernel'),
     kernel: Type.String({ minLength: 1, description: 'A bootable kernel: an ELF with a PVH entry, or a bzImage' }),
     disk: Type.Optional(Type.String({ minLength: 1, description: 'A disk image, attached read-only' })),
-    cmdline: Type.String({ default: '', description: 'The kernel command line, used as given' })
+    cmdline: Type.String({ default: '', description: 'The kernel command line, used as given but for its placeholders {ip} {prefix} {netmask} {gateway} {dns} {hostname}, filled per VM ({{ and }} are literal braces)' })
   }, { additionalProperties: false })
 ])
 

@@ -12,6 +12,7 @@ import type { Logger } from '../core/logger.js'
 import { packageRoot } from '../core/package-paths.js'
 import { ImageStore } from '../guest/image-store.js'
 import { createKernelSource } from '../guest/guest-kernel.js'
+import { DhcpServer } from '../net/dhcp-server.js'
 import { HostNetwork } from '../net/host-network.js'
 import { SqliteStore } from '../store/sqlite-store.js'
 import { chooseAccel, type AccelChoice } from '../vmm/qemu/accel-probe.js'
@@ -59,6 +60,7 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
 
   let network: HostNetwork | undefined
   let networkInfo: DaemonInfo['network']
+  let dhcp: DhcpServer | undefined
   if (config.network.mode === 'bridge' && process.getuid?.() === 0) {
     // One nftables table per bridge, so that two daemons (say, a test's and the host's) never rewrite each other's rules.
     network = new HostNetwork({
@@ -71,6 +73,12 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
     })
     await network.setup()
     networkInfo = { mode: 'bridge', bridge: config.network.bridge, subnet: config.network.subnet }
+    // DHCP for unikernels that take their address from the network. A server that cannot start is
+    // logged and retried, but does not stop the daemon: VMs given their address on their command line need none.
+    const bridgeNetwork = network
+    dhcp = new DhcpServer({ bridge: config.network.bridge, subnet: network.subnet, nameservers: async () => await bridgeNetwork.nameservers(), logger: log.child({ component: 'dhcp' }) })
+    await network.useDhcp(dhcp)
+    await dhcp.start().catch((err: unknown) => { log.error({ err }, 'the DHCP server on the bridge did not start; retrying in the background') })
   } else {
     const reason = config.network.mode === 'user' ? 'network.mode is "user"' : 'not root: taps need root, so VMs use QEMU user-mode networking'
     log.warn(reason)
@@ -157,6 +165,7 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
       store.close()
     }
   }
+      await dhcp?.close()
 }
 
 async function probeAccel (config: Config, log: Logger): Promise<AccelChoice> {

@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto'
 import { stat } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { Value } from '@sinclair/typebox/value'
+import { parseCmdline } from '../core/cmdline-placeholders.js'
 import { describeSchemaErrors } from '../core/config.js'
 import { UigniterError, hasErrno, rethrowNoSpace } from '../core/errors.js'
 import { BuildSpecSchema, parseImageRef, type BuildSpec, type ImageFormat, type ImageManifest } from '../core/image.js'
@@ -20,7 +21,9 @@ export const INIT_VERSION = 1
 
 /**
  * Validates a build spec (from CLI flags or a spec file) and fills defaults.
- * Throws UIG_ERR_IMAGE_SPEC_INVALID naming the bad field.
+ * Throws UIG_ERR_IMAGE_SPEC_INVALID naming the bad field, and
+ * UIG_ERR_IMAGE_CMDLINE_PLACEHOLDER for a unikernel command line with an
+ * unknown placeholder.
  */
 export function parseBuildSpec (input: unknown): BuildSpec {
   const withDefaults = Value.Default(BuildSpecSchema, structuredClone(input))
@@ -28,6 +31,8 @@ export function parseBuildSpec (input: unknown): BuildSpec {
     throw new UigniterError('UIG_ERR_IMAGE_SPEC_INVALID', `invalid build spec: ${describeSchemaErrors(BuildSpecSchema, withDefaults)}`)
   }
   parseImageRef(withDefaults.name)
+  // A typo in a placeholder is refused now, not at every launch (UIG_ERR_IMAGE_CMDLINE_PLACEHOLDER).
+  if (withDefaults.source.kind === 'unikernel') parseCmdline(withDefaults.source.cmdline)
   return withDefaults
 }
 

@@ -19,6 +19,8 @@ export interface FirewallBase {
    * service gateway). Empty by default: VMs reach no host service at all.
    */
   allowedHostPorts?: number[]
+  /** Let DHCP requests from the bridge reach the host (the bridge's DHCP server); default no. */
+  dhcp?: boolean
 }
 
 /** One TCP port forward from the host to a VM. */

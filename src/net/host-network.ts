@@ -2,6 +2,7 @@ import { readFile, readlink } from 'node:fs/promises'
 import { UigniterError, hasErrno } from '../core/errors.js'
 import type { Logger } from '../core/logger.js'
 import { DEFAULT_BRIDGE, deleteBridge, ensureBridge } from './bridge.js'
+import type { DhcpHost, DhcpHosts } from './dhcp-hosts.js'
 import { DEFAULT_FIREWALL_TABLE, detectFirewall, type Firewall, type PortPublish, type PublishedPort } from './firewall.js'
 import { Ipam, type IpAllocationStore } from './ipam.js'
 import { macForVm } from './mac-address.js'
@@ -72,6 +73,7 @@ export class HostNetwork {
   readonly #tapPrefix: string
   #firewall: Firewall | undefined
   #allowedHostPorts: number[]
+  #dhcp: DhcpHosts | undefined
 
   constructor (options: HostNetworkOptions) {
     this.#options = options
@@ -110,7 +112,34 @@ export class HostNetwork {
 
   async #ensureBase (): Promise<void> {
     this.#firewall ??= await detectFirewall({ table: this.#options.firewallTable ?? DEFAULT_FIREWALL_TABLE })
-    await this.#firewall.ensureBase({ bridge: this.bridge, subnet: this.subnet, nat: this.#options.nat, allowedHostPorts: this.#allowedHostPorts })
+    await this.#firewall.ensureBase({ bridge: this.bridge, subnet: this.subnet, nat: this.#options.nat, allowedHostPorts: this.#allowedHostPorts, dhcp: this.#dhcp !== undefined })
+  }
+
+  /**
+   * Keeps a DHCP server's table (a DhcpServer) in step with the addresses
+   * from now on: every attach, detach and cleanup rewrites it, before the
+   * VM's QEMU starts. Opens the firewall to DHCP requests from the bridge.
+   * Call after setup().
+   */
+  async useDhcp (hosts: DhcpHosts): Promise<void> {
+    this.#dhcp = hosts
+    await this.#ensureBase()
+    await this.#syncDhcp()
+  }
+
+  /** What the DHCP server must answer: every allocated address in the subnet, with its owner's MAC. */
+  dhcpHosts (): DhcpHost[] {
+    return this.#options.store.list().filter((a) => this.subnet.contains(a.ip)).map((a) => ({ mac: macForVm(a.owner), ip: a.ip }))
+  }
+
+  async #syncDhcp (): Promise<void> {
+    if (this.#dhcp === undefined) return
+    try {
+      await this.#dhcp.setHosts(this.dhcpHosts())
+    } catch (err) {
+      // Only DHCP clients need the table; a VM that takes its address from the command line must still start.
+      this.#options.logger?.warn({ err }, 'updating the DHCP server\'s hosts failed; VMs that use DHCP may get no address')
+    }
   }
 
   /**
@@ -131,6 +160,7 @@ export class HostNetwork {
       if (had === undefined) this.ipam.release(vmId)
       throw err
     }
+    await this.#syncDhcp()
     return { tap, mac: macForVm(vmId), ip, prefix: this.subnet.prefix, gateway: this.subnet.gateway, dns: await this.nameservers() }
   }
 
@@ -141,7 +171,10 @@ export class HostNetwork {
   async detach (vmId: string, options: { releaseIp?: boolean } = {}): Promise<void> {
     await this.#requireFirewall().unpublishAll(vmId)
     await deleteTap(tapNameFor(vmId, this.#tapPrefix))
-    if (options.releaseIp ?? true) this.ipam.release(vmId)
+    if (options.releaseIp ?? true) {
+      this.ipam.release(vmId)
+      await this.#syncDhcp()
+    }
   }
 
   /**
@@ -193,6 +226,8 @@ export class HostNetwork {
     const firewall = this.#requireFirewall()
     const publishes = (await firewall.listPublished()).filter((p) => !live.has(p.vmId))
     await firewall.reconcile(liveVmIds.map((vmId) => ({ vmId })))
+    // The caller released the addresses of dead VMs before: the DHCP server forgets them too.
+    await this.#syncDhcp()
     if (taps.length > 0 || publishes.length > 0) {
       this.#options.logger?.info({ taps, publishes: publishes.map((p) => `${p.vmId} ${p.hostAddress}:${p.hostPort}`) }, 'removed orphaned network resources')
     }

@@ -52,6 +52,8 @@ export class NftFirewall implements Firewall {
       // addresses, which route_localnet would otherwise let in from the bridge.
       `add chain ${t} guard { type filter hook prerouting priority raw; policy accept; }`,
       `flush chain ${t} guard`,
+      // A DHCP client has no address yet: it asks from 0.0.0.0, to the broadcast address.
+      ...(base.dhcp === true ? [`add rule ${t} guard iifname ${br} ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept`] : []),
       `add rule ${t} guard iifname ${br} ip saddr != ${subnet.cidr} drop`,
       `add rule ${t} guard iifname ${br} ip daddr 127.0.0.0/8 drop`,
       // Published ports, for traffic from elsewhere; never for traffic from
@@ -78,6 +80,8 @@ export class NftFirewall implements Firewall {
       `flush chain ${t} input`,
       `add rule ${t} input iifname ${br} ct state established,related accept`,
       ...(ports.length > 0 ? [`add rule ${t} input iifname ${br} ip daddr ${subnet.gateway} tcp dport { ${ports.join(', ')} } accept`] : []),
+      // The bridge's DHCP server (dnsmasq, bound to the bridge alone): discovers, requests and renewals.
+      ...(base.dhcp === true ? [`add rule ${t} input iifname ${br} udp sport 68 udp dport 67 accept`] : []),
       `add rule ${t} input iifname ${br} drop`,
       // Without NAT, VM traffic must not leave the host with private source
       // addresses; answers to forwarded published ports still may.

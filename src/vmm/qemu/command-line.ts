@@ -1,4 +1,5 @@
 import { posix } from 'node:path'
+import { cmdlineValues, substituteCmdline } from '../../core/cmdline-placeholders.js'
 import { UigniterError } from '../../core/errors.js'
 import type { ImageManifest } from '../../core/image.js'
 
@@ -197,13 +198,14 @@ export function buildQemuArgs (spec: LaunchSpec): string[] {
 }
 
 /**
- * A unikernel's command line is used exactly as given. Our own guests get the
+ * A unikernel's command line is used as given, its placeholders filled. Our own guests get the
  * console, the reboot-to-exit parameters, and for the init: the network
  * identity, app arguments and environment, shares and overlay (docs/guest.md).
  */
 export function kernelCommandLine (spec: LaunchSpec): string {
   const { manifest } = spec
-  if (manifest.init === null) return manifest.cmdline
+  // Its placeholders ({ip}, {gateway}, ...) take this VM's values (docs/images.md).
+  if (manifest.init === null) return substituteCmdline(manifest.cmdline, cmdlineValues(spec.guestNetwork, spec.hostname))
   // reboot=t panic=-1: any end of the guest (app exit, panic) ends QEMU at once.
   const parts = ['console=ttyS0', 'reboot=t', 'panic=-1', 'quiet']
   if (manifest.cmdline !== '') parts.push(manifest.cmdline)
