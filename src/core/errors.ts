@@ -55,6 +55,7 @@ export const errorCodes = {
   UIG_ERR_VM_CMDLINE_INVALID: { statusCode: 400, title: 'The guest kernel command line would exceed 2048 bytes, or an argument holds a NUL byte' },
   UIG_ERR_VM_SHARE_INVALID: { statusCode: 400, title: 'A directory to share into the VM is missing, or its guest path cannot be used' },
   UIG_ERR_VM_STATE_DIR: { statusCode: 500, title: 'A VM\'s state directory is missing, damaged, or its paths are too long' },
+  UIG_ERR_JAIL_SETUP: { statusCode: 500, title: 'A VM\'s jail (its uid, chroot or cgroup) cannot be set up' },
   UIG_ERR_QMP: { statusCode: 502, title: 'QEMU\'s monitor (QMP) failed or refused a command' },
   UIG_ERR_POOL_NOT_FOUND: { statusCode: 404, title: 'No pool has that name' },
   UIG_ERR_POOL_NAME_IN_USE: { statusCode: 409, title: 'A pool with that name already exists' },
@@ -72,6 +73,7 @@ export const errorCodes = {
   UIG_ERR_CLONE_REQUEST: { statusCode: 400, title: 'The VM request asks for something a clone of its template cannot have' },
   UIG_ERR_CLONE_RESTORE: { statusCode: 500, title: 'A clone could not restore its template\'s state' },
   UIG_ERR_CLONE_IDENTITY: { statusCode: 502, title: 'A clone did not take its own identity in time; it was destroyed' },
+  UIG_ERR_CLONE_HOOK_FAILED: { statusCode: 502, title: 'A clone\'s app did not answer its after-clone hook in time, or refused it; the clone was destroyed' },
   UIG_ERR_SERVICE_SPEC_INVALID: { statusCode: 400, title: 'A service spec or application file is invalid' },
   UIG_ERR_SERVICE_NOT_FOUND: { statusCode: 404, title: 'No service has that name' },
   UIG_ERR_SERVICE_CONFLICT: { statusCode: 409, title: 'The service name or gateway port belongs to another application' },
@@ -80,7 +82,8 @@ export const errorCodes = {
   UIG_ERR_GATEWAY_NO_ENDPOINT: { statusCode: 503, title: 'The service has no healthy endpoint, and none became ready while the request was held' },
   UIG_ERR_GATEWAY_HOLD_LIMIT: { statusCode: 503, title: 'The service is starting and the gateway already holds as many requests as its hold limit allows' },
   UIG_ERR_GATEWAY_UPGRADE_UNSUPPORTED: { statusCode: 501, title: 'The gateway does not proxy protocol upgrades (WebSocket) on its HTTP port' },
-  UIG_ERR_GATEWAY_UPSTREAM: { statusCode: 502, title: 'The endpoint failed before it answered, and the request could not be retried elsewhere' }
+  UIG_ERR_GATEWAY_UPSTREAM: { statusCode: 502, title: 'The endpoint failed before it answered, and the request could not be retried elsewhere' },
+  UIG_ERR_GATEWAY_UPSTREAM_MALFORMED: { statusCode: 502, title: 'The endpoint answered with a malformed HTTP response, which the gateway does not forward' }
 } as const satisfies Record<string, { statusCode: number; title: string }>
 
 export type ErrorCode = keyof typeof errorCodes

@@ -51,6 +51,30 @@ export const MachineSchema = Type.Object({
 
 const Argv = Type.Array(Type.String(), { default: [] })
 
+/** Signals an after-clone hook may send: ones whose default action does not end a process that ignores them, bar the USRs and HUP, which a hooked app handles. */
+export const AFTER_CLONE_SIGNALS = ['SIGHUP', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH', 'SIGURG', 'SIGCONT'] as const
+const HookTimeout = Type.Optional(Type.Integer({ minimum: 1, maximum: 60_000, description: 'Deadline of the hook in milliseconds (default 2000); a clone that misses it is destroyed' }))
+
+/**
+ * What a clone's app is told once the clone has taken its own identity, before
+ * anything is routed to it: a signal the app acknowledges by writing a byte to
+ * fd $UIGNITER_ACK_FD, or an HTTP POST from the host that must answer 2xx.
+ */
+export const AfterCloneSchema = Type.Union([
+  Type.Object({
+    kind: Type.Literal('signal'),
+    signal: Type.Optional(Type.Union(AFTER_CLONE_SIGNALS.map((s) => Type.Literal(s)), { description: 'Default SIGUSR2' })),
+    timeoutMs: HookTimeout
+  }, { additionalProperties: false }),
+  Type.Object({
+    kind: Type.Literal('http'),
+    path: Type.String({ pattern: '^/', description: 'POSTed to the clone\'s address; must answer 2xx' }),
+    port: Type.Optional(Type.Integer({ minimum: 1, maximum: 65535, description: 'Default: the template\'s probe port (the image\'s first port)' })),
+    timeoutMs: HookTimeout
+  }, { additionalProperties: false })
+], { description: 'After-clone hook' })
+export type AfterClone = Static<typeof AfterCloneSchema>
+
 export const BuildSourceSchema = Type.Union([
   Type.Object({
     kind: Type.Literal('elf'),
@@ -91,7 +115,9 @@ export const BuildSpecSchema = Type.Object({
   vcpus: Type.Integer({ minimum: 1, maximum: 64, default: 1 }),
   memoryMiB: Type.Integer({ minimum: 32, maximum: 65536, default: 128 }),
   ports: Type.Array(PortSchema, { default: [] }),
-  machine: Type.Optional(MachineSchema)
+  machine: Type.Optional(MachineSchema),
+  afterClone: Type.Optional(Type.Union([AfterCloneSchema, Type.Null()], { description: 'The after-clone hook of clones of this image (node images: SIGUSR2, answered by the clone-safety preload); null for none' })),
+  cloneSafe: Type.Optional(Type.Boolean({ description: 'The app holds no generator state a clone could share (true: no warning for ready: app templates). Node images: false leaves the clone-safety preload out' }))
 }, { additionalProperties: false })
 export type BuildSpec = Static<typeof BuildSpecSchema>
 
@@ -120,6 +146,8 @@ export const ImageManifestSchema = Type.Object({
   memoryMiB: Type.Integer({ minimum: 32 }),
   ports: Type.Array(PortSchema),
   machine: MachineSchema,
+  afterClone: Type.Optional(AfterCloneSchema),
+  cloneSafe: Type.Optional(Type.Boolean({ description: 'Clones of a ready: app template of this image share no generator state, given its afterClone hook runs' })),
   createdAt: Type.String({ description: 'ISO 8601 time of the build' })
 }, { additionalProperties: false })
 export type ImageManifest = Static<typeof ImageManifestSchema>

@@ -1,4 +1,5 @@
 import { Type, type Static } from '@sinclair/typebox'
+import { AfterCloneSchema } from './image.js'
 
 /** Template schemas: what a client asks for, and what the daemon reports. */
 
@@ -18,7 +19,8 @@ export const TemplateSpecSchema = Type.Object({
   memoryMiB: Type.Optional(Type.Integer({ minimum: 32, maximum: 1048576 })),
   args: Type.Optional(Type.Array(Type.String(), { description: 'Replace the image\'s app arguments (every clone runs them)' })),
   env: Type.Record(Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' }), Type.String(), { additionalProperties: false, default: {}, description: 'Every clone\'s app gets these' }),
-  timeoutMs: Type.Integer({ minimum: 1000, maximum: 600_000, default: 120_000, description: 'Boot to the ready point' })
+  timeoutMs: Type.Integer({ minimum: 1000, maximum: 600_000, default: 120_000, description: 'Boot to the ready point' }),
+  afterClone: Type.Optional(Type.Union([AfterCloneSchema, Type.Null()], { description: 'ready: app — replaces the image\'s after-clone hook; null for none' }))
 }, { additionalProperties: false })
 export type TemplateSpec = Static<typeof TemplateSpecSchema>
 
@@ -39,6 +41,9 @@ export const TemplateSchema = Type.Object({
   }, { additionalProperties: false }),
   memoryPath: Type.String({ description: 'The guest RAM file every clone maps copy-on-write' }),
   stateBytes: Type.Integer({ description: 'Size of the saved device state' }),
-  clones: Type.Integer({ description: 'Live clones (VMs started from it)' })
+  clones: Type.Integer({ description: 'Live clones (VMs started from it)' }),
+  afterClone: Type.Union([AfterCloneSchema, Type.Null()], { description: 'What each clone\'s app is told once it took its identity (ready: app)' }),
+  cloneSafe: Type.Boolean({ description: 'Clones share no app state that must differ: ready: init, a clone-safe image, or a hook' }),
+  warnings: Type.Array(Type.String(), { description: 'What a user should know, e.g. that clones share the app\'s random state' })
 }, { additionalProperties: false })
 export type TemplateInfo = Static<typeof TemplateSchema>

@@ -64,6 +64,7 @@ export const StartTimingsSchema = Type.Object({
   spawnMs: Type.Number({ description: 'Until QEMU answered on its monitor' }),
   restoreMs: Type.Optional(Type.Number({ description: 'Clones: until the template\'s state was restored and the guest running' })),
   identityMs: Type.Optional(Type.Number({ description: 'Clones and booted pool instances: until the guest took its identity' })),
+  afterCloneMs: Type.Optional(Type.Number({ description: 'Clones of a ready: app template with a hook: the after-clone hook, after the identity' })),
   warmMs: Type.Optional(Type.Number({ description: 'Clones made for a pool: the first answer of the app (its code translated afresh under TCG)' })),
   totalMs: Type.Number()
 }, { additionalProperties: false, description: 'Milliseconds from the start of the create' })

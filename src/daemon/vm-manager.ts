@@ -107,9 +107,9 @@ export class VmManager extends EventEmitter {
     return { adopted, died }
   }
 
-  /** Throws UIG_ERR_IMAGE_NOT_FOUND unless the image exists. */
-  async checkImage (ref: string): Promise<void> {
-    await this.#deps.images.get(ref)
+  /** The image's manifest; throws UIG_ERR_IMAGE_NOT_FOUND unless the image exists. */
+  async checkImage (ref: string): Promise<ImageManifest> {
+    return await this.#deps.images.get(ref)
   }
 
   /**
@@ -285,7 +285,11 @@ export class VmManager extends EventEmitter {
 
   /**
    * Gives a VM that waits for its assignment (a booted pool instance) its
-   * identity, with the address it already has, and so starts its app.
+   * identity, with the address it already has, and so starts its app. No
+   * after-clone hook runs here: the app starts after the identity, as a new
+   * process of a guest that booted on its own, so it shares nothing with any
+   * other instance, and it would not handle a signal or a request yet.
+   * (Clones run their hook in Template.clone, before the create resolves.)
    */
   async assign (id: string, env: Record<string, string> = {}): Promise<Vm> {
     const vm = this.get(id)

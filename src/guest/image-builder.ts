@@ -5,7 +5,7 @@ import { Value } from '@sinclair/typebox/value'
 import { parseCmdline } from '../core/cmdline-placeholders.js'
 import { describeSchemaErrors } from '../core/config.js'
 import { UigniterError, hasErrno, rethrowNoSpace } from '../core/errors.js'
-import { BuildSpecSchema, parseImageRef, type BuildSpec, type ImageFormat, type ImageManifest } from '../core/image.js'
+import { BuildSpecSchema, parseImageRef, type AfterClone, type BuildSpec, type ImageFormat, type ImageManifest } from '../core/image.js'
 import { initBinaryPath } from '../core/package-paths.js'
 import { Progress, formatBytes } from '../core/progress.js'
 import { isBzImage, readElf } from './elf-file.js'
@@ -17,7 +17,7 @@ import { RootfsTree } from './rootfs-tree.js'
 
 /** Images whose files add up to more than this become a shared read-only disk (design.md fact 7). */
 export const INITRAMFS_LIMIT = 24 * 1024 * 1024
-export const INIT_VERSION = 1
+export const INIT_VERSION = 2
 
 /**
  * Validates a build spec (from CLI flags or a spec file) and fills defaults.
@@ -86,12 +86,14 @@ export class ImageBuilder {
         init: parts.init,
         cmdline: parts.cmdline,
         entrypoint: parts.entrypoint,
-        env: spec.env,
+        env: parts.env ?? spec.env,
         workdir: parts.workdir,
         vcpus: spec.vcpus,
         memoryMiB: parts.memoryMiB,
         ports: spec.ports,
-        machine: parts.machine
+        machine: parts.machine,
+        ...(parts.afterClone !== undefined ? { afterClone: parts.afterClone } : {}),
+        ...(parts.cloneSafe !== undefined ? { cloneSafe: parts.cloneSafe } : {})
       }
       const manifest: ImageManifest = {
         schemaVersion: 1,
@@ -118,13 +120,14 @@ export class ImageBuilder {
   async #appParts (spec: BuildSpec, baseDir: string, work: string, progress: Progress): Promise<Parts> {
     if (spec.source.kind === 'unikernel') throw new Error('unreachable')
     progress.update('collecting files')
-    const { tree, argv, workdir } = await loadSource(spec.source, baseDir)
+    const { tree, argv, workdir, ...source } = await loadSource(spec.source, baseDir, spec.cloneSafe !== undefined ? { cloneSafe: spec.cloneSafe } : {})
+    const env = mergeEnv(source.env ?? {}, spec.env)
     const kernel = await this.#kernels.get()
     const init = await guestInit()
     const machine = pickMachine(spec.machine, kernel)
     const contentSize = tree.contentSize()
     const format = pickFormat(spec.format, contentSize, kernel)
-    addGuestFiles(tree, format, init.size, encodeGuestConfig(argv, spec.env, spec.workdir ?? workdir))
+    addGuestFiles(tree, format, init.size, encodeGuestConfig(argv, env, spec.workdir ?? workdir))
     await addModules(tree, kernel)
     progress.update(`writing ${format} (${formatBytes(tree.contentSize())} of files)`)
     const out = join(work, `rootfs.${format}`)
@@ -145,7 +148,9 @@ export class ImageBuilder {
       entrypoint: argv,
       workdir: spec.workdir ?? workdir,
       memoryMiB: Math.min(65536, spec.memoryMiB + kernel.extraMemoryMiB + forcedIntoRam),
-      machine
+      machine,
+      env,
+      ...afterCloneParts(spec, source)
     }
   }
 
@@ -179,6 +184,9 @@ export class ImageBuilder {
 }
 
 interface Parts {
+  env?: Record<string, string>
+  afterClone?: AfterClone
+  cloneSafe?: boolean
   format: ImageFormat
   kernel: ImageManifest['kernel']
   rootfs: { digest: string, size: number } | undefined
@@ -188,6 +196,20 @@ interface Parts {
   workdir: string
   memoryMiB: number
   machine: ImageManifest['machine']
+}
+
+/** The source's variables under the spec's; NODE_OPTIONS of both are kept, the source's first. */
+function mergeEnv (source: Record<string, string>, spec: Record<string, string>): Record<string, string> {
+  const env = { ...source, ...spec }
+  if (source.NODE_OPTIONS !== undefined && spec.NODE_OPTIONS !== undefined) env.NODE_OPTIONS = `${source.NODE_OPTIONS} ${spec.NODE_OPTIONS}`
+  return env
+}
+
+/** The spec's hook (null: none) over the source's; the spec's cloneSafe over the source's. */
+function afterCloneParts (spec: BuildSpec, source: { afterClone?: AfterClone, cloneSafe?: boolean }): Pick<Parts, 'afterClone' | 'cloneSafe'> {
+  const afterClone = spec.afterClone === undefined ? source.afterClone : spec.afterClone ?? undefined
+  const cloneSafe = spec.cloneSafe ?? source.cloneSafe
+  return { ...(afterClone !== undefined ? { afterClone } : {}), ...(cloneSafe !== undefined ? { cloneSafe } : {}) }
 }
 
 /** The spec's machine if the kernel boots on it, else the kernel's default machine. */

@@ -1,7 +1,8 @@
 import { access, constants, lstat, stat } from 'node:fs/promises'
-import { basename, posix, resolve } from 'node:path'
+import { basename, join, posix, resolve } from 'node:path'
 import { UigniterError, hasErrno } from '../core/errors.js'
-import type { BuildSpec } from '../core/image.js'
+import type { AfterClone, BuildSpec } from '../core/image.js'
+import { packageRoot } from '../core/package-paths.js'
 import { readElf } from './elf-file.js'
 import { resolveLibraries } from './library-resolver.js'
 import { RootfsTree } from './rootfs-tree.js'
@@ -11,7 +12,16 @@ export interface SourceContent {
   tree: RootfsTree
   argv: string[]
   workdir: string
+  /** The app's environment the source needs, under the spec's own. */
+  env?: Record<string, string>
+  /** The source's after-clone hook and clone safety, when the spec names none. */
+  afterClone?: AfterClone
+  cloneSafe?: boolean
 }
+
+/** The clone-safety preload of node images (src/guest/node-clone-safe/clone-safe.cjs), and where images hold it. */
+export const CLONE_SAFE_PRELOAD = join(packageRoot, 'src/guest/node-clone-safe/clone-safe.cjs')
+export const CLONE_SAFE_GUEST_PATH = '/uigniter/clone-safe.cjs'
 
 type AppSource = Exclude<BuildSpec['source'], { kind: 'unikernel' }>
 
@@ -20,10 +30,10 @@ type AppSource = Exclude<BuildSpec['source'], { kind: 'unikernel' }>
  * tree and an argv. Relative host paths are taken from `baseDir` (the spec
  * file's directory, or the working directory for CLI flags).
  */
-export async function loadSource (source: AppSource, baseDir: string): Promise<SourceContent> {
+export async function loadSource (source: AppSource, baseDir: string, options: { cloneSafe?: boolean } = {}): Promise<SourceContent> {
   switch (source.kind) {
     case 'elf': return await fromElf(resolve(baseDir, source.path), source.args)
-    case 'node': return await fromNodeApp(resolve(baseDir, source.dir), source.entry, source.args)
+    case 'node': return await fromNodeApp(resolve(baseDir, source.dir), source.entry, source.args, options.cloneSafe !== false)
     case 'rootfs': return await fromRootfs(resolve(baseDir, source.dir), source.entrypoint, source.args)
   }
 }
@@ -59,7 +69,13 @@ async function fromElf (path: string, args: string[]): Promise<SourceContent> {
   return { tree, argv: [guestPath, ...args], workdir: '/' }
 }
 
-async function fromNodeApp (dir: string, entry: string, args: string[]): Promise<SourceContent> {
+/**
+ * A Node.js app: the host's node and the app at /app. Unless the spec says
+ * `cloneSafe: false`, also the clone-safety preload, loaded through
+ * NODE_OPTIONS (which, unlike argv, survives a VM's `args`), and its
+ * after-clone hook: SIGUSR2, which the preload answers once it has rekeyed.
+ */
+async function fromNodeApp (dir: string, entry: string, args: string[], cloneSafe: boolean): Promise<SourceContent> {
   await checkDirectory(dir, 'Node.js app directory')
   const entryPath = resolve(dir, entry)
   if (!entryPath.startsWith(dir + '/')) {
@@ -69,7 +85,11 @@ async function fromNodeApp (dir: string, entry: string, args: string[]): Promise
   const tree = new RootfsTree()
   await addExecutable(tree, process.execPath, '/usr/bin/node')
   await tree.addHostDirectory(dir, '/app')
-  return { tree, argv: ['/usr/bin/node', posix.join('/app', entry), ...args], workdir: '/app' }
+  const content: SourceContent = { tree, argv: ['/usr/bin/node', posix.join('/app', entry), ...args], workdir: '/app' }
+  if (!cloneSafe) return content
+  await checkReadable(CLONE_SAFE_PRELOAD, 'the clone-safety preload')
+  tree.addFile(CLONE_SAFE_GUEST_PATH, { hostPath: CLONE_SAFE_PRELOAD, size: (await stat(CLONE_SAFE_PRELOAD)).size }, 0o644)
+  return { ...content, env: { NODE_OPTIONS: `--require ${CLONE_SAFE_GUEST_PATH}` }, afterClone: { kind: 'signal', signal: 'SIGUSR2' }, cloneSafe: true }
 }
 
 async function fromRootfs (dir: string, entrypoint: string, args: string[]): Promise<SourceContent> {

@@ -30,8 +30,10 @@ export function checkIdentityEnv (env: Record<string, string>): void {
  * app's environment when the app waits for it. The init checks everything
  * before changing anything, and answers once every step took.
  * Throws UIG_ERR_CLONE_IDENTITY when it did not within `timeoutMs`.
+ * `then` runs on the same channel once the identity took (the after-clone
+ * signal hook), its errors thrown as they are.
  */
-export async function sendIdentity (controlSocket: string, identity: GuestIdentity, timeoutMs: number): Promise<void> {
+export async function sendIdentity (controlSocket: string, identity: GuestIdentity, timeoutMs: number, then?: (channel: ControlChannel) => Promise<void>): Promise<void> {
   checkIdentityEnv(identity.env ?? {})
   const envArgs = Object.entries(identity.env ?? {}).map(([key, value]) => `env=${key}=${encodeParam(value)}`)
   const deadline = Date.now() + timeoutMs
@@ -48,9 +50,13 @@ export async function sendIdentity (controlSocket: string, identity: GuestIdenti
       time: Date.now()
     }, Math.max(1, deadline - Date.now()))
   } catch (err) {
-    throw new UigniterError('UIG_ERR_CLONE_IDENTITY', `the guest did not take its identity within ${timeoutMs} ms: ${(err as Error).message}`, { cause: err })
-  } finally {
     channel?.close()
+    throw new UigniterError('UIG_ERR_CLONE_IDENTITY', `the guest did not take its identity within ${timeoutMs} ms: ${(err as Error).message}`, { cause: err })
+  }
+  try {
+    if (then !== undefined) await then(channel)
+  } finally {
+    channel.close()
   }
 }
 

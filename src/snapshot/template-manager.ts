@@ -4,13 +4,14 @@ import { join } from 'node:path'
 import { Value } from '@sinclair/typebox/value'
 import { describeSchemaErrors } from '../core/config.js'
 import { UigniterError } from '../core/errors.js'
-import { formatImageRef } from '../core/image.js'
+import { formatImageRef, type ImageManifest } from '../core/image.js'
 import type { Logger } from '../core/logger.js'
-import { TemplateSpecSchema, type TemplateInfo } from '../core/template.js'
+import { TemplateSpecSchema, type TemplateInfo, type TemplateSpec } from '../core/template.js'
 import type { GuestLaunches } from '../daemon/guest-launches.js'
 import type { ImageStore } from '../guest/image-store.js'
 import type { SqliteStore } from '../store/sqlite-store.js'
 import type { QemuDriver } from '../vmm/qemu/qemu-driver.js'
+import { resolveAfterClone, type ResolvedAfterClone } from './after-clone.js'
 import { Template } from './template.js'
 
 export interface TemplateManagerDeps {
@@ -26,8 +27,14 @@ export interface TemplateManagerDeps {
 
 const LIVE = ['starting', 'running', 'paused', 'stopping'] as const
 
-/** What the API's event stream relays: a template being made (its name only), made, or deleted. */
-export interface TemplateEvent { type: 'template.creating' | 'template.created' | 'template.deleted', template: TemplateInfo | { name: string } }
+/**
+ * What the API's event stream relays: a template being made (its name only),
+ * made, or deleted; and, after `created`, `template.clone-unsafe` for a
+ * `ready: app` template whose clones will share the app's state.
+ */
+export type TemplateEvent =
+  | { type: 'template.creating' | 'template.created' | 'template.deleted', template: TemplateInfo | { name: string } }
+  | { type: 'template.clone-unsafe', template: { name: string, image: string, warning: string } }
 
 /**
  * The daemon's templates: made from an image on request, kept as files in
@@ -80,6 +87,7 @@ export class TemplateManager extends EventEmitter {
     }
     if (spec.httpPath !== undefined && ready !== 'app') throw new UigniterError('UIG_ERR_TEMPLATE_INVALID', 'httpPath is the ready: app health check; ready: init takes none')
     if (manifest.init === null) throw new UigniterError('UIG_ERR_TEMPLATE_INVALID', `image ${formatImageRef(manifest)} has no uigniter init (a bring-your-own kernel or unikernel): a clone could not take its own identity`)
+    const { afterClone, cloneSafe } = cloneSafety(manifest, ready, spec.afterClone, port)
     if (this.#busy.has(spec.name) || await this.#complete(spec.name)) {
       throw new UigniterError('UIG_ERR_TEMPLATE_NAME_IN_USE', `a template named "${spec.name}" exists or is being made; delete it first or choose another name`)
     }
@@ -112,11 +120,17 @@ export class TemplateManager extends EventEmitter {
         launch,
         ready,
         bootTimeoutMs: spec.timeoutMs,
+        afterClone,
+        cloneSafe,
         ...(ready === 'app' && probe !== undefined ? { probe } : {})
       })
       const info = await this.#info(template)
       this.#deps.log.info({ template: spec.name, timings: template.record.timings }, 'template made')
       this.#emit({ type: 'template.created', template: info })
+      for (const warning of info.warnings) {
+        this.#deps.log.warn({ template: spec.name, image: info.image }, warning)
+        this.#emit({ type: 'template.clone-unsafe', template: { name: spec.name, image: info.image, warning } })
+      }
       return info
     } finally {
       await this.#deps.launches.release(owner).catch((err: unknown) => { this.#deps.log.warn({ err, template: spec.name }, 'releasing the template VM\'s network failed') })
@@ -195,7 +209,10 @@ export class TemplateManager extends EventEmitter {
       timings: record.timings,
       memoryPath: record.memoryPath,
       stateBytes: await stat(record.statePath).then((s) => s.size, () => 0),
-      clones: this.liveClones(template.id).length
+      clones: this.liveClones(template.id).length,
+      afterClone: record.afterClone,
+      cloneSafe: record.cloneSafe,
+      warnings: record.cloneSafe ? [] : [cloneUnsafeWarning(formatImageRef(launch.manifest))]
     }
   }
 
@@ -207,6 +224,33 @@ export class TemplateManager extends EventEmitter {
   async #complete (name: string): Promise<boolean> {
     return await stat(join(Template.dirOf(this.#deps.dataDir, name), 'template.json')).then(() => true, () => false)
   }
+}
+
+/**
+ * A template's hook and whether its clones are safe to hand out as separate
+ * instances: `ready: init` clones start their app after the identity (a new
+ * process); a `ready: app` template is safe with a hook (the template's, or
+ * else the image's), or with an image built clone-safe without one. The
+ * template's `afterClone` replaces the image's; null drops it.
+ * Throws UIG_ERR_TEMPLATE_INVALID for a hook that cannot run.
+ */
+export function cloneSafety (manifest: ImageManifest, ready: 'init' | 'app', asked: TemplateSpec['afterClone'], port: number | undefined): { afterClone: ResolvedAfterClone | null, cloneSafe: boolean } {
+  if (ready === 'init') {
+    if (asked !== undefined && asked !== null) throw new UigniterError('UIG_ERR_TEMPLATE_INVALID', 'afterClone is for ready: app; a ready: init clone starts its app after taking its identity, as a new instance')
+    return { afterClone: null, cloneSafe: true }
+  }
+  const hook = asked === undefined ? manifest.afterClone : asked
+  const afterClone = hook === undefined || hook === null ? null : resolveAfterClone(hook, port)
+  if (afterClone?.kind === 'signal' && (manifest.init?.version ?? 0) < 2) {
+    throw new UigniterError('UIG_ERR_TEMPLATE_INVALID', `image ${formatImageRef(manifest)} was built with a guest init older than after-clone signals (version ${manifest.init?.version ?? 0}); rebuild the image`)
+  }
+  return { afterClone, cloneSafe: afterClone !== null || (manifest.cloneSafe === true && manifest.afterClone === undefined) }
+}
+
+export function cloneUnsafeWarning (image: string): string {
+  return `clones of this ready: app template start with the memory of its app, and image ${image} is neither clone-safe nor has an after-clone hook: ` +
+    'generators the app keeps in its own memory (crypto.randomBytes and randomUUID in Node, Math.random, a seeded PRNG, ids made at start-up) return the same values in every clone. ' +
+    'Give the template or the image an afterClone hook, build the image as a Node.js source (clone-safe), or use ready: init'
 }
 
 /** The network owner (tap, address) of a template's VM while it is made; never a VM id (those are hex). */

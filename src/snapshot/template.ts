@@ -6,9 +6,10 @@ import { waitForAppAnswer, type AppProbe } from '../core/app-probe.js'
 import { UigniterError } from '../core/errors.js'
 import { writeFileAtomic } from '../core/fs-atomic.js'
 import type { GuestNetwork, LaunchNetwork } from '../vmm/qemu/command-line.js'
-import type { GuestLaunch, QemuDriver } from '../vmm/qemu/qemu-driver.js'
+import { INCOMING_STATE_URI, type GuestLaunch, type QemuDriver } from '../vmm/qemu/qemu-driver.js'
 import type { QemuVm } from '../vmm/qemu/qemu-vm.js'
 import { VmStateDir } from '../vmm/qemu/vm-state-dir.js'
+import { hookAddress, httpHook, signalHook, type ResolvedAfterClone } from './after-clone.js'
 import { checkIdentityEnv, randomMac, sendIdentity, waitForIdentityWait } from './guest-identity.js'
 
 /** What template.json holds: enough to clone the template again after a daemon restart. */
@@ -31,6 +32,10 @@ export interface TemplateRecord {
   createdAt: string
   /** Milliseconds: boot to the init's wait, and the migration to state.bin. */
   timings: { bootMs: number, saveMs: number }
+  /** ready: app — what each clone's app is told once it took its identity, before the clone is returned. */
+  afterClone: ResolvedAfterClone | null
+  /** Whether clones share no app state that must differ (ready: init, a clone-safe image, or a hook). */
+  cloneSafe: boolean
 }
 
 export interface TemplateCreateOptions {
@@ -53,6 +58,10 @@ export interface TemplateCreateOptions {
   ready?: 'init' | 'app'
   /** For `ready: app`: where the host reaches the app (the template's tap address, or a user-mode forward), and its guest port. */
   probe?: AppProbe & { guestPort: number }
+  /** For `ready: app`: the after-clone hook every clone runs (default none). */
+  afterClone?: ResolvedAfterClone | null
+  /** Recorded as given (default: ready init, or a hook). */
+  cloneSafe?: boolean
 }
 
 export interface CloneOptions {
@@ -77,8 +86,8 @@ export interface CloneResult {
   vm: QemuVm
   /** The identity the guest took. */
   identity: { address: string, mac: string, hostname: string }
-  /** Milliseconds from the clone's start: QEMU up with its monitor, state restored and running, identity taken. */
-  timings: { spawnMs: number, restoreMs: number, identityMs: number }
+  /** Milliseconds from the clone's start: QEMU up with its monitor, state restored and running, identity taken; then the after-clone hook's own time. */
+  timings: { spawnMs: number, restoreMs: number, identityMs: number, afterCloneMs?: number }
 }
 
 const TMPFS_MAGIC = 0x01021994
@@ -162,15 +171,24 @@ export class Template {
       const t1 = Date.now()
       await vm.pause()
       await vm.monitor('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] })
-      // QEMU 7.2 has no file: transport (it came in 8.2); exec: runs the command with /bin/sh.
-      await vm.monitor('migrate', { uri: `exec:cat > ${shellQuote(statePath)}` })
-      await waitForMigration(vm, 30_000)
+      // QEMU 7.2 has no file: transport (it came in 8.2), and a jailed QEMU may not exec (spawn=deny):
+      // the stream goes over a unix socket to the daemon, which writes the file.
+      const sink = await vm.openMigrationSink(statePath)
+      try {
+        await vm.monitor('migrate', { uri: sink.uri })
+        await waitForMigration(vm, 30_000)
+        await withTimeout(sink.written, 10_000, 'the migration stream did not end within 10 s of completing')
+      } finally {
+        sink.close()
+      }
       const saveMs = Date.now() - t1
       await endVm(vm)
       const probe = options.probe !== undefined && ready === 'app'
         ? { port: options.probe.guestPort, ...(options.probe.httpPath !== undefined ? { httpPath: options.probe.httpPath } : {}) }
         : null
-      const record: TemplateRecord = { version: 1, id, ready, probe, launch: options.launch, memoryPath, statePath, createdAt: new Date().toISOString(), timings: { bootMs, saveMs } }
+      const afterClone = ready === 'app' ? options.afterClone ?? null : null
+      const cloneSafe = options.cloneSafe ?? (ready === 'init' || afterClone !== null)
+      const record: TemplateRecord = { version: 1, id, ready, probe, launch: options.launch, memoryPath, statePath, createdAt: new Date().toISOString(), timings: { bootMs, saveMs }, afterClone, cloneSafe }
       await writeFileAtomic(join(dir, 'template.json'), JSON.stringify(record, null, 2) + '\n')
       await rm(vmDir.dir, { recursive: true, force: true })
       return new Template(dir, record)
@@ -195,9 +213,9 @@ export class Template {
   static async open (dataDir: string, id: string): Promise<Template> {
     const dir = Template.dirOf(dataDir, id)
     try {
-      // Records from before `ready: app` have no probe.
-      const parsed = JSON.parse(await readFile(join(dir, 'template.json'), 'utf8')) as Omit<TemplateRecord, 'probe'> & { probe?: TemplateRecord['probe'] }
-      const record: TemplateRecord = { ...parsed, probe: parsed.probe ?? null }
+      // Records from before `ready: app` have no probe; from before after-clone hooks, no hook.
+      const parsed = JSON.parse(await readFile(join(dir, 'template.json'), 'utf8')) as Omit<TemplateRecord, 'probe' | 'afterClone' | 'cloneSafe'> & Partial<Pick<TemplateRecord, 'probe' | 'afterClone' | 'cloneSafe'>>
+      const record: TemplateRecord = { ...parsed, probe: parsed.probe ?? null, afterClone: parsed.afterClone ?? null, cloneSafe: parsed.cloneSafe ?? parsed.ready === 'init' }
       if (record.version !== 1 || record.id !== id) throw new Error('unexpected content')
       return new Template(dir, record)
     } catch (err) {
@@ -208,9 +226,12 @@ export class Template {
   /**
    * Starts a clone: QEMU with the template's launch but the RAM file mapped
    * private and `-incoming defer`, restores the device state, resumes it, and
-   * gives the guest its identity over the control channel. A clone whose
-   * restore or identity fails within its deadline is killed and the error
-   * thrown (UIG_ERR_CLONE_RESTORE, UIG_ERR_CLONE_IDENTITY).
+   * gives the guest its identity over the control channel, then runs the
+   * template's after-clone hook (ready: app; a ready: init clone's app starts
+   * after the identity, a new process already). A clone whose restore,
+   * identity or hook fails within its deadline is killed and the error
+   * thrown (UIG_ERR_CLONE_RESTORE, UIG_ERR_CLONE_IDENTITY,
+   * UIG_ERR_CLONE_HOOK_FAILED).
    */
   async clone (driver: QemuDriver, options: CloneOptions): Promise<CloneResult> {
     if (this.record.ready === 'app' && Object.keys(options.env ?? {}).length > 0) {
@@ -219,11 +240,15 @@ export class Template {
     checkIdentityEnv(options.env ?? {})
     const mac = (options.mac ?? (options.network.mode !== 'none' ? options.network.mac : undefined) ?? randomMac()).toLowerCase()
     const network = withGuestAddress(options.network, options.guestNetwork.address)
+    const hook = this.record.ready === 'app' ? this.record.afterClone : null
+    const hookAt = hook !== null ? hookAddress(hook, network, options.guestNetwork.address) : undefined
     const t0 = Date.now()
     const vm = await driver.start({
       id: options.id,
       stateDir: options.stateDir,
-      launch: { ...this.record.launch, network, memory: { path: this.record.memoryPath, share: false }, incoming: 'defer' }
+      launch: { ...this.record.launch, network, memory: { path: this.record.memoryPath, share: false }, incoming: 'defer' },
+      // QEMU inherits the state file open: a jailed one could not see it, nor exec cat.
+      incomingState: this.record.statePath
     })
     const spawnMs = Date.now() - t0
     let restoreMs = 0
@@ -231,7 +256,7 @@ export class Template {
       try {
         const restoreTimeout = options.restoreTimeoutMs ?? 5000
         await vm.monitor('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] })
-        await vm.monitor('migrate-incoming', { uri: `exec:cat ${shellQuote(this.record.statePath)}` })
+        await vm.monitor('migrate-incoming', { uri: INCOMING_STATE_URI })
         await waitForMigration(vm, restoreTimeout)
         // Without -S QEMU resumes by itself once the state is in; otherwise we do.
         if ((await vm.status()).status !== 'running') await vm.resume()
@@ -240,15 +265,26 @@ export class Template {
         throw new UigniterError('UIG_ERR_CLONE_RESTORE', `clone ${options.id} could not restore template ${this.id}: ${(err as Error).message}`, { cause: err })
       }
       const identityTimeout = options.identityTimeoutMs ?? 5000
+      let identityMs = 0
+      let hookStarted = 0
       try {
-        await sendIdentity(new VmStateDir(options.stateDir).controlSocket, { guestNetwork: options.guestNetwork, mac, hostname: options.hostname, env: options.env ?? {} }, identityTimeout)
+        // The signal hook goes over the identity's channel, right after it: one connection, no second handshake.
+        await sendIdentity(new VmStateDir(options.stateDir).controlSocket, { guestNetwork: options.guestNetwork, mac, hostname: options.hostname, env: options.env ?? {} }, identityTimeout, async (channel) => {
+          identityMs = Date.now() - t0
+          hookStarted = performance.now()
+          if (hook?.kind === 'signal') await signalHook(channel, hook)
+        })
+        if (hook?.kind === 'http' && hookAt !== undefined) await httpHook(hookAt, hook)
       } catch (err) {
+        if (err instanceof UigniterError && err.code === 'UIG_ERR_CLONE_HOOK_FAILED') {
+          throw new UigniterError('UIG_ERR_CLONE_HOOK_FAILED', `clone ${options.id} of template ${this.id}: ${err.message}`, { cause: err })
+        }
         throw new UigniterError('UIG_ERR_CLONE_IDENTITY', `clone ${options.id} of template ${this.id}: ${(err as Error).message}`, { cause: err })
       }
       return {
         vm,
         identity: { address: options.guestNetwork.address, mac, hostname: options.hostname },
-        timings: { spawnMs, restoreMs, identityMs: Date.now() - t0 }
+        timings: { spawnMs, restoreMs, identityMs, ...(hook !== null ? { afterCloneMs: performance.now() - hookStarted } : {}) }
       }
     } catch (err) {
       // Never hand out a clone that may still carry its template's identity.
@@ -279,6 +315,15 @@ async function waitForMigration (vm: QemuVm, timeoutMs: number): Promise<void> {
   }
 }
 
+async function withTimeout<T> (promise: Promise<T>, ms: number, message: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined
+  try {
+    return await Promise.race([promise, new Promise<never>((resolve, reject) => { timer = setTimeout(() => reject(new Error(message)), ms) })])
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
 /** The template VM is paused after its migration and cannot shut down as a guest: QMP quit, then SIGKILL. */
 async function endVm (vm: QemuVm): Promise<void> {
   await vm.monitor('quit').catch(() => {})
@@ -293,10 +338,6 @@ async function endVm (vm: QemuVm): Promise<void> {
 function withGuestAddress (network: LaunchNetwork, address: string): LaunchNetwork {
   if (network.mode !== 'user') return network
   return { ...network, forwards: network.forwards.map((f) => ({ ...f, guestAddress: f.guestAddress ?? address })) }
-}
-
-function shellQuote (value: string): string {
-  return `'${value.replaceAll('\'', '\'\\\'\'')}'`
 }
 
 /** See TemplateCreateOptions.memoryDir. */

@@ -43,7 +43,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#define INIT_VERSION 1
+#define INIT_VERSION 2
+/* The app's end of the after-clone ack pipe (see cmd_after_clone); its number is in UIGNITER_ACK_FD. */
+#define ACK_FD 3
 #define APP_CONFIG "/uigniter/config"
 #define MODULE_LIST "/uigniter/modules"
 #define CTL_PORT_NAME "uigniter.ctl"
@@ -191,6 +193,13 @@ static long long boottime_ms(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_BOOTTIME, &ts);
 	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static long long monotonic_us(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (long long)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
 /* ======================================================= filesystems */
@@ -609,6 +618,42 @@ struct app {
 	const char *cwd;
 };
 
+/*
+ * The after-clone hook (cmd_after_clone).  The init makes one pipe at boot:
+ * the app inherits its write end as fd ACK_FD and writes a byte there once
+ * it has done what the signal asks (a clone: rekeyed its generators); the
+ * init holds the read end.  A signal alone proves nothing: kill() returns
+ * once the signal is queued, long before a runtime such as Node runs its
+ * handler from its event loop, and a request could reach the app between
+ * the two.  So the init answers the host only when the byte arrives, or
+ * with an error when the deadline passes.
+ */
+static struct {
+	int ack_r, ack_w; /* -1: no pipe (the hook is refused) */
+	int timer_fd;     /* the hook's deadline */
+	bool pending;     /* a signal was sent; its reply waits for the ack */
+	long long sent_us;
+} hook = { .ack_r = -1, .ack_w = -1, .timer_fd = -1 };
+
+static void setup_ack_pipe(void)
+{
+	int p[2];
+
+	if (pipe2(p, O_CLOEXEC) < 0 || fcntl(p[0], F_SETFL, O_NONBLOCK) < 0) {
+		warnmsg("ack pipe: %s; after-clone signals cannot be acknowledged", strerror(errno));
+		return;
+	}
+	hook.timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+	if (hook.timer_fd < 0) {
+		warnmsg("timerfd_create: %s; after-clone signals cannot be acknowledged", strerror(errno));
+		close(p[0]);
+		close(p[1]);
+		return;
+	}
+	hook.ack_r = p[0];
+	hook.ack_w = p[1];
+}
+
 /* Replaces the variable of the same name in envp[0..*envc), or appends. */
 static void env_set(char **envp, size_t *envc, char *kv)
 {
@@ -738,8 +783,28 @@ static void child_exec(const struct app *app, int report_fd)
 
 	/* A process group of its own lets shutdown signal the app's whole tree. */
 	setsid();
+	char *const *envp = app->envp;
+	if (hook.ack_w >= 0) {
+		static char ack_env[] = "UIGNITER_ACK_FD=3";
+		size_t envc = 0;
+		if (report_fd == ACK_FD)
+			report_fd = fcntl(report_fd, F_DUPFD_CLOEXEC, ACK_FD + 1);
+		/* dup2 clears close-on-exec on the new fd, but is a no-op when it is the same fd. */
+		if (hook.ack_w == ACK_FD)
+			fcntl(ACK_FD, F_SETFD, 0);
+		else
+			dup2(hook.ack_w, ACK_FD);
+		while (app->envp[envc])
+			envc++;
+		char **with_ack = calloc(envc + 2, sizeof(char *));
+		if (with_ack) {
+			memcpy(with_ack, app->envp, envc * sizeof(char *));
+			env_set(with_ack, &envc, ack_env);
+			envp = with_ack;
+		}
+	}
 	if (chdir(app->cwd ? app->cwd : "/") == 0)
-		exec_app(app->argv, app->envp);
+		exec_app(app->argv, envp);
 	int err = errno;
 	write_all(report_fd, &err, sizeof(err));
 	_exit(127);
@@ -1172,6 +1237,79 @@ fail:;
 	ctl_reply("{\"ok\":false,\"error\":\"identity: %s: %s\"}", step, esc);
 }
 
+static void ctl_process(void);
+
+/* Bytes left in the ack pipe from an earlier signal must not count for the next one. */
+static bool drain_acks(void)
+{
+	char buf[64];
+	bool got = false;
+	ssize_t n;
+
+	while ((n = read(hook.ack_r, buf, sizeof(buf))) > 0 || (n < 0 && errno == EINTR))
+		got |= n > 0;
+	return got;
+}
+
+/*
+ * after-clone signal=N timeout_ms=N
+ * Sends the signal to the app (its pid only: its children may not handle
+ * it) and answers once the app has written to its ack fd, so that the host
+ * routes nothing to a clone before its app has rekeyed; no other command is
+ * handled meanwhile, so replies stay in order.  {"ok":true,"ack_us":N}, or
+ * an error when the app exits or the deadline passes first.
+ */
+static void cmd_after_clone(const struct ctl_args *a)
+{
+	const char *sig_s = arg_get(a, "signal"), *ms_s = arg_get(a, "timeout_ms");
+	char *end;
+
+#define REFUSE(msg) do { ctl_reply("{\"ok\":false,\"error\":\"" msg "\"}"); return; } while (0)
+	errno = 0;
+	long sig = sig_s ? strtol(sig_s, &end, 10) : 0;
+	if (!sig_s || *end || errno || sig < 1 || sig >= NSIG || sig == SIGKILL || sig == SIGSTOP)
+		REFUSE("after-clone: signal=N is missing or invalid");
+	errno = 0;
+	unsigned long ms = ms_s ? strtoul(ms_s, &end, 10) : 0;
+	if (!ms_s || *ms_s < '0' || *ms_s > '9' || *end || errno || ms == 0 || ms > MAX_SHUTDOWN_MS)
+		REFUSE("after-clone: timeout_ms=N is missing or invalid");
+	if (identity.waiting)
+		REFUSE("after-clone: the app has not started yet");
+	if (!app_state.running)
+		REFUSE("after-clone: the app is not running");
+	if (hook.ack_r < 0)
+		REFUSE("after-clone: this guest has no ack pipe");
+#undef REFUSE
+	drain_acks();
+	struct itimerspec its = { .it_value = { ms / 1000, ms % 1000 * 1000000 } };
+	if (timerfd_settime(hook.timer_fd, 0, &its, NULL) < 0 || kill(app_state.pid, (int)sig) < 0) {
+		char esc[7 * 64 + 1];
+		json_escape(esc, sizeof(esc), strerror(errno), 64);
+		ctl_reply("{\"ok\":false,\"error\":\"after-clone: %s\"}", esc);
+		return;
+	}
+	hook.pending = true;
+	hook.sent_us = monotonic_us();
+}
+
+/* The reply cmd_after_clone left pending; then the commands that waited behind it. */
+static void after_clone_done(const char *error)
+{
+	struct itimerspec off = { 0 };
+
+	timerfd_settime(hook.timer_fd, 0, &off, NULL);
+	hook.pending = false;
+	if (error)
+		ctl_reply("{\"ok\":false,\"error\":\"after-clone: %s\"}", error);
+	else
+		ctl_reply("{\"ok\":true,\"ack_us\":%lld}", monotonic_us() - hook.sent_us);
+	if (ctl.fd < 0)
+		return;
+	ctl_flush();
+	ctl_process();
+	ctl_flush();
+}
+
 /* A new verb is one function and one row here. */
 static const struct {
 	const char *verb;
@@ -1181,6 +1319,7 @@ static const struct {
 	{ "status", cmd_status },
 	{ "shutdown", cmd_shutdown },
 	{ "identity", cmd_identity },
+	{ "after-clone", cmd_after_clone },
 };
 
 static void ctl_dispatch(char *line)
@@ -1222,7 +1361,7 @@ static bool ctl_reply_room(void)
 /* Handles buffered complete lines for as long as replies have room. */
 static void ctl_process(void)
 {
-	while (ctl.in_len > 0 && ctl_reply_room()) {
+	while (ctl.in_len > 0 && ctl_reply_room() && !hook.pending) {
 		char *nl = memchr(ctl.in, '\n', ctl.in_len);
 		if (!nl) {
 			/* A full buffer without '\n' is a line over CTL_LINE_MAX. */
@@ -1406,10 +1545,12 @@ static void event_loop(int sig_fd)
 {
 	/* No timeouts: an idle guest must not wake up at all. */
 	for (;;) {
-		struct pollfd pfd[3] = {
+		struct pollfd pfd[5] = {
 			{ .fd = sig_fd, .events = POLLIN },
 			{ .fd = timer_fd, .events = POLLIN },
 			{ .fd = -1 },
+			{ .fd = hook.pending ? hook.ack_r : -1, .events = POLLIN },
+			{ .fd = hook.pending ? hook.timer_fd : -1, .events = POLLIN },
 		};
 		if (ctl.fd >= 0 && !ctl.idle)
 			pfd[2] = (struct pollfd){ .fd = ctl.fd, .events = ctl_poll_events() };
@@ -1434,6 +1575,15 @@ static void event_loop(int sig_fd)
 				warnmsg("shutdown timeout: sending SIGKILL to the app");
 				signal_app(SIGKILL);
 			}
+		}
+		if (hook.pending && pfd[3].revents && drain_acks())
+			after_clone_done(NULL);
+		if (hook.pending && !app_state.running)
+			after_clone_done("the app exited before it acknowledged");
+		if (hook.pending && pfd[4].revents) {
+			uint64_t expirations;
+			if (read(hook.timer_fd, &expirations, sizeof(expirations)) > 0)
+				after_clone_done("the app did not acknowledge within timeout_ms");
 		}
 		if (pfd[2].fd >= 0 && pfd[2].revents)
 			ctl_service(pfd[2].revents);
@@ -1479,6 +1629,7 @@ int main(void)
 	if (timer_fd < 0)
 		fatal("timerfd_create: %s", strerror(errno));
 	ctl_open();
+	setup_ack_pipe();
 
 	if (!load_app_config(&app, &params)) {
 		marker("EXEC-FAILED errno=%d error=\"no app configured\"", ENOENT);
