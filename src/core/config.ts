@@ -35,6 +35,14 @@ export const ConfigSchema = Type.Object({
   clones: Type.Object({
     identityTimeoutMs: Type.Integer({ minimum: 1, maximum: 600_000, description: 'How long a clone has to take its own identity before it is destroyed. Env: UIGNITER_CLONE_IDENTITY_TIMEOUT_MS' })
   }, { additionalProperties: false }),
+  jail: Type.Object({
+    enabled: Type.Union([Type.Literal('auto'), Type.Boolean()], { description: 'Jail every QEMU: its own uid, a chroot, seccomp, its own cgroup (docs/jail.md). "auto": on when running as root with bridge networking. Env: UIGNITER_JAIL (auto, true, false)' }),
+    uidBase: Type.Integer({ minimum: 1, maximum: 4_294_000_000, description: 'The first uid given to a jailed QEMU; each running VM gets its own' }),
+    uidCount: Type.Integer({ minimum: 1, maximum: 1_000_000, description: 'How many uids from uidBase: the most jailed VMs at once' }),
+    gid: Type.Integer({ minimum: 1, maximum: 4_294_000_000, description: 'The group of every jailed QEMU: a shared directory must be readable (writable) by it' }),
+    memoryOverheadMiB: Type.Integer({ minimum: 0, maximum: 65_536, description: 'Added to a VM\'s memory for its cgroup\'s limit: what QEMU needs beyond the guest\'s RAM' }),
+    pidsMax: Type.Integer({ minimum: 16, maximum: 65_536, description: 'Threads a jailed QEMU may have (its cgroup\'s pids.max)' })
+  }, { additionalProperties: false }),
   gateway: Type.Object({
     address: Type.String({ minLength: 1, description: 'Host address the service gateway listens on, for its HTTP port and every service\'s TCP port; guests reach it on the bridge\'s gateway address. Env: UIGNITER_GATEWAY_ADDRESS' }),
     httpPort: Type.Integer({ minimum: 1, maximum: 65535, description: 'The gateway\'s HTTP port: routes by Host header or /svc/NAME/ prefix. Env: UIGNITER_GATEWAY_HTTP_PORT' })
@@ -53,6 +61,8 @@ function defaults (): Static<typeof ConfigSchema> {
     api: { listen: '127.0.0.1:7377', socket: root ? '/run/uigniter/uigniter.sock' : join(homedir(), '.local/share/uigniter/uigniter.sock') },
     network: { mode: root ? 'bridge' : 'user', bridge: 'uigniter0', subnet: '10.77.0.0/24', nat: true },
     clones: { identityTimeoutMs: 5000 },
+    // 96 MiB: QEMU's own peak beyond guest RAM measured here (TCG, our guests) was under 70 MiB (docs/jail.md).
+    jail: { enabled: 'auto', uidBase: 640_000, uidCount: 10_000, gid: 640_000, memoryOverheadMiB: 96, pidsMax: 256 },
     gateway: { address: '0.0.0.0', httpPort: 7380 }
   }
 }
@@ -102,6 +112,10 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env): Config {
     // A number where one is due; anything else stays a string, and the schema check names it.
     const ms = /^\d+$/.test(env.UIGNITER_CLONE_IDENTITY_TIMEOUT_MS) ? Number(env.UIGNITER_CLONE_IDENTITY_TIMEOUT_MS) : env.UIGNITER_CLONE_IDENTITY_TIMEOUT_MS
     merged.clones = { ...(merged.clones as object), identityTimeoutMs: ms }
+  }
+  if (env.UIGNITER_JAIL !== undefined) {
+    const value = env.UIGNITER_JAIL === 'true' ? true : env.UIGNITER_JAIL === 'false' ? false : env.UIGNITER_JAIL
+    merged.jail = { ...(merged.jail as object), enabled: value }
   }
   if (env.UIGNITER_GATEWAY_ADDRESS !== undefined) merged.gateway = { ...(merged.gateway as object), address: env.UIGNITER_GATEWAY_ADDRESS }
   if (env.UIGNITER_GATEWAY_HTTP_PORT !== undefined) {

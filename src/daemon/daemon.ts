@@ -17,6 +17,7 @@ import { HostNetwork } from '../net/host-network.js'
 import { SqliteStore } from '../store/sqlite-store.js'
 import { chooseAccel, type AccelChoice } from '../vmm/qemu/accel-probe.js'
 import { QemuDriver } from '../vmm/qemu/qemu-driver.js'
+import { chooseJail } from '../vmm/qemu/jail.js'
 import { PoolManager } from '../pool/pool-manager.js'
 import { TemplateManager } from '../snapshot/template-manager.js'
 import { Gateway } from '../gateway/gateway.js'
@@ -85,7 +86,9 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
     networkInfo = { mode: 'user', reason }
   }
 
-  const driver = new QemuDriver({ log: log.child({ component: 'qemu' }) })
+  const jail = chooseJail(config.jail, { root: process.getuid?.() === 0, bridge: network !== undefined })
+  log.info({ jailed: jail.jail !== undefined }, `QEMU jail: ${jail.reason}`)
+  const driver = new QemuDriver({ log: log.child({ component: 'qemu' }), ...(jail.jail !== undefined ? { jail: jail.jail } : {}) })
   const launches = new GuestLaunches(images, accel, network)
   const templates = new TemplateManager({ dataDir: config.dataDir, store, images, driver, launches, network: network !== undefined ? 'bridge' : 'user', log: log.child({ component: 'templates' }) })
   const manager = new VmManager({ config, store, images, driver, network, launches, templates, accel, log: log.child({ component: 'vms' }) })

@@ -137,3 +137,20 @@ test('templates and clones: guest RAM in a file, shared for a template and priva
   assert.ok(!argAfter(plain, '-object').some((o) => o.startsWith('memory-backend')))
   assert.deepEqual(argAfter(plain, '-M'), ['microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off'])
 })
+
+test('the jail: seccomp without spawn, a numeric uid:gid and the chroot, none without a jail', () => {
+  const launch = {
+    manifest: base, kernelPath: '/k', rootfsPath: '/disk', accel: 'tcg' as const, vcpus: 1, memoryMiB: 64,
+    console: { kind: 'stdio' as const }, network: { mode: 'tap' as const, tap: 'uig0123456789ab', mac: '52:54:00:12:34:56' }
+  }
+  const jailed = buildQemuArgs({ ...launch, jail: { uid: 640_007, gid: 640_000, root: '/var/lib/uigniter/vms/a/root' } })
+  // elevateprivileges stays allowed: denying it kills QEMU with SIGSYS when -runas drops to the uid (fact 12).
+  assert.deepEqual(argAfter(jailed, '-sandbox'), ['on,obsolete=deny,spawn=deny,resourcecontrol=deny'])
+  assert.deepEqual(argAfter(jailed, '-runas'), ['640007:640000'])
+  assert.deepEqual(argAfter(jailed, '-chroot'), ['/var/lib/uigniter/vms/a/root'])
+  // The tap is opened by name while QEMU is still root, before it chroots and drops to the uid.
+  assert.deepEqual(argAfter(jailed, '-netdev'), ['tap,id=net0,ifname=uig0123456789ab,script=no,downscript=no'])
+  const plain = buildQemuArgs(launch)
+  for (const flag of ['-sandbox', '-runas', '-chroot']) assert.deepEqual(argAfter(plain, flag), [])
+  assert.throws(() => buildQemuArgs({ ...launch, jail: { uid: 0, gid: 640_000, root: '/r' } }), /never run as root/)
+})

@@ -4,6 +4,8 @@ import { ConsoleFacts } from '../../src/vmm/qemu/console-facts.js'
 import { decideExit, type ExitEvidence } from '../../src/vmm/qemu/exit-reason.js'
 import { checkHostResources } from '../../src/vmm/qemu/host-resources.js'
 import { parseOomKill } from '../../src/vmm/qemu/oom-kill.js'
+import { detectCgroupLayout } from '../../src/vmm/qemu/cgroup.js'
+import { chooseJail, DEFAULT_JAIL } from '../../src/vmm/qemu/jail.js'
 import { rejectsWith } from '../helpers/assertions.js'
 
 const ran = { init: true }
@@ -73,4 +75,39 @@ test('host resources: vCPUs, memory and affinity are checked against the host', 
   await rejectsWith(Promise.resolve().then(() => checkHostResources({ vcpus: 3, memoryMiB: 64 }, host)), 'UIG_ERR_VM_RESOURCES', '3 vCPUs asked', 'has 2 CPUs')
   await rejectsWith(Promise.resolve().then(() => checkHostResources({ vcpus: 1, memoryMiB: 1025 }, host)), 'UIG_ERR_VM_RESOURCES', '1025 MiB', '1024 MiB in all')
   await rejectsWith(Promise.resolve().then(() => checkHostResources({ vcpus: 1, memoryMiB: 64, cpuAffinity: [2] }, host)), 'UIG_ERR_VM_RESOURCES', 'CPUs 0 to 1')
+})
+
+test('a jailed QEMU killed in its own cgroup is out-of-memory, with its limit; a requested kill stays a kill', () => {
+  const evidence: ExitEvidence = { pid: 99, console: { init: true }, status: { code: null, signal: 'SIGKILL' }, memoryLimitKill: { limitMiB: 160, memoryMiB: 64 } }
+  const exit = decideExit(evidence)
+  assert.equal(exit.reason, 'out-of-memory')
+  assert.match(exit.detail, /memory limit of 160 MiB \(the guest's 64 MiB of RAM and 96 MiB for QEMU itself\)/)
+  assert.match(exit.detail, /alone, in its cgroup/)
+  assert.equal(decideExit({ ...evidence, requested: { kind: 'kill' } }).reason, 'killed')
+  assert.equal(decideExit({ ...evidence, memoryLimitKill: undefined }).reason, 'killed')
+})
+
+test('cgroup layout: v1 when every controller has its own mount (this machine), v2 otherwise; none without either', async () => {
+  const v1 = [
+    'cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0',
+    'cgroup /sys/fs/cgroup/cpuacct cgroup rw,relatime,cpuacct 0 0',
+    'cgroup /sys/fs/cgroup/cpuset cgroup rw,relatime,cpuset 0 0',
+    'cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0',
+    'cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0',
+    'cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0'
+  ].join('\n')
+  assert.deepEqual(await detectCgroupLayout(v1), { version: 1, mounts: { cpu: '/sys/fs/cgroup/cpu', cpuset: '/sys/fs/cgroup/cpuset', memory: '/sys/fs/cgroup/memory', pids: '/sys/fs/cgroup/pids' } })
+  // A v2 mount whose cgroup.controllers cannot be read offers nothing.
+  assert.equal(await detectCgroupLayout('cgroup2 /nonexistent cgroup2 rw 0 0'), undefined)
+  assert.equal(await detectCgroupLayout('proc /proc proc rw 0 0'), undefined)
+})
+
+test('jail choice: auto jails as root on a bridge only; true without root is refused', async () => {
+  const config = { enabled: 'auto' as const, ...DEFAULT_JAIL }
+  assert.ok(chooseJail(config, { root: true, bridge: true }).jail !== undefined)
+  assert.equal(chooseJail(config, { root: true, bridge: false }).jail, undefined)
+  assert.match(chooseJail(config, { root: false, bridge: false }).reason, /not root/)
+  assert.equal(chooseJail({ ...config, enabled: false }, { root: true, bridge: true }).jail, undefined)
+  assert.ok(chooseJail({ ...config, enabled: true }, { root: true, bridge: false }).jail !== undefined)
+  await rejectsWith(Promise.resolve().then(() => chooseJail({ ...config, enabled: true }, { root: false, bridge: true })), 'UIG_ERR_JAIL_SETUP', 'needs root')
 })

@@ -7,7 +7,9 @@ import { join } from 'node:path'
  * `serve` (default) answers "probe" on TCP 8080 until SIGTERM, then exits 0;
  * `ignore-term` does the same but ignores SIGTERM; `check` reports reads and
  * writes of the shares and the root, then exits 0; `flood N` prints N
- * numbered lines of 100 bytes, then serves; `exit N` exits with N.
+ * numbered lines of 100 bytes, then serves; `exit N` exits with N;
+ * `escape` tries to leave its 9p shares with `..` and symlinks (the jail
+ * test); `eat N` touches N MiB of memory, then serves.
  * It always prints its arguments and the FOO and BAR variables first.
  */
 const SOURCE = String.raw`
@@ -55,6 +57,30 @@ int main(int argc, char **argv) {
         try_write("root", "/etc/probe-written");
         try_read("root", "/etc/probe-written");
         return 0;
+    }
+    if (strcmp(mode, "escape") == 0) {
+        try_read("dotdot", "/data/rw/../../jail-secret.txt");
+        try_read("dotdot-deep", "/data/rw/../../../../../../jail-secret.txt");
+        try_read("host-rel-link", "/data/rw/rel-link");
+        try_read("host-abs-link", "/data/rw/abs-link");
+        try_write("host-victim-link", "/data/rw/victim-link");
+        printf("probe: escape symlink-up=%d\n", symlink("../../../../..", "/data/rw/up") == 0 ? 0 : errno);
+        try_read("guest-up-link", "/data/rw/up/jail-secret.txt");
+        printf("probe: escape symlink-root=%d\n", symlink("/", "/data/rw/to-root") == 0 ? 0 : errno);
+        try_write("guest-root-link", "/data/rw/to-root/data/rw/through-root.txt");
+        try_read("ro-share", "/data/ro/hello.txt");
+        printf("probe: escape done\n");
+        return 0;
+    }
+    if (strcmp(mode, "eat") == 0) {
+        long mib = argc > 2 ? atol(argv[2]) : 64;
+        for (long i = 0; i < mib; i++) {
+            char *p = malloc(1 << 20);
+            if (p == NULL) { printf("probe: eat malloc failed at %ld MiB\n", i); break; }
+            for (long j = 0; j < (1 << 20); j += 4096) p[j] = 1;
+            if (i % 16 == 15) printf("probe: eat %ld MiB\n", i + 1);
+        }
+        printf("probe: eat done\n");
     }
     if (strcmp(mode, "exit") == 0) return argc > 2 ? atoi(argv[2]) : 0;
     if (strcmp(mode, "flood") == 0) {

@@ -2,6 +2,7 @@ import { posix } from 'node:path'
 import { cmdlineValues, substituteCmdline } from '../../core/cmdline-placeholders.js'
 import { UigniterError } from '../../core/errors.js'
 import type { ImageManifest } from '../../core/image.js'
+import { jailArgs } from './jail.js'
 
 export type Accel = 'kvm' | 'tcg'
 
@@ -71,6 +72,11 @@ export interface LaunchSpec {
   memory?: MemoryBackend
   /** `defer`: QEMU starts paused and waits for QMP `migrate-incoming` (a clone restoring its template's state). */
   incoming?: 'defer'
+  /**
+   * Run QEMU jailed (docs/jail.md): seccomp, as this uid and gid, chrooted
+   * into `root`. Every path above is opened before the chroot.
+   */
+  jail?: { uid: number, gid: number, root: string }
 }
 
 /** The address plan of QEMU's user-mode network (slirp). */
@@ -194,6 +200,7 @@ export function buildQemuArgs (spec: LaunchSpec): string[] {
   }
   args.push('-append', cmdline)
   if (spec.incoming === 'defer') args.push('-incoming', 'defer')
+  if (spec.jail !== undefined) args.push(...jailArgs(spec.jail))
   return args
 }
 

@@ -20,6 +20,8 @@ export interface ExitEvidence {
   status?: { code: number | null, signal: string | null }
   /** The kernel's OOM-killer record for QEMU's pid. */
   oomKill?: string
+  /** The OOM killer killed a process in the jailed QEMU's own cgroup: QEMU went over its memory limit. */
+  memoryLimitKill?: { limitMiB: number, memoryMiB: number }
   /** The VM had ended before this daemon looked at it (adoption after a restart). */
   foundDead?: boolean
   qemuLogTail?: string
@@ -67,6 +69,11 @@ export function decideExit (e: ExitEvidence): VmExit {
       return out('crashed', `the guest stopped without the init reporting the app's end${panic || ` (SHUTDOWN reason ${shutdownReason}; read console.log)`}`)
   }
 
+  if (e.memoryLimitKill !== undefined) {
+    const { limitMiB, memoryMiB } = e.memoryLimitKill
+    return out('out-of-memory', `QEMU (pid ${e.pid}) went over its memory limit of ${limitMiB} MiB (the guest's ${memoryMiB} MiB of RAM and ${limitMiB - memoryMiB} MiB for QEMU itself) ` +
+      'and the kernel killed it, alone, in its cgroup; give the VM more memory, or raise jail.memoryOverheadMiB if QEMU itself needs more')
+  }
   if (e.oomKill !== undefined) {
     return out('out-of-memory', `the host ran out of memory and its OOM killer killed QEMU (pid ${e.pid}): "${e.oomKill}"; give the host more memory or the VMs less`)
   }

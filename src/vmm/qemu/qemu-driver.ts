@@ -14,6 +14,8 @@ import { ConsoleLog, DEFAULT_CONSOLE_LIMIT } from './console-log.js'
 import { decideExit } from './exit-reason.js'
 import { checkHostResources } from './host-resources.js'
 import { HostProcess } from './host-process.js'
+import { VmCgroup } from './cgroup.js'
+import { Jailer, type JailOptions, type JailRecord } from './jail.js'
 import { findOomKill } from './oom-kill.js'
 import { QmpClient } from './qmp-client.js'
 import { DEFAULT_STOP_TIMEOUTS, QemuVm, type StopTimeouts } from './qemu-vm.js'
@@ -24,7 +26,7 @@ import { VmStateDir, type LaunchRecord } from './vm-state-dir.js'
  * without what the driver owns (the state directory's files), plus the size
  * of a writable overlay to create.
  */
-export type GuestLaunch = Omit<LaunchSpec, 'console' | 'qmpSocket' | 'controlSocket' | 'pidFile' | 'name' | 'overlayPath'> & {
+export type GuestLaunch = Omit<LaunchSpec, 'console' | 'qmpSocket' | 'controlSocket' | 'pidFile' | 'name' | 'overlayPath' | 'jail'> & {
   /** A writable ext4 overlay over the read-only root, created in the state directory and deleted with it. */
   overlaySizeMiB?: number
 }
@@ -37,7 +39,16 @@ export interface QemuStartOptions {
   launch: GuestLaunch
   /** Host CPUs for every QEMU thread; unpinned when absent. */
   cpuAffinity?: number[]
+  /**
+   * A saved migration stream for `launch.incoming: 'defer'`: the driver
+   * opens it and QEMU inherits it as fd 3 (INCOMING_STATE_URI), because a
+   * jailed QEMU can neither exec `cat` (spawn=deny) nor see the file (chroot).
+   */
+  incomingState?: string
 }
+
+/** The migrate-incoming URI of the state file given as QemuStartOptions.incomingState. */
+export const INCOMING_STATE_URI = 'fd:3'
 
 export interface QemuDriverOptions {
   log?: Logger
@@ -51,6 +62,8 @@ export interface QemuDriverOptions {
   /** How long QEMU may take to open its monitor (default 10 s). */
   startTimeoutMs?: number
   stopTimeouts?: Partial<StopTimeouts>
+  /** Jail every QEMU (docs/jail.md): own uid, chroot, seccomp, cgroup. Needs root. Unjailed when absent. */
+  jail?: JailOptions
 }
 
 /**
@@ -74,6 +87,7 @@ export class QemuDriver {
   readonly #stopTimeouts: StopTimeouts
   /** Live VMs by state directory, so that console readers share their log's rotation lock. */
   readonly #vms = new Map<string, QemuVm>()
+  readonly #jailer: Jailer | undefined
 
   constructor (options: QemuDriverOptions = {}) {
     this.#log = options.log ?? pino({ level: 'silent' })
@@ -83,6 +97,15 @@ export class QemuDriver {
     this.#livenessMs = options.livenessPollMs ?? 2000
     this.#startTimeoutMs = options.startTimeoutMs ?? 10_000
     this.#stopTimeouts = { ...DEFAULT_STOP_TIMEOUTS, ...options.stopTimeouts }
+    if (options.jail !== undefined) {
+      if (process.getuid?.() !== 0) throw new UigniterError('UIG_ERR_JAIL_SETUP', 'the QEMU jail needs root (to chroot and change uid); run as root or turn it off (jail.enabled: false)')
+      this.#jailer = new Jailer(options.jail)
+    }
+  }
+
+  /** Whether this driver jails its QEMUs. */
+  get jailed (): boolean {
+    return this.#jailer !== undefined
   }
 
   /**
@@ -99,33 +122,61 @@ export class QemuDriver {
     checkHostResources({ vcpus: launch.vcpus, memoryMiB: launch.memoryMiB, cpuAffinity })
     for (const share of launch.shares ?? []) await checkShare(share.hostPath)
     const dir = new VmStateDir(options.stateDir)
-    const { overlaySizeMiB, ...rest } = launch
-    const spec: LaunchSpec = {
-      ...rest,
-      name: id,
-      console: { kind: 'log', path: dir.consoleLog },
-      qmpSocket: dir.qmpSocket,
-      pidFile: dir.pidFile,
-      ...(launch.manifest.init !== null ? { controlSocket: dir.controlSocket } : {}),
-      ...(overlaySizeMiB !== undefined ? { overlayPath: dir.overlayImage } : {})
+    const jailer = this.#jailer
+    const uid = jailer !== undefined ? await jailer.takeUid(dir.dir) : undefined
+    let cgroup: VmCgroup | undefined
+    // Until a QemuVm owns them, a failed start gives the uid and the cgroup back.
+    const undoJail = async (): Promise<void> => {
+      if (uid !== undefined) jailer?.releaseUid(uid)
+      await cgroup?.remove().catch((err: unknown) => this.#log.warn({ err, vm: id }, 'cannot remove the cgroup of a VM that did not start'))
     }
-    // Before touching the disk: a bad command line must not leave an overlay behind.
-    const argv = buildQemuArgs(spec)
-    if (await this.#running(dir)) throw new UigniterError('UIG_ERR_VM_INVALID_STATE', `a QEMU already runs from ${dir.dir}; stop it before starting the VM again`)
-    await dir.prepare()
-    if (overlaySizeMiB !== undefined) await createOverlay(dir.overlayImage, overlaySizeMiB)
-    const record: LaunchRecord = { version: 1, id, spec, ...(cpuAffinity !== undefined ? { cpuAffinity } : {}), qemuBinary: this.#qemu, argv, createdAt: new Date().toISOString() }
-    await dir.writeLaunch(record)
-
-    const log = this.#log.child({ vm: id })
-    const out = openSync(dir.qemuLog, 'a')
+    let record: LaunchRecord
+    let argv: string[]
     let child
     try {
-      // detached: its own session, so that the daemon's terminal and signals do not reach it.
-      child = spawn(this.#qemu, argv, { detached: true, stdio: ['ignore', out, out], cwd: dir.dir })
-    } finally {
-      closeSync(out)
+      if (jailer !== undefined && uid !== undefined) {
+        for (const share of launch.shares ?? []) await jailer.checkShare(share.hostPath, share.readOnly, uid)
+      }
+      const { overlaySizeMiB, ...rest } = launch
+      const spec: LaunchSpec = {
+        ...rest,
+        name: id,
+        console: { kind: 'log', path: dir.consoleLog },
+        qmpSocket: dir.qmpSocket,
+        pidFile: dir.pidFile,
+        ...(launch.manifest.init !== null ? { controlSocket: dir.controlSocket } : {}),
+        ...(overlaySizeMiB !== undefined ? { overlayPath: dir.overlayImage } : {}),
+        ...(jailer !== undefined && uid !== undefined ? { jail: { uid, gid: jailer.options.gid, root: dir.rootDir } } : {})
+      }
+      // Before touching the disk: a bad command line must not leave an overlay behind.
+      argv = buildQemuArgs(spec)
+      if (await this.#running(dir)) throw new UigniterError('UIG_ERR_VM_INVALID_STATE', `a QEMU already runs from ${dir.dir}; stop it before starting the VM again`)
+      await dir.prepare()
+      if (overlaySizeMiB !== undefined) await createOverlay(dir.overlayImage, overlaySizeMiB)
+      let jail: JailRecord | undefined
+      if (jailer !== undefined && uid !== undefined) {
+        const made = await jailer.prepare({ id, stateDir: dir.dir, uid, vcpus: launch.vcpus, memoryMiB: launch.memoryMiB, ...(cpuAffinity !== undefined ? { cpuAffinity } : {}) })
+        jail = made.record
+        cgroup = made.cgroup
+      }
+      record = { version: 1, id, spec, ...(cpuAffinity !== undefined ? { cpuAffinity } : {}), qemuBinary: this.#qemu, argv, createdAt: new Date().toISOString(), ...(jail !== undefined ? { jail } : {}) }
+      await dir.writeLaunch(record)
+
+      const out = openSync(dir.qemuLog, 'a')
+      const incoming = options.incomingState !== undefined ? openIncoming(options.incomingState) : undefined
+      try {
+        const command = Jailer.spawnCommand(this.#qemu, argv, cgroup)
+        // detached: its own session, so that the daemon's terminal and signals do not reach it.
+        child = spawn(command.file, command.args, { detached: true, stdio: ['ignore', out, out, ...(incoming !== undefined ? [incoming] : [])], cwd: dir.dir })
+      } finally {
+        closeSync(out)
+        if (incoming !== undefined) closeSync(incoming)
+      }
+    } catch (err) {
+      await undoJail()
+      throw err
     }
+    const log = this.#log.child({ vm: id })
     child.unref()
     const childExit = new Promise<{ code: number | null, signal: NodeJS.Signals | null }>((resolve, reject) => {
       child.once('exit', (code, signal) => resolve({ code, signal }))
@@ -151,9 +202,14 @@ export class QemuDriver {
       qmp = await Promise.race([QmpClient.connect(dir.qmpSocket, { timeoutMs: this.#startTimeoutMs }), diedEarly])
     } catch (err) {
       if (pid !== undefined) tryKill(pid)
+      await childExit.catch(() => {})
+      await undoJail()
       throw err
     }
-    if (pid === undefined) throw new UigniterError('UIG_ERR_VM_BOOT_FAILED', 'QEMU started without a pid')
+    if (pid === undefined) {
+      await undoJail()
+      throw new UigniterError('UIG_ERR_VM_BOOT_FAILED', 'QEMU started without a pid')
+    }
     // No await from here to the QemuVm: it must see QMP close if QEMU ends at once.
     const vm = new QemuVm({
       record,
@@ -168,10 +224,11 @@ export class QemuDriver {
       rotateIntervalMs: this.#rotateMs,
       livenessPollMs: this.#livenessMs,
       assumeBooted: restored(record),
-      forget: () => this.#vms.delete(dir.dir)
+      ...(cgroup !== undefined ? { cgroup } : {}),
+      forget: () => { this.#vms.delete(dir.dir); if (uid !== undefined) jailer?.releaseUid(uid) }
     })
     this.#vms.set(dir.dir, vm)
-    log.info({ pid, argv }, 'QEMU started')
+    log.info({ pid, argv, ...(record.jail !== undefined ? { jail: record.jail } : {}) }, 'QEMU started')
     if (cpuAffinity !== undefined) {
       try {
         await vm.setCpuAffinity(cpuAffinity)
@@ -203,7 +260,10 @@ export class QemuDriver {
     const consoleLog = new ConsoleLog(dir.consoleLog, { limitBytes: this.#consoleLimit, rotate: true })
     // Rotated: the boot's markers may have been dropped, but so much output means the guest booted.
     const rotated = await stat(consoleLog.previousPath).then(() => true, () => false)
+    const cgroup = record.jail?.cgroup !== undefined ? VmCgroup.of(record.jail.cgroup) : undefined
+    const jailUid = record.jail?.uid
     if (proc !== undefined && await proc.alive() && await proc.isQemuOf(dir.dir)) {
+      if (jailUid !== undefined) this.#jailer?.holdUid(jailUid)
       try {
         const startedAtBootUs = await proc.startedAtBootUs()
         const qmp = await QmpClient.connect(dir.qmpSocket, { timeoutMs: 5000 })
@@ -219,7 +279,8 @@ export class QemuDriver {
           rotateIntervalMs: this.#rotateMs,
           livenessPollMs: this.#livenessMs,
           assumeBooted: rotated || restored(record),
-          forget: () => this.#vms.delete(dir.dir)
+          ...(cgroup !== undefined ? { cgroup } : {}),
+          forget: () => { this.#vms.delete(dir.dir); if (jailUid !== undefined) this.#jailer?.releaseUid(jailUid) }
         })
         this.#vms.set(dir.dir, vm)
         // The log may have grown past its bound while no daemon watched it.
@@ -227,6 +288,7 @@ export class QemuDriver {
         this.#log.info({ vm: record.id, pid: proc.pid }, 'adopted a running QEMU')
         return vm
       } catch (err) {
+        if (jailUid !== undefined) this.#jailer?.releaseUid(jailUid)
         // It may have ended while we looked; otherwise its monitor is unusable.
         if (await proc.alive()) throw err
       }
@@ -239,10 +301,12 @@ export class QemuDriver {
       pid: pid ?? 0,
       console: facts,
       oomKill: pid !== undefined ? await findOomKill(pid, bootUsOf(record.createdAt)) : undefined,
+      ...(cgroup !== undefined && await cgroup.oomKills() > 0 ? { memoryLimitKill: { limitMiB: record.jail?.memoryLimitMiB ?? 0, memoryMiB: record.spec.memoryMiB } } : {}),
       foundDead: true,
       qemuLogTail: await dir.qemuLogTail()
     })
     await dir.writeExit(exit).catch(() => {})
+    await cgroup?.remove().catch((err: unknown) => this.#log.warn({ err, vm: record.id }, 'cannot remove the cgroup of a VM that ended while the daemon was down'))
     this.#log.info({ vm: record.id, exit }, 'the VM ended while the daemon was down')
     return { dead: true, exit }
   }
@@ -315,6 +379,15 @@ async function checkShare (hostPath: string): Promise<void> {
     throw new UigniterError('UIG_ERR_VM_SHARE_INVALID', `cannot share ${hostPath}: ${hasErrno(err, 'ENOENT') ? 'it does not exist' : (err as Error).message}`, { cause: err })
   }
   throw new UigniterError('UIG_ERR_VM_SHARE_INVALID', `cannot share ${hostPath}: it is not a directory`)
+}
+
+/** The state file for -incoming, read-only: QEMU reads it as fd 3 (see INCOMING_STATE_URI). */
+function openIncoming (path: string): number {
+  try {
+    return openSync(path, 'r')
+  } catch (err) {
+    throw new UigniterError('UIG_ERR_VM_BOOT_FAILED', `cannot open the saved state ${path}: ${(err as Error).message}`, { cause: err })
+  }
 }
 
 function tryKill (pid: number): void {

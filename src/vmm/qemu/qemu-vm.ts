@@ -1,5 +1,8 @@
-import { EventEmitter } from 'node:events'
-import { readFile } from 'node:fs/promises'
+import { EventEmitter, once } from 'node:events'
+import { createWriteStream } from 'node:fs'
+import { chown, readFile, rm } from 'node:fs/promises'
+import { createServer, type Socket } from 'node:net'
+import { pipeline } from 'node:stream/promises'
 import { UigniterError, hasErrno } from '../../core/errors.js'
 import { run } from '../../core/exec.js'
 import type { Logger } from '../../core/logger.js'
@@ -9,6 +12,7 @@ import type { ConsoleLog } from './console-log.js'
 import type { ConsoleMarker } from './console-markers.js'
 import { ControlChannel } from './control-channel.js'
 import { decideExit, type ExitEvidence } from './exit-reason.js'
+import type { VmCgroup } from './cgroup.js'
 import { checkHostResources } from './host-resources.js'
 import { HostProcess } from './host-process.js'
 import { findOomKill } from './oom-kill.js'
@@ -48,8 +52,19 @@ export interface QemuVmInit {
    * the VM is a clone restored from a template's snapshot.
    */
   assumeBooted?: boolean
+  /** The jailed QEMU's cgroup: read for an OOM kill and removed when the VM ends. */
+  cgroup?: VmCgroup
   /** Called once when the VM ends or is closed: the driver forgets it. */
   forget?: () => void
+}
+
+/** Where a template's migration stream goes (QemuVm.openMigrationSink). */
+export interface MigrationSink {
+  /** For QMP `migrate`. */
+  uri: string
+  /** Settles once the whole stream is in the file. */
+  written: Promise<void>
+  close: () => void
 }
 
 type Requested = NonNullable<ExitEvidence['requested']>
@@ -79,6 +94,7 @@ export class QemuVm extends EventEmitter {
   readonly #followers = new Set<{ stop: () => void, onEnd?: () => void }>()
   readonly #forget: (() => void) | undefined
   readonly #childExit: Promise<unknown> | undefined
+  readonly #cgroup: VmCgroup | undefined
   #resolveExit!: (exit: VmExit) => void
   #shutdown: { reason: string, guest: boolean } | undefined
   #status: { code: number | null, signal: string | null } | undefined
@@ -101,6 +117,7 @@ export class QemuVm extends EventEmitter {
     this.#timeouts = init.stopTimeouts
     this.#startedAtBootUs = init.startedAtBootUs
     this.#forget = init.forget
+    this.#cgroup = init.cgroup
     if (init.assumeBooted === true) this.#facts.init = true
     this.exited = new Promise((resolve) => { this.#resolveExit = resolve })
 
@@ -150,6 +167,40 @@ export class QemuVm extends EventEmitter {
     if (this.#gone || this.#closed) return
     this.#requested = { kind: 'kill' }
     this.#signal('SIGKILL')
+  }
+
+  /** The jailed QEMU's cgroup, when it has one. */
+  get cgroup (): VmCgroup | undefined {
+    return this.#cgroup
+  }
+
+  /**
+   * Opens a unix socket for QMP `migrate` to send the VM's state to, and
+   * writes what arrives to `path`. A jailed QEMU may not exec `cat`
+   * (spawn=deny) and sees only its chroot, so the socket is made inside the
+   * chroot and given to the VM's uid; QEMU 7.2's `fd:` migration would need
+   * SCM_RIGHTS over QMP, which Node's sockets cannot send.
+   */
+  async openMigrationSink (path: string): Promise<MigrationSink> {
+    const jail = this.#record.jail
+    const socket = this.#dir.migrationSocket(jail !== undefined)
+    await rm(socket.hostPath, { force: true })
+    let resolveConn!: (s: Socket) => void
+    const conn = new Promise<Socket>((resolve) => { resolveConn = resolve })
+    const server = createServer((s) => { server.close(); resolveConn(s) })
+    server.listen(socket.hostPath)
+    await once(server, 'listening')
+    if (jail !== undefined) await chown(socket.hostPath, jail.uid, jail.gid)
+    const written = conn.then(async (s) => { await pipeline(s, createWriteStream(path, { mode: 0o600 })) })
+    written.catch(() => {})
+    return {
+      uri: `unix:${socket.qemuPath}`,
+      written,
+      close: () => {
+        server.close()
+        void rm(socket.hostPath, { force: true })
+      }
+    }
   }
 
   /** Pauses the vCPUs (QMP `stop`). */
@@ -359,12 +410,16 @@ export class QemuVm extends EventEmitter {
         shutdown: this.#shutdown,
         status: this.#status,
         oomKill: quiet ? await findOomKill(this.pid, this.#startedAtBootUs) : undefined,
+        ...(this.#cgroup !== undefined && await this.#cgroup.oomKills() > 0
+          ? { memoryLimitKill: { limitMiB: this.#record.jail?.memoryLimitMiB ?? 0, memoryMiB: this.#record.spec.memoryMiB } }
+          : {}),
         qemuLogTail: await this.#dir.qemuLogTail()
       }
       const exit = decideExit(evidence)
       this.#ended = exit
       await this.#dir.writeExit(exit).catch((err: unknown) => this.#log.warn({ err }, 'cannot record the exit in the state directory'))
       this.#log.info({ exit }, 'QEMU ended')
+      await this.#releaseJail()
       this.#release()
       this.#resolveExit(exit)
       this.emit('exit', exit)
@@ -372,10 +427,18 @@ export class QemuVm extends EventEmitter {
       // Deciding must not leave `exited` pending: say what is known.
       const exit: VmExit = { reason: 'killed', detail: `QEMU (pid ${this.pid}) ended; its exit could not be examined: ${(err as Error).message}`, at: new Date().toISOString() }
       this.#ended = exit
+      await this.#releaseJail().catch(() => {})
       this.#release()
       this.#resolveExit(exit)
       this.emit('exit', exit)
     }
+  }
+
+  /** A jailed QEMU cannot unlink its pidfile from inside its chroot, nor remove its cgroup: the daemon does both. */
+  async #releaseJail (): Promise<void> {
+    if (this.#record.jail === undefined) return
+    await rm(this.#dir.pidFile, { force: true }).catch(() => {})
+    await this.#cgroup?.remove().catch((err: unknown) => this.#log.warn({ err }, 'cannot remove the VM\'s cgroup'))
   }
 
   #release (): void {

@@ -4,6 +4,7 @@ import { hasErrno, UigniterError } from '../../core/errors.js'
 import { writeFileAtomic } from '../../core/fs-atomic.js'
 import type { VmExit } from '../../core/vm.js'
 import type { LaunchSpec } from './command-line.js'
+import type { JailRecord } from './jail.js'
 
 /** What launch.json holds: enough to find, check and describe the VM again after a daemon restart. */
 export interface LaunchRecord {
@@ -15,6 +16,8 @@ export interface LaunchRecord {
   qemuBinary: string
   argv: string[]
   createdAt: string
+  /** The VM's jail: its uid, chroot and cgroup (found again from here after a restart). */
+  jail?: JailRecord
 }
 
 /** sun_path holds 108 bytes with the NUL. */
@@ -33,6 +36,8 @@ const UNIX_PATH_MAX = 107
  * | `qemu.log` | QEMU's stdout and stderr | QEMU's own messages |
  * | `overlay.img` | driver (mkfs.ext4) | the VM's writable overlay, if any |
  * | `exit.json` | driver | how the VM ended, once it has |
+ * | `root/` | driver | a jailed QEMU's chroot: empty but for `mig.sock` while a template saves its state |
+ * | `mig.sock` | driver | an unjailed template's migration socket, while it saves its state |
  */
 export class VmStateDir {
   readonly dir: string
@@ -55,6 +60,12 @@ export class VmStateDir {
   get qemuLog (): string { return join(this.dir, 'qemu.log') }
   get overlayImage (): string { return join(this.dir, 'overlay.img') }
   get exitFile (): string { return join(this.dir, 'exit.json') }
+  /** A jailed QEMU's chroot. */
+  get rootDir (): string { return join(this.dir, 'root') }
+  /** Where QEMU connects to send its migration stream, as the daemon sees it and as QEMU (chrooted or not) names it. */
+  migrationSocket (jailed: boolean): { hostPath: string, qemuPath: string } {
+    return jailed ? { hostPath: join(this.rootDir, 'mig.sock'), qemuPath: '/mig.sock' } : { hostPath: join(this.dir, 'mig.sock'), qemuPath: join(this.dir, 'mig.sock') }
+  }
 
   /**
    * Creates the directory (private to root: sockets in it control the VM) and
@@ -62,11 +73,11 @@ export class VmStateDir {
    * exits found later belong to this run.
    */
   async prepare (): Promise<void> {
-    if (Buffer.byteLength(this.qmpSocket) > UNIX_PATH_MAX || Buffer.byteLength(this.controlSocket) > UNIX_PATH_MAX) {
+    if ([this.qmpSocket, this.controlSocket, this.migrationSocket(true).hostPath].some((p) => Buffer.byteLength(p) > UNIX_PATH_MAX)) {
       throw new UigniterError('UIG_ERR_VM_STATE_DIR', `the state directory ${this.dir} is too long for unix socket paths (${UNIX_PATH_MAX} bytes): use a shorter dataDir`)
     }
     await mkdir(this.dir, { recursive: true, mode: 0o700 })
-    for (const file of [this.pidFile, this.qmpSocket, this.controlSocket, `${this.consoleLog}.1`, this.qemuLog, this.exitFile, this.overlayImage]) {
+    for (const file of [this.pidFile, this.qmpSocket, this.controlSocket, `${this.consoleLog}.1`, this.qemuLog, this.exitFile, this.overlayImage, this.migrationSocket(false).hostPath]) {
       await rm(file, { force: true })
     }
     await writeFile(this.consoleLog, '')

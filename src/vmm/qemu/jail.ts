@@ -1,0 +1,176 @@
+import { createHash } from 'node:crypto'
+import { chmod, mkdir, readdir, rm, stat } from 'node:fs/promises'
+import { join } from 'node:path'
+import { UigniterError } from '../../core/errors.js'
+import { VmCgroup, detectCgroupLayout, type CgroupLayout, type CgroupRecord } from './cgroup.js'
+
+/** How the driver jails each QEMU (config `jail`). */
+export interface JailOptions {
+  /** Each VM's QEMU runs as its own uid from [uidBase, uidBase + uidCount). */
+  uidBase: number
+  uidCount: number
+  /** Every jailed QEMU's group: a share must be readable (writable) by it. */
+  gid: number
+  /** Added to the guest's RAM for the cgroup's memory limit: what QEMU itself needs (measured, see docs/jail.md). */
+  memoryOverheadMiB: number
+  pidsMax: number
+  /** Per-VM cgroups (default true); without a usable cgroup layout the jail runs without them and says so. */
+  cgroups?: boolean
+}
+
+export const DEFAULT_JAIL: JailOptions = { uidBase: 640_000, uidCount: 10_000, gid: 640_000, memoryOverheadMiB: 96, pidsMax: 256, cgroups: true }
+
+/** A VM's jail as launch.json records it. */
+export interface JailRecord {
+  uid: number
+  gid: number
+  /** The chroot: `<stateDir>/root`, empty and root-owned (QEMU 7.2 opens every path before it chroots, fact 12). */
+  root: string
+  cgroup?: CgroupRecord
+  memoryLimitMiB?: number
+}
+
+/**
+ * QEMU's own jail (design.md fact 12): seccomp on with spawn (no exec:
+ * migration, no helpers), obsolete and resource-control syscalls denied,
+ * then `-runas uid:gid` (QEMU 7.2 takes a numeric uid:gid, so no passwd
+ * entry is needed) and `-chroot`. QEMU opens its files, sockets and the tap
+ * as root while it starts, before any guest code runs; then it chroots,
+ * drops to the VM's uid (setuid clears every capability) and runs the guest.
+ * elevateprivileges=deny is left out: with -runas it kills QEMU with SIGSYS.
+ */
+export function jailArgs (jail: { uid: number, gid: number, root: string }): string[] {
+  if (!Number.isInteger(jail.uid) || !Number.isInteger(jail.gid) || jail.uid < 1 || jail.gid < 1) {
+    throw new UigniterError('UIG_ERR_JAIL_SETUP', `a jailed QEMU needs a uid and gid above 0 (got ${jail.uid}:${jail.gid}): it must never run as root`)
+  }
+  return ['-sandbox', 'on,obsolete=deny,spawn=deny,resourcecontrol=deny', '-runas', `${jail.uid}:${jail.gid}`, '-chroot', jail.root]
+}
+
+/**
+ * Allocates each VM's uid, makes its chroot and its cgroup, and releases
+ * them when the VM ends. A uid is free when no VM of this jailer holds it
+ * and no host process runs as it (another daemon's VM, or one not adopted
+ * yet): two QEMUs never share a uid, so one escaped QEMU cannot signal,
+ * ptrace or read another.
+ */
+export class Jailer {
+  readonly options: Required<JailOptions>
+  readonly #held = new Set<number>()
+  #layout: Promise<CgroupLayout | undefined> | undefined
+
+  constructor (options: JailOptions) {
+    if (options.uidBase < 1 || options.uidCount < 1 || options.gid < 1) throw new UigniterError('UIG_ERR_CONFIG_INVALID', 'jail.uidBase, jail.uidCount and jail.gid must be positive: a jailed QEMU never runs as root')
+    this.options = { cgroups: true, ...options }
+  }
+
+  /** The host's cgroup layout, probed once; undefined when cgroups are off or unusable. */
+  async layout (): Promise<CgroupLayout | undefined> {
+    if (!this.options.cgroups) return undefined
+    this.#layout ??= detectCgroupLayout()
+    return await this.#layout
+  }
+
+  /** Takes a uid for the VM of `stateDir`: the first free one from a hash of the directory, so that restarts tend to give the same. */
+  async takeUid (stateDir: string): Promise<number> {
+    const { uidBase, uidCount } = this.options
+    const start = Number.parseInt(createHash('sha256').update(stateDir).digest('hex').slice(0, 8), 16) % uidCount
+    const busy = await hostUids()
+    for (let i = 0; i < uidCount; i++) {
+      const uid = uidBase + (start + i) % uidCount
+      if (this.#held.has(uid) || busy.has(uid)) continue
+      this.#held.add(uid)
+      return uid
+    }
+    throw new UigniterError('UIG_ERR_JAIL_SETUP', `every jail uid from ${uidBase} to ${uidBase + uidCount - 1} is in use: raise jail.uidCount`)
+  }
+
+  /** Marks an adopted VM's uid as taken. */
+  holdUid (uid: number): void {
+    this.#held.add(uid)
+  }
+
+  releaseUid (uid: number): void {
+    this.#held.delete(uid)
+  }
+
+  /**
+   * Makes the chroot (empty, root-owned, mode 0755: QEMU can enter it and
+   * write nothing there) and the cgroup. Names the cgroup by the VM id and a
+   * hash of its state directory, so that VMs of two data directories with
+   * the same id never meet.
+   */
+  async prepare (options: { id: string, stateDir: string, uid: number, vcpus: number, memoryMiB: number, cpuAffinity?: number[] }): Promise<{ record: JailRecord, cgroup?: VmCgroup }> {
+    const root = join(options.stateDir, 'root')
+    await rm(root, { recursive: true, force: true })
+    await mkdir(root, { mode: 0o755 })
+    await chmod(root, 0o755)
+    const record: JailRecord = { uid: options.uid, gid: this.options.gid, root }
+    const layout = await this.layout()
+    if (layout === undefined) return { record }
+    const memoryLimitMiB = options.memoryMiB + this.options.memoryOverheadMiB
+    const name = `${options.id}-${createHash('sha256').update(options.stateDir).digest('hex').slice(0, 8)}`
+    const cgroup = await VmCgroup.create(layout, name, {
+      cpus: options.vcpus,
+      ...(options.cpuAffinity !== undefined ? { cpuset: options.cpuAffinity } : {}),
+      memoryBytes: memoryLimitMiB * 1024 * 1024,
+      pidsMax: this.options.pidsMax
+    })
+    return { record: { ...record, cgroup: cgroup.record, memoryLimitMiB }, cgroup }
+  }
+
+  /**
+   * The program and arguments that start QEMU inside its cgroup: a shell
+   * writes its own pid to each hierarchy's cgroup.procs, then execs QEMU
+   * (same pid), so that QEMU is charged from its first page. Measured here:
+   * the shell adds about 1 ms.
+   */
+  static spawnCommand (qemu: string, argv: string[], cgroup: VmCgroup | undefined): { file: string, args: string[] } {
+    if (cgroup === undefined) return { file: qemu, args: argv }
+    const script = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+    return { file: '/bin/sh', args: ['-c', script, 'uigniter-jail', ...cgroup.procsFiles, '--', qemu, ...argv] }
+  }
+
+  /**
+   * A share is read (and written) by QEMU as the VM's uid and the jail's
+   * group: refuses one that group cannot use, with what to do about it.
+   */
+  async checkShare (hostPath: string, readOnly: boolean, uid: number): Promise<void> {
+    const s = await stat(hostPath)
+    const shift = s.uid === uid ? 6 : s.gid === this.options.gid ? 3 : 0
+    const bits = (s.mode >> shift) & 0o7
+    const need = readOnly ? 0o5 : 0o7
+    if ((bits & need) !== need) {
+      throw new UigniterError('UIG_ERR_VM_SHARE_INVALID',
+        `cannot share ${hostPath}: jailed QEMU reads it as uid ${uid} and group ${this.options.gid}, which may not ${readOnly ? 'read' : 'read and write'} it; ` +
+        `give the group access (chgrp ${this.options.gid} ${hostPath} && chmod g+${readOnly ? 'rx' : 'rwx'} ${hostPath}) or turn the jail off (jail.enabled: false)`)
+    }
+  }
+}
+
+/** The uids of every process on the host (/proc/PID is owned by the process's uid). */
+async function hostUids (): Promise<Set<number>> {
+  const uids = new Set<number>()
+  const entries = await readdir('/proc').catch(() => [])
+  await Promise.all(entries.filter((e) => /^\d+$/.test(e)).map(async (e) => {
+    try {
+      uids.add((await stat(`/proc/${e}`)).uid)
+    } catch { /* gone meanwhile */ }
+  }))
+  return uids
+}
+
+/**
+ * Whether to jail, from the config's `jail.enabled`: `auto` jails when the
+ * daemon runs as root with bridge networking, and a user-mode (non-root)
+ * run stays unjailed; `true` without root is refused (UIG_ERR_JAIL_SETUP).
+ */
+export function chooseJail (config: { enabled: 'auto' | boolean } & JailOptions, host: { root: boolean, bridge: boolean }): { jail?: JailOptions, reason: string } {
+  const { enabled, ...options } = config
+  if (enabled === false) return { reason: 'jail.enabled is false: QEMU runs as root, unconfined' }
+  if (!host.root) {
+    if (enabled === true) throw new UigniterError('UIG_ERR_JAIL_SETUP', 'jail.enabled is true, but the QEMU jail needs root (to chroot and change uid); run as root or set jail.enabled to "auto" or false')
+    return { reason: 'not root: QEMU runs unjailed, as the daemon\'s own user (the jail needs root)' }
+  }
+  if (enabled === 'auto' && !host.bridge) return { reason: 'user-mode networking: QEMU runs unjailed (jail.enabled "auto" jails with bridge networking; set it to true to jail anyway)' }
+  return { jail: options, reason: `each QEMU runs as its own uid from ${options.uidBase}, chrooted, with seccomp and its own cgroup` }
+}
