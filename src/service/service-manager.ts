@@ -134,15 +134,23 @@ export class ServiceManager extends EventEmitter {
     this.#reaper.close()
   }
 
-  async #apply (spec: ServiceSpec, app: string | null): Promise<ServiceStatus> {
-    if (spec.image !== undefined) await this.#deps.vms.checkImage(spec.image)
+  async #apply (asked: ServiceSpec, app: string | null): Promise<ServiceStatus> {
+    let spec = asked
+    let note = ''
+    if (spec.image !== undefined && (await this.#deps.vms.checkImage(spec.image)).init === null && spec.startPath !== 'cold') {
+      // A unikernel has no init to take a clone's identity, so no template: its replicas boot cold
+      // (startPath defaults to clone, so refusing would refuse every unikernel service that does not say cold).
+      note = `; image ${spec.image} is a unikernel (no uigniter init), so its replicas start cold, not by ${spec.startPath}`
+      this.#deps.log.warn({ service: spec.name, image: spec.image }, `startPath ${spec.startPath} falls back to cold for a unikernel image`)
+      spec = { ...spec, startPath: 'cold' }
+    }
     const others = [...this.#controllers.values()].filter((c) => c.name !== spec.name).map((c) => c.spec)
     checkGatewayPorts([...others, spec], this.#deps.gatewayHttpPort)
     const existing = this.#controllers.get(spec.name)
     if (existing !== undefined) {
       const rollout = await existing.update(spec, app)
       this.#deps.store.putService({ spec, app, generation: existing.generation })
-      this.#emitService(existing, rollout ? `updated: generation ${existing.generation} rolls out` : 'updated in place')
+      this.#emitService(existing, (rollout ? `updated: generation ${existing.generation} rolls out` : 'updated in place') + note)
       await this.#allowPorts()
       return existing.status()
     }
@@ -152,7 +160,7 @@ export class ServiceManager extends EventEmitter {
       throw err
     })
     this.#deps.store.putService({ spec, app, generation: controller.generation })
-    this.#emitService(controller, 'created')
+    this.#emitService(controller, `created${note}`)
     await this.#allowPorts()
     return controller.status()
   }

@@ -25,6 +25,8 @@ const NAMESERVER = '10.255.255.53'
 /** A udhcpc script that prints what it was given, as `key=value` lines. */
 const SCRIPT = '#!/bin/sh\nif [ "$1" = bound ]; then echo "ip=$ip"; echo "mask=$subnet"; echo "router=$router"; echo "dns=$dns"; echo "lease=$lease"; fi\n'
 
+const noNameservers = async (): Promise<string[]> => await Promise.resolve([])
+
 interface Lease { ip?: string, mask?: string, router?: string, dns?: string, lease?: string }
 
 describe('the DHCP server on the bridge (dnsmasq)', { timeout: 180_000 }, () => {
@@ -54,7 +56,7 @@ describe('the DHCP server on the bridge (dnsmasq)', { timeout: 180_000 }, () => 
     const result = await run('ip', ['netns', 'exec', g.ns, 'busybox', 'udhcpc', '-i', g.iface, '-f', '-q', '-n', '-t', String(tries), '-T', '1', '-s', script])
       .catch((err: unknown) => ({ stdout: '', failed: err }))
     if ('failed' in result) return undefined
-    return Object.fromEntries(result.stdout.trim().split('\n').map((l) => l.split('=', 2) as [string, string])) as Lease
+    return Object.fromEntries(result.stdout.trim().split('\n').map((l) => l.split('=', 2))) as Lease
   }
 
   before(async () => {
@@ -79,7 +81,7 @@ describe('the DHCP server on the bridge (dnsmasq)', { timeout: 180_000 }, () => 
 
   test('the state directory must be world-searchable: dnsmasq reads its table as nobody', async () => {
     // A 0700 temp dir, as a data dir may be: the failure says so instead of serving nobody.
-    const hidden = new DhcpServer({ bridge, subnet, nameservers: async () => [], stateDir: join(dir, 'dhcp') })
+    const hidden = new DhcpServer({ bridge, subnet, nameservers: noNameservers, stateDir: join(dir, 'dhcp') })
     cleanup.push(async () => await hidden.close())
     await rejectsWith(hidden.start(), 'UIG_ERR_NET_DHCP_FAILED', 'cannot read its hosts file', 'Permission denied')
   })
@@ -136,7 +138,7 @@ describe('the DHCP server on the bridge (dnsmasq)', { timeout: 180_000 }, () => 
       holder.stdout.once('data', () => resolve())
       holder.once('exit', (code) => reject(new Error(`the port holder exited with ${code}`)))
     })
-    const blocked = new DhcpServer({ bridge: other, subnet: otherSubnet, nameservers: async () => [], stateDir: join(DHCP_STATE_ROOT, other), backoff: { initialMs: 300, maxMs: 300 } })
+    const blocked = new DhcpServer({ bridge: other, subnet: otherSubnet, nameservers: noNameservers, stateDir: join(DHCP_STATE_ROOT, other), backoff: { initialMs: 300, maxMs: 300 } })
     cleanup.push(async () => await blocked.close())
     await rejectsWith(blocked.start(), 'UIG_ERR_NET_DHCP_FAILED', `bridge ${other}`, 'Address already in use', 'UDP port 67', 'kernel command line are not affected')
     assert.equal(blocked.status().state, 'waiting')
@@ -155,12 +157,12 @@ describe('the DHCP server on the bridge (dnsmasq)', { timeout: 180_000 }, () => 
 
   test('a server left by a crashed daemon is ended by the next; close leaves no process and no file', async () => {
     const stateDir = join(DHCP_STATE_ROOT, `${prefix}-crash`)
-    const crashed = new DhcpServer({ bridge, subnet, nameservers: async () => [], stateDir, backoff: { initialMs: 60_000, maxMs: 60_000 } })
+    const crashed = new DhcpServer({ bridge, subnet, nameservers: noNameservers, stateDir, backoff: { initialMs: 60_000, maxMs: 60_000 } })
     await crashed.start()
     const leftover = crashed.status().pid ?? 0
     assert.ok(leftover > 0)
     // The next daemon's server, with the same state directory: it ends the leftover before it starts.
-    const next = new DhcpServer({ bridge, subnet, nameservers: async () => [], stateDir })
+    const next = new DhcpServer({ bridge, subnet, nameservers: noNameservers, stateDir })
     await next.start()
     assert.ok(!alive(leftover), 'the leftover dnsmasq was ended')
     await crashed.close()
@@ -172,7 +174,7 @@ describe('the DHCP server on the bridge (dnsmasq)', { timeout: 180_000 }, () => 
   })
 
   test('dnsmasq not installed: a coded error naming the package, and no retries', async () => {
-    const missing = new DhcpServer({ bridge, subnet, nameservers: async () => [], stateDir: join(DHCP_STATE_ROOT, `${prefix}-missing`), command: ['/nonexistent/dnsmasq'] })
+    const missing = new DhcpServer({ bridge, subnet, nameservers: noNameservers, stateDir: join(DHCP_STATE_ROOT, `${prefix}-missing`), command: ['/nonexistent/dnsmasq'] })
     cleanup.push(async () => await missing.close())
     await rejectsWith(missing.start(), 'UIG_ERR_NET_DHCP_FAILED', 'dnsmasq-base')
     assert.equal(missing.status().state, 'failed')
