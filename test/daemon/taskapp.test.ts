@@ -1,15 +1,17 @@
 import assert from 'node:assert/strict'
 import { createHash } from 'node:crypto'
-import { readFile } from 'node:fs/promises'
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { request } from 'node:http'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type { ServiceStatus } from '../../src/core/service.js'
+import type { Vm } from '../../src/core/vm.js'
 import { DaemonProcess } from '../helpers/daemon-process.js'
 import { createTestContext, exampleSpec, packageRoot, runCli, type TestContext } from '../helpers/fixtures.js'
 
-interface Task { id: string, type: string, status: string, result?: unknown, worker?: string, api?: string }
+interface Task { id: string, type: string, input?: string, status: string, result?: unknown, worker?: string, api?: string }
 
 /** The example application (examples/taskapp), brought up from its own file: api, worker and kv call each other only through the gateway. */
 describe('the taskapp example', () => {
@@ -45,7 +47,7 @@ describe('the taskapp example', () => {
     await ctx.cleanup()
   })
 
-  test('up; a task goes api → worker (woken from zero) → kv, all through the gateway; down', async () => {
+  test('up; a task goes api → worker (woken from zero) → kv, all through the gateway; with 3 api clones no task is lost; down', { timeout: 900_000 }, async () => {
     const up = await runCli(['up', appFile, '--timeout', '300'], { env: daemon.env })
     assert.equal(up.code, 0, up.stderr)
     const services = await daemon.api.call<ServiceStatus[]>('GET', '/v1/services?app=taskapp')
@@ -75,6 +77,37 @@ describe('the taskapp example', () => {
     }
     assert.deepEqual(stored?.result, { words: 3, lines: 2, characters: 13 })
     assert.equal((await call('POST', '/svc/api/tasks', { type: 'nope', input: '' })).status, 400)
+
+    // Issue 10: api clones once shared node's random state, so concurrent posts got one id twice and kv kept only one task.
+    const scratch = await mkdtemp(join(tmpdir(), 'uigniter-taskapp-'))
+    try {
+      const three = join(scratch, 'uigniter.yaml')
+      const text = await readFile(appFile, 'utf8')
+      assert.ok(text.includes('replicas: { min: 1, max: 3 }'), 'the api\'s replicas line is where the test expects it')
+      await writeFile(three, text.replace('replicas: { min: 1, max: 3 }', 'replicas: { min: 3, max: 3 }'))
+      const scaled = await runCli(['up', three, '--timeout', '300'], { env: daemon.env })
+      assert.equal(scaled.code, 0, scaled.stderr)
+    } finally {
+      await rm(scratch, { recursive: true, force: true })
+    }
+    const deadline = Date.now() + 300_000
+    while ((await daemon.api.call<ServiceStatus>('GET', '/v1/services/api')).endpoints.filter((e) => e.health === 'healthy').length < 3) {
+      assert.ok(Date.now() < deadline, 'three api replicas became healthy')
+      await sleep(500)
+    }
+    const apis = (await daemon.api.call<Vm[]>('GET', '/v1/vms')).filter((vm) => vm.service?.name === 'api' && vm.state === 'running')
+    assert.equal(apis.length, 3)
+    assert.deepEqual(apis.map((vm) => vm.startPath), ['clone', 'clone', 'clone'], 'every api replica is a clone of the service\'s template')
+    const posted = await Promise.all(Array.from({ length: 30 }, async (_, i) => await call('POST', '/svc/api/tasks', { type: 'wordcount', input: `task ${i} of thirty` })))
+    const tasks = posted.map((p) => { assert.equal(p.status, 202, JSON.stringify(p.json)); return p.json as Task })
+    assert.equal(new Set(tasks.map((t) => t.id)).size, 30, `30 posts, 30 ids: ${tasks.map((t) => t.id).join(' ')}`)
+    const servedBy = new Set(tasks.map((t) => t.api))
+    assert.ok(servedBy.size >= 2, `the posts were spread over the clones (${[...servedBy].join(', ')})`)
+    for (const [i, t] of tasks.entries()) {
+      const got = await call('GET', `/svc/api/tasks/${t.id}`)
+      assert.equal(got.status, 200, `task ${t.id} is in kv`)
+      assert.equal((got.json as Task).input, `task ${i} of thirty`, `task ${t.id} reads back its own input, not another replica's`)
+    }
 
     const down = await runCli(['down', appFile], { env: daemon.env })
     assert.equal(down.code, 0, down.stderr)
