@@ -79,6 +79,10 @@ export class GatewayService {
     return this.route.service
   }
 
+  get log (): Logger {
+    return this.ctx.log
+  }
+
   /** Takes a new route; a new strategy only when the strategy changed. */
   applyRoute (route: GatewayRoute): void {
     const previous = this.route

@@ -284,7 +284,23 @@ export class Gateway extends EventEmitter {
     return await run
   }
 
+  /**
+   * The request boundary. Nothing the request or its upstream sends can
+   * make routing throw; should a bug of ours do it all the same, that one
+   * request gets a 500 and a log line, rather than the throw reaching the
+   * event loop and ending the process (and every other request, and the
+   * daemon's API and controllers with it).
+   */
   private onRequest (req: IncomingMessage, res: ServerResponse): void {
+    try {
+      this.route(req, res)
+    } catch (err) {
+      this.log.error({ err, url: req.url?.slice(0, 200) }, 'gateway error while routing a request')
+      sendGatewayError(res, 'UIG_ERR_INTERNAL', 'the gateway failed while routing the request')
+    }
+  }
+
+  private route (req: IncomingMessage, res: ServerResponse): void {
     const url = req.url ?? '/'
     let service: GatewayService | undefined
     let path = url

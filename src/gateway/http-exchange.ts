@@ -66,6 +66,8 @@ export class HttpExchange implements HeldItem, UpstreamHandler, PoolWaiter {
     private readonly head: string, private readonly hasBody: boolean, private readonly chunked: boolean, private readonly key: string | undefined) {
     (res as unknown as Tagged)[kExchange] = this
     res.on('close', onClientClose)
+    // A write that races the response's end emits 'error' on it, and an 'error' nobody listens to ends the process.
+    res.on('error', onClientError)
   }
 
   /** Sends it to an endpoint, or holds it until there is one. */
@@ -116,21 +118,27 @@ export class HttpExchange implements HeldItem, UpstreamHandler, PoolWaiter {
 
   /** @internal */
   onHead (status: number, reason: string, headers: string[]): void {
-    const ep = this.endpoint as UpstreamEndpoint
+    const ep = this.endpoint
+    if (ep === undefined || this.done) return
     const now = performance.now()
     ep.sample(now - this.attemptStart, now)
-    this.service.recordSuccess(ep)
     this.responded = true
     try {
       if (reason === '') this.res.writeHead(status, headers)
       else this.res.writeHead(status, reason, headers)
-    } catch {
-      // A header the upstream sent that Node refuses to write.
+    } catch (err) {
+      // The connection's parser checks what writeHead refuses, so this is a gap in that check: the upstream
+      // still gets the blame (and the 502), the gap a log line. writeHead left the refused reason and status
+      // on the response; sendGatewayError sets its own.
+      this.service.log.warn({ err, service: this.service.name, endpoint: ep.id }, 'an upstream response head that Node refused to write')
       this.responded = false
       this.conn?.abort()
       this.endAttempt()
-      sendGatewayError(this.res, 'UIG_ERR_GATEWAY_UPSTREAM', `the endpoint ${ep.id} answered with headers that cannot be forwarded`)
+      this.service.recordFailure(ep)
+      sendGatewayError(this.res, 'UIG_ERR_GATEWAY_UPSTREAM_MALFORMED', `the endpoint ${ep.id} of ${this.service.name} answered with a head that cannot be forwarded`)
+      return
     }
+    this.service.recordSuccess(ep)
   }
 
   /** @internal */
@@ -164,14 +172,24 @@ export class HttpExchange implements HeldItem, UpstreamHandler, PoolWaiter {
   /** @internal */
   onError (err: NodeJS.ErrnoException, stale: boolean): void {
     if (this.done) return
-    const ep = this.endpoint as UpstreamEndpoint
+    const ep = this.endpoint
+    if (ep === undefined) return
     this.endAttempt()
+    const service = this.service
+    if (err.code === 'EINTERNAL') service.log.error({ err, service: service.name, endpoint: ep.id }, 'gateway error while handling an upstream response')
     if (this.responded) {
-      // Failed mid-answer: all that can be done is to cut the client off too.
+      // Failed mid-answer (cut short, or malformed framing in the body): all that can be done is to cut the client off too.
+      if (err.code === 'EPROTO' && !ep.dead) service.recordFailure(ep)
       this.res.destroy()
       return
     }
-    const service = this.service
+    if (err.code === 'EPROTO' || err.code === 'EINTERNAL') {
+      // Malformed: the endpoint answered, so it may have acted on the request; no retry. It counts as a failure for ejection.
+      if (!ep.dead) service.recordFailure(ep)
+      if (err.code === 'EINTERNAL') sendGatewayError(this.res, 'UIG_ERR_INTERNAL', `the gateway failed while handling the answer of ${ep.id} of ${service.name}`)
+      else sendGatewayError(this.res, 'UIG_ERR_GATEWAY_UPSTREAM_MALFORMED', `the endpoint ${ep.id} of ${service.name} answered with a ${err.message}`)
+      return
+    }
     stale = stale && !ep.dead
     if (!ep.dead && !stale) service.recordFailure(ep)
     // Refused or timed out connecting: nothing reached the app, so any method may go elsewhere.
@@ -254,6 +272,10 @@ export class HttpExchange implements HeldItem, UpstreamHandler, PoolWaiter {
 
 function onClientClose (this: ServerResponse): void {
   (this as unknown as Tagged)[kExchange].onClose()
+}
+
+function onClientError (this: ServerResponse): void {
+  // Nothing to do: the client's socket errors are the server's, and a response that cannot be written is closed.
 }
 
 function onClientDrain (this: ServerResponse): void {

@@ -34,6 +34,14 @@ export class QmpError extends UigniterError {
   }
 }
 
+/**
+ * The longest line taken from QEMU. Its largest answers (query-qmp-schema)
+ * are a few hundred KiB; past this, a line is dropped as it comes (never held
+ * whole) and the request it answered fails. A QEMU a guest has taken over
+ * is no more trusted than the guest.
+ */
+export const MAX_QMP_LINE = 8 * 1024 * 1024
+
 interface Pending {
   command: string
   resolve: (value: unknown) => void
@@ -60,15 +68,23 @@ export class QmpClient extends EventEmitter {
   readonly #greeted: Promise<QmpGreeting>
   #greeting: QmpGreeting | undefined
   #onGreeting: ((g: QmpGreeting) => void) | undefined
+  #onBadGreeting: ((err: Error) => void) | undefined
   #nextId = 1
   #buffer = ''
+  /** Dropping the rest of an overlong line, up to its newline. */
+  #skipping = false
   #closed = false
 
   /** One 'data' listener from the first byte: a stream with none would drop what arrives. */
   private constructor (socket: Socket) {
     super()
     this.#socket = socket
-    this.#greeted = new Promise((resolve) => { this.#onGreeting = resolve })
+    this.#greeted = new Promise((resolve, reject) => {
+      this.#onGreeting = resolve
+      this.#onBadGreeting = reject
+    })
+    // Only awaited while connecting; a greeting refused later (or never awaited) must not be an unhandled rejection.
+    this.#greeted.catch(() => {})
     socket.setEncoding('utf8')
     socket.on('data', (text: string) => this.#onData(text))
     socket.on('close', () => this.#onClose())
@@ -133,12 +149,17 @@ export class QmpClient extends EventEmitter {
   }
 
   async queryStatus (): Promise<QmpStatus> {
-    const r = await this.execute<{ running: boolean, status: string }>('query-status')
+    const r = await this.execute<unknown>('query-status')
+    if (!isObject(r) || typeof r.running !== 'boolean' || typeof r.status !== 'string') throw malformed('query-status', 'not a status')
     return { running: r.running, status: r.status }
   }
 
   async queryCpus (): Promise<QmpCpu[]> {
-    return await this.execute<QmpCpu[]>('query-cpus-fast')
+    const r = await this.execute<unknown>('query-cpus-fast')
+    if (!Array.isArray(r) || !r.every((c) => isObject(c) && Number.isInteger(c['cpu-index']) && Number.isInteger(c['thread-id']))) {
+      throw malformed('query-cpus-fast', 'not a list of vCPUs')
+    }
+    return r as QmpCpu[]
   }
 
   /** Pauses every vCPU (QEMU emits STOP). */
@@ -173,14 +194,32 @@ export class QmpClient extends EventEmitter {
     this.#socket.destroy()
   }
 
+  /**
+   * No line may throw, grow the buffer past MAX_QMP_LINE, or answer a
+   * request other than its own.
+   */
   #onData (text: string): void {
-    this.#buffer += text
     let nl: number
-    while ((nl = this.#buffer.indexOf('\n')) >= 0) {
-      const line = this.#buffer.slice(0, nl).trim()
-      this.#buffer = this.#buffer.slice(nl + 1)
+    while ((nl = text.indexOf('\n')) >= 0) {
+      const piece = text.slice(0, nl)
+      text = text.slice(nl + 1)
+      if (this.#skipping || this.#buffer.length + piece.length > MAX_QMP_LINE) {
+        this.#buffer = ''
+        this.#skipping = false
+        this.#malformed(`a line longer than ${MAX_QMP_LINE} characters`)
+        continue
+      }
+      const line = (this.#buffer + piece).trim()
+      this.#buffer = ''
       if (line !== '') this.#onMessage(line)
     }
+    if (this.#skipping) return
+    if (this.#buffer.length + text.length > MAX_QMP_LINE) {
+      this.#buffer = ''
+      this.#skipping = true
+      return
+    }
+    this.#buffer += text
   }
 
   async #waitForGreeting (timeoutMs: number): Promise<void> {
@@ -204,33 +243,52 @@ export class QmpClient extends EventEmitter {
   }
 
   #onMessage (line: string): void {
-    let msg: Record<string, unknown>
+    let parsed: unknown
     try {
-      msg = JSON.parse(line) as Record<string, unknown>
+      parsed = JSON.parse(line)
     } catch {
+      this.#malformed('a line that is not JSON')
       return
     }
+    if (!isObject(parsed)) {
+      this.#malformed('a line that is not a JSON object')
+      return
+    }
+    const msg = parsed
     if (this.#greeting === undefined) {
       // Nothing but the greeting is expected first; anything else cannot be ours and is skipped.
-      if (typeof msg.QMP === 'object' && msg.QMP !== null) {
-        this.#greeting = msg.QMP as QmpGreeting
-        this.#onGreeting?.(this.#greeting)
+      if (!('QMP' in msg)) return
+      const greeting = asGreeting(msg.QMP)
+      if (greeting === undefined) {
+        this.#onBadGreeting?.(new UigniterError('UIG_ERR_QMP', 'QEMU\'s greeting is malformed (no version or capabilities)'))
+        this.close()
+        return
       }
+      this.#greeting = greeting
+      this.#onGreeting?.(greeting)
       return
     }
     if (typeof msg.event === 'string') {
-      const ts = msg.timestamp as { seconds?: number, microseconds?: number } | undefined
+      const ts = isObject(msg.timestamp) ? msg.timestamp : {}
       const event: QmpEvent = {
-        event: msg.event,
-        data: (msg.data as Record<string, unknown> | undefined) ?? {},
-        timestamp: { seconds: ts?.seconds ?? 0, microseconds: ts?.microseconds ?? 0 }
+        event: msg.event.slice(0, 200),
+        data: isObject(msg.data) ? msg.data : {},
+        timestamp: {
+          seconds: typeof ts.seconds === 'number' ? ts.seconds : 0,
+          microseconds: typeof ts.microseconds === 'number' ? ts.microseconds : 0
+        }
       }
       this.emit('event', event)
       return
     }
-    // A reply without an id can only answer a request QEMU could not parse; give it to the oldest.
-    const id = typeof msg.id === 'number' ? msg.id : this.#pending.keys().next().value
-    if (id === undefined) return
+    if (!('return' in msg) && !('error' in msg)) {
+      this.#malformed('a message that is no reply, event or greeting')
+      return
+    }
+    // A reply without an id can only answer a request QEMU could not parse; give it to the oldest. One with an id
+    // that is not a request of ours (a stale one, timed out already, or a forged one) answers nothing.
+    const id = 'id' in msg ? msg.id : this.#pending.keys().next().value
+    if (typeof id !== 'number') return
     const waiter = this.#pending.get(id)
     if (waiter === undefined) return
     this.#pending.delete(id)
@@ -238,9 +296,25 @@ export class QmpClient extends EventEmitter {
     if ('return' in msg) {
       waiter.resolve(msg.return)
     } else {
-      const error = (msg.error ?? {}) as { class?: string, desc?: string }
-      waiter.reject(new QmpError(waiter.command, error.class ?? 'UnknownError', error.desc ?? JSON.stringify(msg)))
+      const error = isObject(msg.error) ? msg.error : {}
+      const text = (v: unknown, or: string): string => typeof v === 'string' ? v.slice(0, 1000) : or
+      waiter.reject(new QmpError(waiter.command, text(error.class, 'UnknownError'), text(error.desc, line.slice(0, 200))))
     }
+  }
+
+  /** A line that is no message stands in the place of the oldest request's reply (QEMU answers in order): that one fails. */
+  #malformed (what: string): void {
+    if (this.#greeting === undefined) {
+      this.#onBadGreeting?.(new UigniterError('UIG_ERR_QMP', `QEMU's monitor sent ${what} instead of its greeting`))
+      this.close()
+      return
+    }
+    const first = this.#pending.entries().next().value
+    if (first === undefined) return
+    const [id, waiter] = first
+    this.#pending.delete(id)
+    clearTimeout(waiter.timer)
+    waiter.reject(malformed(waiter.command, what))
   }
 
   #onClose (): void {
@@ -252,6 +326,25 @@ export class QmpClient extends EventEmitter {
       p.reject(new UigniterError('UIG_ERR_QMP', `the QMP connection closed before QEMU answered "${p.command}" (QEMU has ended?)`))
     }
     this.emit('close')
+  }
+}
+
+function isObject (v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v)
+}
+
+function malformed (command: string, what: string): UigniterError {
+  return new UigniterError('UIG_ERR_QMP', `QEMU answered "${command}" with ${what}`)
+}
+
+/** The greeting if it has the shape QmpGreeting promises, else undefined. */
+function asGreeting (v: unknown): QmpGreeting | undefined {
+  if (!isObject(v) || !isObject(v.version) || !isObject(v.version.qemu) || !Array.isArray(v.capabilities)) return undefined
+  const q = v.version.qemu
+  if (!Number.isInteger(q.major) || !Number.isInteger(q.minor) || !Number.isInteger(q.micro)) return undefined
+  return {
+    version: { qemu: { major: q.major as number, minor: q.minor as number, micro: q.micro as number }, package: typeof v.version.package === 'string' ? v.version.package : '' },
+    capabilities: v.capabilities.filter((c): c is string => typeof c === 'string')
   }
 }
 
