@@ -85,4 +85,32 @@ describe('warm pools of prespawned VMs', () => {
     await daemon.api.call('DELETE', '/v1/pools/web')
     for (const id of before) await rejectsWith(daemon.api.call('GET', `/v1/vms/${id}`), 'UIG_ERR_VM_NOT_FOUND')
   })
+  test('a pool whose makes fail backs off and heals by itself, with no claim; status, metrics and events say so', { timeout: 180_000 }, async () => {
+    const spec = { ...JSON.parse(await readFile(exampleSpec('hello'), 'utf8')) as Record<string, unknown>, name: 'hello-heal' }
+    await ctx.builder.build(spec, join(packageRoot, 'examples/hello'))
+    await daemon.api.call('POST', '/v1/pools', { name: 'heal', image: 'hello-heal', min: 0, max: 2 })
+    const events: string[] = []
+    const subscription = new AbortController()
+    const streaming = daemon.api.stream('/v1/events', (text) => { events.push(text) }, subscription.signal).catch(() => {})
+    try {
+      // The image goes away under the pool: every make fails until it is back.
+      await ctx.store.remove('hello-heal')
+      await daemon.api.call('PATCH', '/v1/pools/heal', { min: 1 })
+      const failing = await daemon.waitForPool('heal', (p) => p.consecutiveFailures >= 2, 30_000)
+      assert.match(failing.lastError ?? '', /hello-heal/)
+      assert.ok(failing.retryAt !== null, 'the status says when it tries again')
+      assert.match(await daemon.api.call<string>('GET', '/metrics'), /uigniter_pool_consecutive_failures\{pool="heal"\} [2-9]/)
+      await ctx.builder.build(spec, join(packageRoot, 'examples/hello'))
+      const healed = await daemon.waitForPool('heal', (p) => p.ready === 1, 60_000)
+      assert.equal(healed.consecutiveFailures, 0)
+      assert.equal(healed.retryAt, null)
+      const stream = events.join('')
+      assert.match(stream, /event: pool\.create-failed\ndata: .*"pool":"heal".*tries again in/)
+      assert.match(stream, /event: pool\.recovered\ndata: .*"pool":"heal"/)
+    } finally {
+      subscription.abort()
+      await streaming
+      await daemon.api.call('DELETE', '/v1/pools/heal')
+    }
+  })
 })
