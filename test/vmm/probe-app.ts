@@ -21,6 +21,7 @@ const SOURCE = String.raw`
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static volatile sig_atomic_t term;
@@ -68,6 +69,8 @@ int main(int argc, char **argv) {
         try_read("guest-up-link", "/data/rw/up/jail-secret.txt");
         printf("probe: escape symlink-root=%d\n", symlink("/", "/data/rw/to-root") == 0 ? 0 : errno);
         try_write("guest-root-link", "/data/rw/to-root/data/rw/through-root.txt");
+        try_write("rw-direct", "/data/rw/direct.txt");
+        printf("probe: escape mkdir=%d\n", mkdir("/data/rw/made-dir", 0750) == 0 ? 0 : errno);
         try_read("ro-share", "/data/ro/hello.txt");
         printf("probe: escape done\n");
         return 0;

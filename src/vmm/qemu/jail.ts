@@ -1,7 +1,8 @@
 import { createHash } from 'node:crypto'
-import { chmod, mkdir, readdir, rm, stat } from 'node:fs/promises'
+import { chmod, mkdir, readFile, readdir, rm, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { UigniterError } from '../../core/errors.js'
+import { run } from '../../core/exec.js'
 import { VmCgroup, detectCgroupLayout, type CgroupLayout, type CgroupRecord } from './cgroup.js'
 
 /** How the driver jails each QEMU (config `jail`). */
@@ -28,6 +29,8 @@ export interface JailRecord {
   root: string
   cgroup?: CgroupRecord
   memoryLimitMiB?: number
+  /** A procfs at `root/proc` (writable 9p shares only): see Jailer.prepare. */
+  proc?: boolean
 }
 
 /**
@@ -99,12 +102,24 @@ export class Jailer {
    * hash of its state directory, so that VMs of two data directories with
    * the same id never meet.
    */
-  async prepare (options: { id: string, stateDir: string, uid: number, vcpus: number, memoryMiB: number, cpuAffinity?: number[] }): Promise<{ record: JailRecord, cgroup?: VmCgroup }> {
+  async prepare (options: { id: string, stateDir: string, uid: number, vcpus: number, memoryMiB: number, cpuAffinity?: number[], writableShares?: boolean }): Promise<{ record: JailRecord, cgroup?: VmCgroup }> {
     const root = join(options.stateDir, 'root')
+    await Jailer.unmountProc(root)
     await rm(root, { recursive: true, force: true })
     await mkdir(root, { mode: 0o755 })
     await chmod(root, 0o755)
-    const record: JailRecord = { uid: options.uid, gid: this.options.gid, root }
+    let record: JailRecord = { uid: options.uid, gid: this.options.gid, root }
+    if (options.writableShares === true) {
+      // QEMU's 9p server sets a new file's mode (and xattrs) through /proc/self/fd/N, to stay off
+      // symlinks: without a /proc in the chroot, creating a file or directory in a share fails
+      // (ENOENT). This procfs shows the VM's uid its own process and nothing else:
+      // hidepid=invisible hides other users' processes, subset=pid every non-process file.
+      await mkdir(join(root, 'proc'), { mode: 0o555 })
+      await run('mount', ['-t', 'proc', '-o', 'nosuid,nodev,noexec,hidepid=invisible,subset=pid', 'proc', join(root, 'proc')], {
+        onFail: (r) => new UigniterError('UIG_ERR_JAIL_SETUP', `cannot mount a procfs in the jail ${root} for the VM's writable shares: ${r.stderr.trim()}`)
+      })
+      record = { ...record, proc: true }
+    }
     const layout = await this.layout()
     if (layout === undefined) return { record }
     const memoryLimitMiB = options.memoryMiB + this.options.memoryOverheadMiB
@@ -116,6 +131,16 @@ export class Jailer {
       pidsMax: this.options.pidsMax
     })
     return { record: { ...record, cgroup: cgroup.record, memoryLimitMiB }, cgroup }
+  }
+
+  /** Unmounts a jail's procfs, if one is mounted (before its directory is deleted, or it is made again). */
+  static async unmountProc (root: string): Promise<void> {
+    const proc = join(root, 'proc')
+    const mounts = await readFile('/proc/self/mounts', 'utf8').catch(() => '')
+    if (!mounts.split('\n').some((l) => l.split(' ')[1] === proc)) return
+    await run('umount', ['-l', proc], {
+      onFail: (r) => new UigniterError('UIG_ERR_JAIL_SETUP', `cannot unmount the jail's procfs ${proc}: ${r.stderr.trim()}`)
+    })
   }
 
   /**

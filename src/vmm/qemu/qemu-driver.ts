@@ -128,6 +128,7 @@ export class QemuDriver {
     // Until a QemuVm owns them, a failed start gives the uid and the cgroup back.
     const undoJail = async (): Promise<void> => {
       if (uid !== undefined) jailer?.releaseUid(uid)
+      if (jailer !== undefined) await Jailer.unmountProc(dir.rootDir).catch((err: unknown) => this.#log.warn({ err, vm: id }, 'cannot unmount the procfs of a VM that did not start'))
       await cgroup?.remove().catch((err: unknown) => this.#log.warn({ err, vm: id }, 'cannot remove the cgroup of a VM that did not start'))
     }
     let record: LaunchRecord
@@ -155,7 +156,8 @@ export class QemuDriver {
       if (overlaySizeMiB !== undefined) await createOverlay(dir.overlayImage, overlaySizeMiB)
       let jail: JailRecord | undefined
       if (jailer !== undefined && uid !== undefined) {
-        const made = await jailer.prepare({ id, stateDir: dir.dir, uid, vcpus: launch.vcpus, memoryMiB: launch.memoryMiB, ...(cpuAffinity !== undefined ? { cpuAffinity } : {}) })
+        const writableShares = (launch.shares ?? []).some((share) => !share.readOnly)
+        const made = await jailer.prepare({ id, stateDir: dir.dir, uid, vcpus: launch.vcpus, memoryMiB: launch.memoryMiB, writableShares, ...(cpuAffinity !== undefined ? { cpuAffinity } : {}) })
         jail = made.record
         cgroup = made.cgroup
       }
@@ -307,6 +309,7 @@ export class QemuDriver {
     })
     await dir.writeExit(exit).catch(() => {})
     await cgroup?.remove().catch((err: unknown) => this.#log.warn({ err, vm: record.id }, 'cannot remove the cgroup of a VM that ended while the daemon was down'))
+    if (record.jail?.proc === true) await Jailer.unmountProc(dir.rootDir).catch((err: unknown) => this.#log.warn({ err, vm: record.id }, 'cannot unmount the jail\'s procfs'))
     this.#log.info({ vm: record.id, exit }, 'the VM ended while the daemon was down')
     return { dead: true, exit }
   }
@@ -341,6 +344,8 @@ export class QemuDriver {
     if (await this.#running(dir)) {
       throw new UigniterError('UIG_ERR_VM_INVALID_STATE', `the VM in ${dir.dir} is still running; stop or kill it first`)
     }
+    // Never delete through a mounted procfs.
+    await Jailer.unmountProc(dir.rootDir)
     await dir.remove()
   }
 

@@ -14,6 +14,7 @@ import { ControlChannel } from './control-channel.js'
 import { decideExit, type ExitEvidence } from './exit-reason.js'
 import type { VmCgroup } from './cgroup.js'
 import { checkHostResources } from './host-resources.js'
+import { Jailer } from './jail.js'
 import { HostProcess } from './host-process.js'
 import { findOomKill } from './oom-kill.js'
 import type { QmpClient, QmpEvent, QmpStatus } from './qmp-client.js'
@@ -439,6 +440,7 @@ export class QemuVm extends EventEmitter {
     if (this.#record.jail === undefined) return
     await rm(this.#dir.pidFile, { force: true }).catch(() => {})
     await this.#cgroup?.remove().catch((err: unknown) => this.#log.warn({ err }, 'cannot remove the VM\'s cgroup'))
+    if (this.#record.jail.proc === true) await Jailer.unmountProc(this.#record.jail.root).catch((err: unknown) => this.#log.warn({ err }, 'cannot unmount the jail\'s procfs'))
   }
 
   #release (): void {
