@@ -15,12 +15,30 @@ uigniter image build -f examples/memcached/image.json
 uigniter image build -f examples/taskapp/api.image.json
 uigniter image build -f examples/taskapp/worker.image.json
 
+# The demo's own daemon, unless one runs already; it is stopped again at the end.
+SOCKET=$(node --input-type=module -e 'const { loadConfig } = await import("./dist/src/core/config.js"); console.log(loadConfig().api.socket)')
+STARTED_DAEMON=
+if ! curl -sf --unix-socket "$SOCKET" http://daemon/healthz >/dev/null 2>&1; then
+  say "starting the daemon (its log: /tmp/uigniter-demo-daemon.log)"
+  uigniter daemon >/tmp/uigniter-demo-daemon.log 2>&1 &
+  STARTED_DAEMON=$!
+  for _ in $(seq 1 600); do
+    curl -sf --unix-socket "$SOCKET" http://daemon/healthz >/dev/null 2>&1 && break
+    kill -0 "$STARTED_DAEMON" 2>/dev/null || { cat /tmp/uigniter-demo-daemon.log >&2; exit 1; }
+    sleep 0.1
+  done
+fi
+
 say "uigniter info"
 uigniter info
 GATEWAY_PORT=$(uigniter info --json | node -e 'let s="";process.stdin.on("data",c=>s+=c).on("end",()=>console.log(JSON.parse(s).gateway.httpPort))')
 GW="http://127.0.0.1:${GATEWAY_PORT}"
 
-cleanup() { say "uigniter down"; uigniter down "$APP" || true; }
+cleanup() {
+  say "uigniter down"
+  uigniter down "$APP" || true
+  if [ -n "$STARTED_DAEMON" ]; then kill "$STARTED_DAEMON" && wait "$STARTED_DAEMON" || true; fi
+}
 trap cleanup EXIT
 
 say "uigniter up $APP (waits until every service is ready; the worker stays at zero)"

@@ -12,10 +12,10 @@ cd "$(dirname "$0")/.."
 # and their modules.dep; lz4 (Debian 12's kernel payload), zstd: decompress the bzImage payload or modules.
 # iproute2, nftables: the bridge network (bridge, taps, NAT, published ports). python3: the network
 # tests hand-craft a hostile guest's packets with it. dnsmasq-base: the DHCP server on the bridge for
-# unikernels. busybox-static: test guests (udhcpc, sh) in rootfs images.
+# unikernels. busybox-static: test guests (udhcpc, sh) in rootfs images. curl: the demo.
 PACKAGES=(qemu-system-x86 linux-source-6.1 flex bison bc libelf-dev xz-utils binutils make gcc libc6-dev
   squashfs-tools e2fsprogs cpio memcached nginx linux-image-cloud-amd64 lz4 zstd iproute2 nftables python3
-  dnsmasq-base busybox-static)
+  dnsmasq-base busybox-static curl)
 
 say() { echo "setup: $*"; }
 
