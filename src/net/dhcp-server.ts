@@ -47,6 +47,9 @@ export interface DhcpServerStatus {
   lastError: string | null
 }
 
+/** dnsmasq's log line of a lease given: `dnsmasq-dhcp[PID]: DHCPACK(BRIDGE) IP MAC [NAME]`. */
+const DHCPACK = /DHCPACK\([^)]*\) ([0-9.]+) ([0-9a-fA-F:]{17})\b/
+
 /** A run that lasted this long was healthy: the next failure starts the backoff afresh. */
 const HEALTHY_RUN_MS = 10_000
 const TAIL_LINES = 20
@@ -79,6 +82,8 @@ export class DhcpServer implements DhcpHosts {
   readonly #command: string[]
   readonly #backoff: { initialMs: number, maxMs: number }
   #hosts: DhcpHost[] = []
+  /** Who holds each address in the running dnsmasq's memory, from its DHCPACK lines (see renderDhcpHosts). */
+  readonly #leases = new Map<string, string>()
   #child: ChildProcess | undefined
   #state: DhcpServerState = 'stopped'
   #started = false
@@ -178,7 +183,7 @@ export class DhcpServer implements DhcpHosts {
     await chmod(this.stateDir, 0o755)
     const tmp = tempSibling(this.hostsFile)
     try {
-      await writeFile(tmp, renderDhcpHosts(this.#hosts), { mode: 0o644 })
+      await writeFile(tmp, renderDhcpHosts(this.#hosts, this.#leases), { mode: 0o644 })
       await chmod(tmp, 0o644)
       await rename(tmp, this.hostsFile)
     } catch (err) {
@@ -217,6 +222,9 @@ export class DhcpServer implements DhcpHosts {
   async #run (): Promise<void> {
     this.#state = 'starting'
     const nameservers = await this.#options.nameservers().catch(() => [])
+    if (this.#closed) throw new UigniterError('UIG_ERR_NET_DHCP_FAILED', `the DHCP server for bridge ${this.#options.bridge} was closed while it started`)
+    // A new dnsmasq holds no lease.
+    this.#leases.clear()
     const [program = DNSMASQ, ...pre] = this.#command
     const log = this.#options.logger
     const tail: string[] = []
@@ -245,6 +253,8 @@ export class DhcpServer implements DhcpHosts {
           tail.push(line)
           if (tail.length > TAIL_LINES) tail.shift()
           // DHCPDISCOVER/OFFER/REQUEST/ACK chatter is debug; anything else is rare and worth seeing.
+          const ack = DHCPACK.exec(line)
+          if (ack?.[1] !== undefined && ack[2] !== undefined) this.#leases.set(ack[1], ack[2].toLowerCase())
           if (/\bDHCP[A-Z]+\(/.test(line)) log?.debug({ dnsmasq: line }, 'dhcp')
           else if (/cannot|failed|error|illegal|bad /i.test(line)) log?.warn({ dnsmasq: line }, 'dhcp')
           else log?.info({ dnsmasq: line }, 'dhcp')

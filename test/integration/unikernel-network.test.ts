@@ -1,8 +1,10 @@
 import assert from 'node:assert/strict'
+import { spawn } from 'node:child_process'
 import { mkdir, readFile, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { run } from '../../src/core/exec.js'
 import type { Vm } from '../../src/core/vm.js'
 import { createKernelSource } from '../../src/guest/guest-kernel.js'
 import { consoleFields, dhcpRootfs, unikernelCmdline, unikernelDisk } from '../helpers/busybox-guests.js'
@@ -80,6 +82,42 @@ describe('unikernels on the bridge: DHCP and command-line placeholders', { timeo
     assert.equal(consoleFields(logs, 'UIG-LEASE')?.ip, vm.ipAddress)
   })
 
+  test('port 67 taken on the bridge: the daemon logs the coded error, serves command-line VMs, and gets DHCP once it is free', { timeout: 180_000 }, async () => {
+    await daemon.removeEverything()
+    // A second daemon on a bridge made beforehand, on which another program holds UDP port 67.
+    const second = `${subnet.split('.').slice(0, 2).join('.')}.${(Number(subnet.split('.')[2]) + 1) % 250}`
+    daemon = await DaemonProcess.create(ctx.dataDir, { UIGNITER_SUBNET: `${second}.0/24` })
+    const bridge = daemon.env.UIGNITER_BRIDGE ?? ''
+    await run('ip', ['link', 'add', bridge, 'type', 'bridge'])
+    await run('ip', ['addr', 'add', `${second}.1/24`, 'dev', bridge])
+    await run('ip', ['link', 'set', bridge, 'up'])
+    const holder = spawn('python3', ['-c', HOLD_PORT_67, bridge], { stdio: ['pipe', 'pipe', 'inherit'] })
+    const holderExited = new Promise((resolve) => holder.once('exit', resolve))
+    try {
+      await new Promise<void>((resolve, reject) => {
+        holder.stdout.once('data', () => resolve())
+        holder.once('exit', (code) => reject(new Error(`the port holder exited with ${code}`)))
+      })
+      await daemon.start()
+      assert.match(daemon.output, /UIG_ERR_NET_DHCP_FAILED/)
+      assert.match(daemon.output, /Address already in use/)
+
+      const vm = await daemon.api.call<Vm>('POST', '/v1/vms', { name: 'uk-nodhcp', image: 'uk-probe', network: 'bridge' })
+      const logs = await consoleUntil(vm, 'UIG-DONE')
+      assert.equal(consoleFields(logs, 'UIG-ENV')?.ip, vm.ipAddress, 'the command line still carries the address')
+      assert.deepEqual(consoleFields(logs, 'UIG-LEASE'), { none: '' }, 'no DHCP server answered')
+    } finally {
+      holder.kill()
+      await holderExited
+    }
+    // The daemon keeps retrying with a backoff; once the port is free its server runs.
+    const deadline = Date.now() + 60_000
+    while (!daemon.output.includes('DHCP server running') && Date.now() < deadline) await sleep(200)
+    assert.match(daemon.output, /DHCP server running/)
+    const vm = await daemon.api.call<Vm>('POST', '/v1/vms', { name: 'uk-dhcp', image: 'uk-probe', network: 'bridge' })
+    assert.equal(consoleFields(await consoleUntil(vm, 'UIG-DONE'), 'UIG-LEASE')?.ip, vm.ipAddress)
+  })
+
   test('an unknown placeholder is refused at build time, from flags and from a spec file, with its code', { timeout: 60_000 }, async () => {
     const flags = await runCli(['image', 'build', '--kernel', kernelPath, '--cmdline', 'console=ttyS0 --ip=eth0,{ip},{foo}', '-t', 'bad-uk'], { env: ctx.env })
     assert.equal(flags.code, 1, flags.stderr)
@@ -94,6 +132,16 @@ describe('unikernels on the bridge: DHCP and command-line placeholders', { timeo
     assert.ok(!images.stdout.includes('bad-uk'), 'nothing was stored')
   })
 })
+
+/** Holds UDP port 67 on one interface (SO_BINDTODEVICE), so that other bridges' servers are not disturbed. */
+const HOLD_PORT_67 = `
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, sys.argv[1].encode())
+s.bind(('0.0.0.0', 67))
+print('ready', flush=True)
+sys.stdin.read()
+`
 
 /** What the daemon hands guests: the host's nameservers that are not on loopback. */
 async function hostNameservers (): Promise<string[]> {

@@ -22,3 +22,9 @@ test('a malformed MAC or address is refused rather than written for dnsmasq to s
   assert.throws(() => renderDhcpHosts([{ mac: '02:00:00:00:00:01', ip: '10.77.0.2\nbad' }]), /not an IPv4/)
   assert.throws(() => renderDhcpHosts([{ mac: '02:00:00:00:00:01', ip: '10.77.0.256' }]), /not an IPv4/)
 })
+
+test('an address still leased to another MAC lists both, so that dnsmasq hands the lease over', () => {
+  const leases = new Map([['10.77.0.2', '02:00:00:00:00:99'], ['10.77.0.3', '02:00:00:00:00:03']])
+  assert.equal(renderDhcpHosts([{ mac: '02:00:00:00:00:01', ip: '10.77.0.2' }, { mac: '02:00:00:00:00:03', ip: '10.77.0.3' }], leases),
+    '02:00:00:00:00:01,02:00:00:00:00:99,10.77.0.2,infinite\n02:00:00:00:00:03,10.77.0.3,infinite\n')
+})
