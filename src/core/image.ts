@@ -53,7 +53,7 @@ const Argv = Type.Array(Type.String(), { default: [] })
 
 /** Signals an after-clone hook may send: ones whose default action does not end a process that ignores them, bar the USRs and HUP, which a hooked app handles. */
 export const AFTER_CLONE_SIGNALS = ['SIGHUP', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH', 'SIGURG', 'SIGCONT'] as const
-const HookTimeout = Type.Optional(Type.Integer({ minimum: 1, maximum: 60_000, description: 'Deadline of the hook in milliseconds (default 2000); a clone that misses it is destroyed' }))
+const HookTimeout = Type.Optional(Type.Integer({ minimum: 1, maximum: 60_000, description: 'Deadline of the hook in milliseconds (default 5000: under TCG a fresh clone runs the hook\'s code paths translated anew); a clone that misses it is destroyed' }))
 
 /**
  * What a clone's app is told once the clone has taken its own identity, before

@@ -6,7 +6,7 @@ import type { LaunchNetwork } from '../vmm/qemu/command-line.js'
 import type { ControlChannel } from '../vmm/qemu/control-channel.js'
 
 /** How long a clone's app has to answer its hook, unless the hook says otherwise. */
-export const DEFAULT_AFTER_CLONE_TIMEOUT_MS = 2000
+export const DEFAULT_AFTER_CLONE_TIMEOUT_MS = 5000
 
 /** A hook with its defaults filled in, as a template records it. */
 export type ResolvedAfterClone =

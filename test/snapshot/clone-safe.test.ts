@@ -119,14 +119,18 @@ describe('the Node.js clone-safety preload', () => {
     assert.equal(plain['randomFillSync u32 1 2'], '0,1,2,3,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31', 'the case really tests a range')
   })
 
-  test('the after-clone signal rekeys and acknowledges on $UIGNITER_ACK_FD, after the app\'s own listeners', { timeout: 60_000 }, async () => {
+  test('the after-clone signal marks the key stale and acknowledges on $UIGNITER_ACK_FD, after the app\'s own listeners', { timeout: 60_000 }, async () => {
     const script = String.raw`
       const state = globalThis[Symbol.for('uigniter.cloneSafe')]
       const before = state.rekeys
       let own = false
       process.on('SIGUSR2', () => { own = true })
       require('node:fs').writeSync(1, 'ready\n')
-      setTimeout(() => { console.log(JSON.stringify({ before, after: state.rekeys, own })) }, 3000)
+      setTimeout(() => {
+        const signalled = { rekeys: state.rekeys, stale: state.stale }
+        require('node:crypto').randomUUID()
+        console.log(JSON.stringify({ before, signalled, drawn: { rekeys: state.rekeys, stale: state.stale }, own }))
+      }, 3000)
     `
     const child = spawn(process.execPath, ['--require', CLONE_SAFE_PRELOAD, '-e', script], { stdio: ['ignore', 'pipe', 'inherit', 'pipe'], env: { ...process.env, UIGNITER_ACK_FD: '3' } })
     let stdout = ''
@@ -136,6 +140,7 @@ describe('the Node.js clone-safety preload', () => {
     child.kill('SIGUSR2')
     assert.equal(await acked, '+')
     await new Promise((resolve) => child.on('close', resolve))
-    assert.deepEqual(JSON.parse(stdout.split('\n')[1] ?? ''), { before: 1, after: 2, own: true })
+    // The key is stale from the signal on, and drawn anew by the first output after it.
+    assert.deepEqual(JSON.parse(stdout.split('\n')[1] ?? ''), { before: 1, signalled: { rekeys: 1, stale: true }, drawn: { rekeys: 2, stale: false }, own: true })
   })
 })

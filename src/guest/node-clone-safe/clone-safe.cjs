@@ -11,10 +11,18 @@
  * drawn from the kernel, into every output of the APIs below: each output is
  * XORed with an AES-256-CTR keystream under that key, so it stays uniformly
  * random and differs between clones once the key is re-drawn. The key is
- * re-drawn when the after-clone signal arrives (SIGUSR2, or
- * $UIGNITER_CLONE_SAFE_SIGNAL), and the init is told through its ack fd
- * ($UIGNITER_ACK_FD) only after that, so no request reaches the app first.
- * Caches this module keeps (UUIDs, randomInt, Math.random) are dropped then.
+ * re-drawn after the after-clone signal (SIGUSR2, or
+ * $UIGNITER_CLONE_SAFE_SIGNAL): its listener marks the key stale and then
+ * tells the init through its ack fd ($UIGNITER_ACK_FD), so no request
+ * reaches the app before; the first output after it draws the new key (and
+ * drops the caches this module keeps: UUIDs, randomInt, Math.random). Doing
+ * the drawing there rather than in the listener keeps the hook itself short:
+ * under TCG a fresh clone translates every code path it runs anew.
+ * A second trigger needs no hook: the init's identity steps the wall clock
+ * of every clone to the host's time, while the monotonic clock runs on from
+ * the snapshot, so a change of their difference also marks the key stale.
+ * It costs two clock reads (vDSO, no system call) per output; the hook stays
+ * the guarantee, this is the net for a template whose hook was replaced.
  *
  * Covered: crypto.randomBytes, randomFill, randomFillSync, randomUUID,
  * randomInt, getRandomValues, webcrypto.getRandomValues (= globalThis.crypto),
@@ -39,6 +47,17 @@ const webGetRandomValues = Object.getPrototypeOf(webcrypto).getRandomValues
 
 let cipher
 let rekeys = 0
+/** Set by the after-clone signal: the next output draws a new key first. */
+let stale = false
+/** Wall clock minus monotonic clock, in ms, when the key was drawn; a step of more than CLOCK_STEP_MS means a clone took its identity. */
+const CLOCK_STEP_MS = 20
+const clockOffset = () => Date.now() - performance.now()
+let keyedOffset = 0
+
+/** Draws a new key first when the signal or a clock step said this may be a new instance. */
+function fresh () {
+  if (stale || Math.abs(clockOffset() - keyedOffset) > CLOCK_STEP_MS) rekey()
+}
 
 /** Bytes straight from the kernel's generator, which the init reseeds per clone; never from OpenSSL. */
 function kernelBytes (n) {
@@ -55,6 +74,8 @@ function kernelBytes (n) {
 
 /** A new instance key (and counter), and no bytes left over from the old one. */
 function rekey () {
+  stale = false
+  keyedOffset = clockOffset()
   const material = kernelBytes(48)
   cipher = crypto.createCipheriv('aes-256-ctr', material.subarray(0, 32), material.subarray(32))
   uuidOffset = UUID_CACHE
@@ -65,6 +86,7 @@ function rekey () {
 
 /** XORs the keystream into bytes `offset..offset+size` of buf (an ArrayBuffer or a view), in place. */
 function mix (buf, offset, size) {
+  fresh()
   if (size <= 0) return
   const bytes = buf instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && buf instanceof SharedArrayBuffer)
     ? new Uint8Array(buf, offset, size)
@@ -150,6 +172,7 @@ function randomUUID (options) {
   // Node's own checks of `options` (and its errors) when there are options to check.
   if (options !== undefined) original.randomUUID(options)
   if (options !== undefined && options.disableEntropyCache === true) return formatUuid(randomBytes(16), 0)
+  fresh()
   if (uuidOffset === UUID_CACHE) {
     randomFillSync(uuidData)
     uuidOffset = 0
@@ -179,6 +202,7 @@ function randomInt (min, max, callback) {
   }
   const range = max - min
   const randLimit = RAND_MAX - (RAND_MAX % range)
+  fresh()
   for (;;) {
     if (intOffset === INT_CACHE) {
       randomFillSync(intData)
@@ -207,6 +231,7 @@ const mathData = Buffer.alloc(MATH_CACHE)
 let mathOffset = MATH_CACHE
 
 function random () {
+  fresh()
   if (mathOffset === MATH_CACHE) {
     randomFillSync(mathData)
     mathOffset = 0
@@ -239,7 +264,7 @@ require('node:module').syncBuiltinESMExports()
 const signal = process.env.UIGNITER_CLONE_SAFE_SIGNAL || 'SIGUSR2'
 const ackFd = /^\d+$/.test(process.env.UIGNITER_ACK_FD || '') ? Number(process.env.UIGNITER_ACK_FD) : undefined
 process.on(signal, () => {
-  rekey()
+  stale = true
   // After every listener of this emit ran (the app's own, too), so that the ack means "all rekeyed".
   process.nextTick(() => {
     if (ackFd === undefined) return
@@ -251,4 +276,4 @@ process.on(signal, () => {
   })
 })
 
-Object.defineProperty(globalThis, Symbol.for('uigniter.cloneSafe'), { value: Object.freeze({ rekey, get rekeys () { return rekeys }, signal }) })
+Object.defineProperty(globalThis, Symbol.for('uigniter.cloneSafe'), { value: Object.freeze({ rekey, get rekeys () { return rekeys }, get stale () { return stale }, signal }) })
