@@ -89,6 +89,7 @@ export const imageCommands: Command[] = [
       '--node DIR            a Node.js app directory (with node_modules); --entry FILE (default index.js)',
       '--rootfs DIR          a root file system; --entrypoint /path/inside/DIR',
       '--kernel FILE         bring your own unikernel; --disk FILE, --cmdline TEXT, --machine microvm|q35|pc',
+      '--cmdline TEXT        the unikernel\'s command line; {ip} {prefix} {netmask} {gateway} {dns} {hostname} are filled per VM, {{ and }} are braces',
       '--format F            auto (default) | initramfs | squashfs | ext4',
       '-e, --env K=V         environment of the app (repeatable)',
       '--workdir DIR         working directory of the app',
