@@ -60,8 +60,8 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
   log.info({ accel }, `accelerator: ${accel.accel} (${accel.reason})`)
 
   let network: HostNetwork | undefined
-  let networkInfo: DaemonInfo['network']
   let dhcp: DhcpServer | undefined
+  let networkInfo: DaemonInfo['network']
   if (config.network.mode === 'bridge' && process.getuid?.() === 0) {
     // One nftables table per bridge, so that two daemons (say, a test's and the host's) never rewrite each other's rules.
     network = new HostNetwork({
@@ -73,13 +73,13 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
       logger: log.child({ component: 'net' })
     })
     await network.setup()
-    networkInfo = { mode: 'bridge', bridge: config.network.bridge, subnet: config.network.subnet }
     // DHCP for unikernels that take their address from the network. A server that cannot start is
     // logged and retried, but does not stop the daemon: VMs given their address on their command line need none.
     const bridgeNetwork = network
     dhcp = new DhcpServer({ bridge: config.network.bridge, subnet: network.subnet, nameservers: async () => await bridgeNetwork.nameservers(), logger: log.child({ component: 'dhcp' }) })
     await network.useDhcp(dhcp)
     await dhcp.start().catch((err: unknown) => { log.error({ err }, 'the DHCP server on the bridge did not start; retrying in the background') })
+    networkInfo = { mode: 'bridge', bridge: config.network.bridge, subnet: config.network.subnet }
   } else {
     const reason = config.network.mode === 'user' ? 'network.mode is "user"' : 'not root: taps need root, so VMs use QEMU user-mode networking'
     log.warn(reason)
@@ -165,10 +165,10 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
       await gateway.close()
       pools.close()
       await manager.close()
+      await dhcp?.close()
       store.close()
     }
   }
-      await dhcp?.close()
 }
 
 async function probeAccel (config: Config, log: Logger): Promise<AccelChoice> {
