@@ -1,3 +1,4 @@
+import { writeFileSync } from 'node:fs'
 import { mkdir, readFile, rmdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -90,23 +91,36 @@ export class VmCgroup {
     try {
       if (layout.version === 1) {
         const dir = (c: Controller): string => join(layout.mounts[c], CGROUP_PARENT, name)
-        for (const c of CONTROLLERS) await mkdir(dir(c), { recursive: true })
-        await inheritCpuset(layout.mounts.cpuset)
+        const parentCpuset = await inheritCpuset(layout.mounts.cpuset)
         const group = new VmCgroup({ version: 1, dirs: CONTROLLERS.map(dir) })
-        await writeFile(join(dir('cpu'), 'cpu.cfs_period_us'), String(PERIOD_US))
-        await writeFile(join(dir('cpu'), 'cpu.cfs_quota_us'), String(quota))
-        const parent = join(layout.mounts.cpuset, CGROUP_PARENT)
-        await writeFile(join(dir('cpuset'), 'cpuset.cpus'), cpuset ?? (await readFile(join(parent, 'cpuset.cpus'), 'utf8')).trim())
-        await writeFile(join(dir('cpuset'), 'cpuset.mems'), (await readFile(join(parent, 'cpuset.mems'), 'utf8')).trim())
-        // Lower the swap-inclusive limit first when it is above, or the kernel refuses memory.limit_in_bytes.
-        const memsw = join(dir('memory'), 'memory.memsw.limit_in_bytes')
-        await writeFile(join(dir('memory'), 'memory.limit_in_bytes'), String(limits.memoryBytes)).catch(async () => {
-          await writeFile(memsw, String(limits.memoryBytes))
-          await writeFile(join(dir('memory'), 'memory.limit_in_bytes'), String(limits.memoryBytes))
-        })
-        // No swap beyond the limit, so that the limit is what kills (absent without swap accounting).
-        await writeFile(memsw, String(limits.memoryBytes)).catch(() => {})
-        await writeFile(join(dir('pids'), 'pids.max'), String(limits.pidsMax))
+        // One hierarchy per controller: set them up side by side (a clone's start waits on this).
+        await Promise.all([
+          (async () => {
+            await mkdir(dir('cpu'), { recursive: true })
+            await writeFile(join(dir('cpu'), 'cpu.cfs_period_us'), String(PERIOD_US))
+            await writeFile(join(dir('cpu'), 'cpu.cfs_quota_us'), String(quota))
+          })(),
+          (async () => {
+            await mkdir(dir('cpuset'), { recursive: true })
+            await writeFile(join(dir('cpuset'), 'cpuset.cpus'), cpuset ?? parentCpuset.cpus)
+            await writeFile(join(dir('cpuset'), 'cpuset.mems'), parentCpuset.mems)
+          })(),
+          (async () => {
+            await mkdir(dir('memory'), { recursive: true })
+            // Lower the swap-inclusive limit first when it is below, or the kernel refuses memory.limit_in_bytes.
+            const memsw = join(dir('memory'), 'memory.memsw.limit_in_bytes')
+            await writeFile(join(dir('memory'), 'memory.limit_in_bytes'), String(limits.memoryBytes)).catch(async () => {
+              await writeFile(memsw, String(limits.memoryBytes))
+              await writeFile(join(dir('memory'), 'memory.limit_in_bytes'), String(limits.memoryBytes))
+            })
+            // No swap beyond the limit, so that the limit is what kills (absent without swap accounting).
+            await writeFile(memsw, String(limits.memoryBytes)).catch(() => {})
+          })(),
+          (async () => {
+            await mkdir(dir('pids'), { recursive: true })
+            await writeFile(join(dir('pids'), 'pids.max'), String(limits.pidsMax))
+          })()
+        ])
         return group
       }
       const parent = join(layout.root, CGROUP_PARENT)
@@ -134,6 +148,16 @@ export class VmCgroup {
   /** The files a process writes its pid to, to join this cgroup in every hierarchy. */
   get procsFiles (): string[] {
     return this.record.dirs.map((d) => join(d, 'cgroup.procs'))
+  }
+
+  /**
+   * Moves a process (and its threads) into the cgroup. Synchronous on
+   * purpose: called right after spawn() returns, while QEMU is still being
+   * loaded (libuv returns once exec succeeded; ld.so then maps QEMU's
+   * hundred-odd libraries), before its main() allocates anything.
+   */
+  joinSync (pid: number): void {
+    for (const file of this.procsFiles) writeFileSync(file, String(pid))
   }
 
   /** How many times the kernel's OOM killer killed a process of this cgroup (v1 memory.oom_control, v2 memory.events). */
@@ -207,12 +231,22 @@ export class VmCgroup {
   }
 }
 
-/** v1 creates a cpuset cgroup with no CPUs and no memory nodes; `uigniter/` takes the root's, so that its children can. */
-async function inheritCpuset (mount: string): Promise<void> {
+/**
+ * v1 creates a cpuset cgroup with no CPUs and no memory nodes; `uigniter/`
+ * takes the root's, so that its children can. Resolves with what a child
+ * inherits: the CPUs and memory nodes of `uigniter/`.
+ */
+async function inheritCpuset (mount: string): Promise<{ cpus: string, mems: string }> {
   const parent = join(mount, CGROUP_PARENT)
-  for (const file of ['cpuset.cpus', 'cpuset.mems']) {
-    if ((await readFile(join(parent, file), 'utf8')).trim() === '') {
-      await writeFile(join(parent, file), (await readFile(join(mount, file), 'utf8')).trim())
+  await mkdir(parent, { recursive: true })
+  const out = { cpus: '', mems: '' }
+  for (const key of ['cpus', 'mems'] as const) {
+    const file = `cpuset.${key}`
+    out[key] = (await readFile(join(parent, file), 'utf8')).trim()
+    if (out[key] === '') {
+      out[key] = (await readFile(join(mount, file), 'utf8')).trim()
+      await writeFile(join(parent, file), out[key])
     }
   }
+  return out
 }

@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto'
-import { chmod, mkdir, readFile, readdir, rm, stat } from 'node:fs/promises'
+import { chmod, mkdir, readFile, rm, stat, unlink, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
-import { UigniterError } from '../../core/errors.js'
+import { UigniterError, hasErrno } from '../../core/errors.js'
 import { run } from '../../core/exec.js'
 import { VmCgroup, detectCgroupLayout, type CgroupLayout, type CgroupRecord } from './cgroup.js'
 
@@ -17,9 +17,13 @@ export interface JailOptions {
   pidsMax: number
   /** Per-VM cgroups (default true); without a usable cgroup layout the jail runs without them and says so. */
   cgroups?: boolean
+  /** Where each taken uid has a lock file naming its VM's state directory, shared by every daemon on the host (default /run/uigniter/jail-uids). */
+  lockDir?: string
 }
 
 export const DEFAULT_JAIL: JailOptions = { uidBase: 640_000, uidCount: 10_000, gid: 640_000, memoryOverheadMiB: 96, pidsMax: 256, cgroups: true }
+/** A lock this young is taken even when its VM's QEMU is not found: that VM may be starting. */
+const LOCK_GRACE_MS = 60_000
 
 /** A VM's jail as launch.json records it. */
 export interface JailRecord {
@@ -51,19 +55,22 @@ export function jailArgs (jail: { uid: number, gid: number, root: string }): str
 
 /**
  * Allocates each VM's uid, makes its chroot and its cgroup, and releases
- * them when the VM ends. A uid is free when no VM of this jailer holds it
- * and no host process runs as it (another daemon's VM, or one not adopted
- * yet): two QEMUs never share a uid, so one escaped QEMU cannot signal,
- * ptrace or read another.
+ * them when the VM ends. A uid is taken with a lock file (O_EXCL) that names
+ * the VM's state directory, in a directory every daemon on the host shares:
+ * two QEMUs never share a uid, so one escaped QEMU cannot signal, ptrace or
+ * read another. A lock whose VM is gone (a daemon that crashed) is taken
+ * over. A scan of /proc would do as well but costs milliseconds per start.
  */
 export class Jailer {
   readonly options: Required<JailOptions>
-  readonly #held = new Set<number>()
+  /** uid → the state directory of the VM that holds it. */
+  readonly #held = new Map<number, string>()
   #layout: Promise<CgroupLayout | undefined> | undefined
+  #lockDirMade: Promise<unknown> | undefined
 
   constructor (options: JailOptions) {
     if (options.uidBase < 1 || options.uidCount < 1 || options.gid < 1) throw new UigniterError('UIG_ERR_CONFIG_INVALID', 'jail.uidBase, jail.uidCount and jail.gid must be positive: a jailed QEMU never runs as root')
-    this.options = { cgroups: true, ...options }
+    this.options = { cgroups: true, lockDir: '/run/uigniter/jail-uids', ...options }
   }
 
   /** The host's cgroup layout, probed once; undefined when cgroups are off or unusable. */
@@ -77,23 +84,52 @@ export class Jailer {
   async takeUid (stateDir: string): Promise<number> {
     const { uidBase, uidCount } = this.options
     const start = Number.parseInt(createHash('sha256').update(stateDir).digest('hex').slice(0, 8), 16) % uidCount
-    const busy = await hostUids()
+    this.#lockDirMade ??= mkdir(this.options.lockDir, { recursive: true, mode: 0o700 })
+    await this.#lockDirMade
     for (let i = 0; i < uidCount; i++) {
       const uid = uidBase + (start + i) % uidCount
-      if (this.#held.has(uid) || busy.has(uid)) continue
-      this.#held.add(uid)
-      return uid
+      if (this.#held.has(uid)) continue
+      if (await this.#lock(uid, stateDir)) {
+        this.#held.set(uid, stateDir)
+        return uid
+      }
     }
     throw new UigniterError('UIG_ERR_JAIL_SETUP', `every jail uid from ${uidBase} to ${uidBase + uidCount - 1} is in use: raise jail.uidCount`)
   }
 
-  /** Marks an adopted VM's uid as taken. */
-  holdUid (uid: number): void {
-    this.#held.add(uid)
+  /** Marks an adopted VM's uid as taken (its lock rewritten, in case it was lost). */
+  async holdUid (uid: number, stateDir: string): Promise<void> {
+    this.#held.set(uid, stateDir)
+    await mkdir(this.options.lockDir, { recursive: true, mode: 0o700 })
+    await writeFile(this.#lockPath(uid), stateDir)
   }
 
-  releaseUid (uid: number): void {
+  /** Gives a uid back: its lock goes, if it is still this VM's. */
+  async releaseUid (uid: number): Promise<void> {
+    const stateDir = this.#held.get(uid)
     this.#held.delete(uid)
+    if (stateDir === undefined) return
+    const owner = await readFile(this.#lockPath(uid), 'utf8').catch(() => undefined)
+    if (owner === stateDir) await unlink(this.#lockPath(uid)).catch(() => {})
+  }
+
+  #lockPath (uid: number): string {
+    return join(this.options.lockDir, String(uid))
+  }
+
+  /** Takes uid's lock for stateDir: free, already this VM's, or left by a VM that is gone. */
+  async #lock (uid: number, stateDir: string): Promise<boolean> {
+    const path = this.#lockPath(uid)
+    try {
+      await writeFile(path, stateDir, { flag: 'wx', mode: 0o600 })
+      return true
+    } catch (err) {
+      if (!hasErrno(err, 'EEXIST')) throw new UigniterError('UIG_ERR_JAIL_SETUP', `cannot take the jail uid lock ${path}: ${(err as Error).message}`, { cause: err })
+    }
+    const owner = await readFile(path, 'utf8').catch(() => '')
+    if (owner !== stateDir && await lockAlive(path, owner, uid)) return false
+    await writeFile(path, stateDir, { mode: 0o600 })
+    return true
   }
 
   /**
@@ -104,7 +140,7 @@ export class Jailer {
    */
   async prepare (options: { id: string, stateDir: string, uid: number, vcpus: number, memoryMiB: number, cpuAffinity?: number[], writableShares?: boolean }): Promise<{ record: JailRecord, cgroup?: VmCgroup }> {
     const root = join(options.stateDir, 'root')
-    await Jailer.unmountProc(root)
+    if (await stat(join(root, 'proc')).then(() => true, () => false)) await Jailer.unmountProc(root)
     await rm(root, { recursive: true, force: true })
     await mkdir(root, { mode: 0o755 })
     await chmod(root, 0o755)
@@ -144,18 +180,6 @@ export class Jailer {
   }
 
   /**
-   * The program and arguments that start QEMU inside its cgroup: a shell
-   * writes its own pid to each hierarchy's cgroup.procs, then execs QEMU
-   * (same pid), so that QEMU is charged from its first page. Measured here:
-   * the shell adds about 1 ms.
-   */
-  static spawnCommand (qemu: string, argv: string[], cgroup: VmCgroup | undefined): { file: string, args: string[] } {
-    if (cgroup === undefined) return { file: qemu, args: argv }
-    const script = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
-    return { file: '/bin/sh', args: ['-c', script, 'uigniter-jail', ...cgroup.procsFiles, '--', qemu, ...argv] }
-  }
-
-  /**
    * A share is read (and written) by QEMU as the VM's uid and the jail's
    * group: refuses one that group cannot use, with what to do about it.
    */
@@ -172,16 +196,15 @@ export class Jailer {
   }
 }
 
-/** The uids of every process on the host (/proc/PID is owned by the process's uid). */
-async function hostUids (): Promise<Set<number>> {
-  const uids = new Set<number>()
-  const entries = await readdir('/proc').catch(() => [])
-  await Promise.all(entries.filter((e) => /^\d+$/.test(e)).map(async (e) => {
-    try {
-      uids.add((await stat(`/proc/${e}`)).uid)
-    } catch { /* gone meanwhile */ }
-  }))
-  return uids
+/** A lock is alive while it is young (its VM may be starting) or its VM's QEMU runs as its uid (/proc/PID belongs to the process's uid). */
+async function lockAlive (path: string, owner: string, uid: number): Promise<boolean> {
+  try {
+    if (Date.now() - (await stat(path)).mtimeMs < LOCK_GRACE_MS) return true
+    const pid = Number((await readFile(join(owner, 'qemu.pid'), 'utf8')).trim())
+    return Number.isInteger(pid) && pid > 0 && (await stat(`/proc/${pid}`)).uid === uid
+  } catch {
+    return false
+  }
 }
 
 /**

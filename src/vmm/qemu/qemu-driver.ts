@@ -127,7 +127,7 @@ export class QemuDriver {
     let cgroup: VmCgroup | undefined
     // Until a QemuVm owns them, a failed start gives the uid and the cgroup back.
     const undoJail = async (): Promise<void> => {
-      if (uid !== undefined) jailer?.releaseUid(uid)
+      if (uid !== undefined) await jailer?.releaseUid(uid)
       if (jailer !== undefined) await Jailer.unmountProc(dir.rootDir).catch((err: unknown) => this.#log.warn({ err, vm: id }, 'cannot unmount the procfs of a VM that did not start'))
       await cgroup?.remove().catch((err: unknown) => this.#log.warn({ err, vm: id }, 'cannot remove the cgroup of a VM that did not start'))
     }
@@ -167,9 +167,17 @@ export class QemuDriver {
       const out = openSync(dir.qemuLog, 'a')
       const incoming = options.incomingState !== undefined ? openIncoming(options.incomingState) : undefined
       try {
-        const command = Jailer.spawnCommand(this.#qemu, argv, cgroup)
         // detached: its own session, so that the daemon's terminal and signals do not reach it.
-        child = spawn(command.file, command.args, { detached: true, stdio: ['ignore', out, out, ...(incoming !== undefined ? [incoming] : [])], cwd: dir.dir })
+        child = spawn(this.#qemu, argv, { detached: true, stdio: ['ignore', out, out, ...(incoming !== undefined ? [incoming] : [])], cwd: dir.dir })
+        // At once, before QEMU's main() runs (see VmCgroup.joinSync): every page it touches is charged there.
+        if (cgroup !== undefined && child.pid !== undefined) {
+          try {
+            cgroup.joinSync(child.pid)
+          } catch (err) {
+            child.kill('SIGKILL')
+            throw new UigniterError('UIG_ERR_JAIL_SETUP', `cannot move QEMU (pid ${child.pid}) into its cgroup: ${(err as Error).message}`, { cause: err })
+          }
+        }
       } finally {
         closeSync(out)
         if (incoming !== undefined) closeSync(incoming)
@@ -227,7 +235,7 @@ export class QemuDriver {
       livenessPollMs: this.#livenessMs,
       assumeBooted: restored(record),
       ...(cgroup !== undefined ? { cgroup } : {}),
-      forget: () => { this.#vms.delete(dir.dir); if (uid !== undefined) jailer?.releaseUid(uid) }
+      forget: () => { this.#vms.delete(dir.dir); if (uid !== undefined) void jailer?.releaseUid(uid) }
     })
     this.#vms.set(dir.dir, vm)
     log.info({ pid, argv, ...(record.jail !== undefined ? { jail: record.jail } : {}) }, 'QEMU started')
@@ -265,7 +273,7 @@ export class QemuDriver {
     const cgroup = record.jail?.cgroup !== undefined ? VmCgroup.of(record.jail.cgroup) : undefined
     const jailUid = record.jail?.uid
     if (proc !== undefined && await proc.alive() && await proc.isQemuOf(dir.dir)) {
-      if (jailUid !== undefined) this.#jailer?.holdUid(jailUid)
+      if (jailUid !== undefined) await this.#jailer?.holdUid(jailUid, dir.dir)
       try {
         const startedAtBootUs = await proc.startedAtBootUs()
         const qmp = await QmpClient.connect(dir.qmpSocket, { timeoutMs: 5000 })
@@ -282,7 +290,7 @@ export class QemuDriver {
           livenessPollMs: this.#livenessMs,
           assumeBooted: rotated || restored(record),
           ...(cgroup !== undefined ? { cgroup } : {}),
-          forget: () => { this.#vms.delete(dir.dir); if (jailUid !== undefined) this.#jailer?.releaseUid(jailUid) }
+          forget: () => { this.#vms.delete(dir.dir); if (jailUid !== undefined) void this.#jailer?.releaseUid(jailUid) }
         })
         this.#vms.set(dir.dir, vm)
         // The log may have grown past its bound while no daemon watched it.
@@ -290,7 +298,7 @@ export class QemuDriver {
         this.#log.info({ vm: record.id, pid: proc.pid }, 'adopted a running QEMU')
         return vm
       } catch (err) {
-        if (jailUid !== undefined) this.#jailer?.releaseUid(jailUid)
+        if (jailUid !== undefined) await this.#jailer?.releaseUid(jailUid)
         // It may have ended while we looked; otherwise its monitor is unusable.
         if (await proc.alive()) throw err
       }
@@ -309,6 +317,10 @@ export class QemuDriver {
     })
     await dir.writeExit(exit).catch(() => {})
     await cgroup?.remove().catch((err: unknown) => this.#log.warn({ err, vm: record.id }, 'cannot remove the cgroup of a VM that ended while the daemon was down'))
+    if (record.jail !== undefined && this.#jailer !== undefined) {
+      // Its uid's lock, if it is still this VM's, goes with it.
+      await this.#jailer.holdUid(record.jail.uid, dir.dir).then(async () => { if (record.jail !== undefined) await this.#jailer?.releaseUid(record.jail.uid) }).catch(() => {})
+    }
     if (record.jail?.proc === true) await Jailer.unmountProc(dir.rootDir).catch((err: unknown) => this.#log.warn({ err, vm: record.id }, 'cannot unmount the jail\'s procfs'))
     this.#log.info({ vm: record.id, exit }, 'the VM ended while the daemon was down')
     return { dead: true, exit }
