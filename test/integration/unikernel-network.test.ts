@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict'
-import { spawn } from 'node:child_process'
+import { holdDhcpPort } from '../helpers/dhcp-port-holder.js'
 import { mkdir, readFile, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
@@ -91,13 +91,8 @@ describe('unikernels on the bridge: DHCP and command-line placeholders', { timeo
     await run('ip', ['link', 'add', bridge, 'type', 'bridge'])
     await run('ip', ['addr', 'add', `${second}.1/24`, 'dev', bridge])
     await run('ip', ['link', 'set', bridge, 'up'])
-    const holder = spawn('python3', ['-c', HOLD_PORT_67, bridge], { stdio: ['pipe', 'pipe', 'inherit'] })
-    const holderExited = new Promise((resolve) => holder.once('exit', resolve))
+    const holder = await holdDhcpPort(bridge)
     try {
-      await new Promise<void>((resolve, reject) => {
-        holder.stdout.once('data', () => resolve())
-        holder.once('exit', (code) => reject(new Error(`the port holder exited with ${code}`)))
-      })
       await daemon.start()
       assert.match(daemon.output, /UIG_ERR_NET_DHCP_FAILED/)
       assert.match(daemon.output, /Address already in use/)
@@ -107,8 +102,7 @@ describe('unikernels on the bridge: DHCP and command-line placeholders', { timeo
       assert.equal(consoleFields(logs, 'UIG-ENV')?.ip, vm.ipAddress, 'the command line still carries the address')
       assert.deepEqual(consoleFields(logs, 'UIG-LEASE'), { none: '' }, 'no DHCP server answered')
     } finally {
-      holder.kill()
-      await holderExited
+      await holder.release()
     }
     // The daemon keeps retrying with a backoff; once the port is free its server runs.
     const deadline = Date.now() + 60_000
@@ -132,16 +126,6 @@ describe('unikernels on the bridge: DHCP and command-line placeholders', { timeo
     assert.ok(!images.stdout.includes('bad-uk'), 'nothing was stored')
   })
 })
-
-/** Holds UDP port 67 on one interface (SO_BINDTODEVICE), so that other bridges' servers are not disturbed. */
-const HOLD_PORT_67 = `
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, sys.argv[1].encode())
-s.bind(('0.0.0.0', 67))
-print('ready', flush=True)
-sys.stdin.read()
-`
 
 /** What the daemon hands guests: the host's nameservers that are not on loopback. */
 async function hostNameservers (): Promise<string[]> {

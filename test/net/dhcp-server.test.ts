@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict'
-import { spawn } from 'node:child_process'
+import { holdDhcpPort } from '../helpers/dhcp-port-holder.js'
 import { access, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -141,13 +141,8 @@ describe('the DHCP server on the bridge (dnsmasq)', { timeout: 180_000 }, () => 
     const otherSubnet = Subnet.parseForVms((await freeSubnets(1))[0] ?? '')
     await sh('ip', 'addr', 'add', otherSubnet.gatewayCidr, 'dev', other)
     await sh('ip', 'link', 'set', other, 'up')
-    const holder = spawn('python3', ['-c', HOLD_PORT_67, other], { stdio: ['pipe', 'pipe', 'inherit'] })
-    const holderExited = new Promise((resolve) => holder.once('exit', resolve))
-    cleanup.push(async () => { holder.kill(); await holderExited })
-    await new Promise<void>((resolve, reject) => {
-      holder.stdout.once('data', () => resolve())
-      holder.once('exit', (code) => reject(new Error(`the port holder exited with ${code}`)))
-    })
+    const holder = await holdDhcpPort(other)
+    cleanup.push(holder.release)
     const blocked = new DhcpServer({ bridge: other, subnet: otherSubnet, nameservers: noNameservers, stateDir: join(DHCP_STATE_ROOT, other), backoff: { initialMs: 300, maxMs: 300 } })
     cleanup.push(async () => await blocked.close())
     await rejectsWith(blocked.start(), 'UIG_ERR_NET_DHCP_FAILED', `bridge ${other}`, 'Address already in use', 'UDP port 67', 'kernel command line are not affected')
@@ -157,8 +152,7 @@ describe('the DHCP server on the bridge (dnsmasq)', { timeout: 180_000 }, () => 
     // Our first server is unaffected.
     assert.equal(dhcp.status().state, 'running')
 
-    holder.kill()
-    await holderExited
+    await holder.release()
     const deadline = Date.now() + 10_000
     while (blocked.status().state !== 'running' && Date.now() < deadline) await sleep(50)
     assert.equal(blocked.status().state, 'running', JSON.stringify(blocked.status()))
@@ -200,11 +194,3 @@ function alive (pid: number): boolean {
   }
 }
 
-const HOLD_PORT_67 = `
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, sys.argv[1].encode())
-s.bind(('0.0.0.0', 67))
-print('ready', flush=True)
-sys.stdin.read()
-`
