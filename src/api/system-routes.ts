@@ -102,7 +102,7 @@ export function systemRoutes (parts: { manager: VmManager, templates: TemplateMa
     app.get<{ Querystring: { vm?: string } }>('/v1/events', {
       schema: {
         tags: ['system'],
-        summary: 'Server-sent events: `vm.state` with the VM record at each state change; `template.creating|created|deleted`; `service.*` with each decision of a service controller; `pool.create-failed|recovered` when a pool\'s refill fails or recovers',
+        summary: 'Server-sent events: `vm.state` with the VM record at each state change; `template.creating|created|deleted|clone-unsafe`; `service.*` with each decision of a service controller; `pool.create-failed|recovered` when a pool\'s refill fails or recovers',
         querystring: Type.Object({ vm: Type.Optional(Type.String({ description: 'Only this VM id' })) }, { additionalProperties: false })
       }
     }, async (request, reply) => {

@@ -17,7 +17,7 @@ export type ResolvedAfterClone =
 export interface HookAddress { host: string, port: number }
 
 /**
- * Fills in a hook's defaults: SIGUSR2, the template's probe port, 2 s.
+ * Fills in a hook's defaults: SIGUSR2, the template's probe port, DEFAULT_AFTER_CLONE_TIMEOUT_MS.
  * Throws UIG_ERR_TEMPLATE_INVALID for an HTTP hook with no port to go to.
  */
 export function resolveAfterClone (hook: AfterClone, defaultPort: number | undefined): ResolvedAfterClone {
