@@ -62,10 +62,9 @@ export async function detectCgroupLayout (mountsText?: string): Promise<CgroupLa
 
 /**
  * One VM's cgroup: CPU quota, cpuset, memory limit and pids limit, on v1 or
- * v2. QEMU joins it before it runs (VmCgroup.procsFiles: the driver's
- * wrapper writes its own pid there, then execs QEMU), so that every page it
- * touches is charged here and the kernel's OOM killer, when the limit is
- * hit, picks QEMU alone.
+ * v2. The driver moves QEMU into it as spawn() returns (joinSync), before
+ * QEMU's main() allocates anything, so that the guest's pages are charged
+ * here and the kernel's OOM killer, when the limit is hit, picks QEMU alone.
  */
 export class VmCgroup {
   readonly record: CgroupRecord
