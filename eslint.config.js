@@ -19,6 +19,17 @@ export default tseslint.config(
     }
   },
   { files: ['src/cli/**', 'bench/**', 'scripts/**'], rules: { 'no-console': 'off' } },
+  // Plain CommonJS shipped into guests (the Node.js clone-safety preload): no TypeScript project to type-check it against.
+  {
+    files: ['**/*.cjs'],
+    ...tseslint.configs.disableTypeChecked,
+    languageOptions: {
+      ...tseslint.configs.disableTypeChecked.languageOptions,
+      sourceType: 'commonjs',
+      globals: { require: 'readonly', module: 'writable', exports: 'writable', process: 'readonly', Buffer: 'readonly', globalThis: 'readonly', performance: 'readonly', setTimeout: 'readonly', queueMicrotask: 'readonly' }
+    },
+    rules: { ...tseslint.configs.disableTypeChecked.rules, '@typescript-eslint/no-require-imports': 'off' }
+  },
   // fastify's plugins and handlers are async by contract, awaited or not.
   { files: ['src/api/**'], rules: { '@typescript-eslint/require-await': 'off' } }
 )

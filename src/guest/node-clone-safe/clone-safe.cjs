@@ -113,7 +113,7 @@ function randomFillSync (buf, offset = 0, size) {
   return out
 }
 
-function randomFill (buf, offset, size, callback) {
+function randomFill (buf, offset, size, _callback) {
   const es = elementSize(buf)
   let off, len, cbIndex
   if (typeof offset === 'function') {
@@ -132,7 +132,7 @@ function randomFill (buf, offset, size, callback) {
   const args = Array.prototype.slice.call(arguments, 0, Math.max(arguments.length, cbIndex + 1))
   const cb = args[cbIndex]
   if (typeof cb === 'function') {
-    args[cbIndex] = function (err, filled) {
+    args[cbIndex] = function (err, _filled) {
       if (!err) mix(buf, off, len)
       return cb.apply(this, arguments)
     }
