@@ -8,7 +8,7 @@ import { Template } from '../../src/snapshot/template.js'
 import { chooseAccel } from '../../src/vmm/qemu/accel-probe.js'
 import { USER_NETWORK, type Accel } from '../../src/vmm/qemu/command-line.js'
 import { freePort } from '../../src/vmm/qemu/image-boot.js'
-import { DEFAULT_JAIL, type JailOptions } from '../../src/vmm/qemu/jail.js'
+import { DEFAULT_JAIL, VMM_THREADS_CPUS, type JailOptions } from '../../src/vmm/qemu/jail.js'
 import { QemuDriver, type GuestLaunch } from '../../src/vmm/qemu/qemu-driver.js'
 import type { QemuVm } from '../../src/vmm/qemu/qemu-vm.js'
 import { VmStateDir } from '../../src/vmm/qemu/vm-state-dir.js'
@@ -123,7 +123,7 @@ describe('the QEMU jail: real VMs', { skip: root ? false : 'the jail needs root'
       const cgroup = vm.cgroup
       assert.ok(cgroup !== undefined, 'a jailed VM has a cgroup')
       const limits = await cgroup.readLimits()
-      assert.equal(limits.cpuQuotaUs, limits.cpuPeriodUs, 'one vCPU: one CPU of quota')
+      assert.equal(limits.cpuQuotaUs, (1 + VMM_THREADS_CPUS) * limits.cpuPeriodUs, 'one vCPU, and a CPU for QEMU\'s own threads')
       assert.equal(limits.cpuset, cpuset)
       assert.equal(limits.memoryBytes, (memoryMiB + JAIL.memoryOverheadMiB) * 1024 * 1024)
       assert.equal(limits.pidsMax, JAIL.pidsMax)

@@ -6,6 +6,15 @@ import { run } from '../../core/exec.js'
 import { VmCgroup, detectCgroupLayout, type CgroupLayout, type CgroupRecord } from './cgroup.js'
 
 /** How the driver jails each QEMU (config `jail`). */
+
+/**
+ * CPU quota beyond the vCPUs, for QEMU's own threads (main loop, device
+ * emulation, I/O). Under TCG each vCPU thread alone can fill its CPU; with a
+ * quota of exactly the vCPUs the device emulation was starved under load,
+ * and the service tests' health checks and rolling updates failed.
+ */
+export const VMM_THREADS_CPUS = 1
+
 export interface JailOptions {
   /** Each VM's QEMU runs as its own uid from [uidBase, uidBase + uidCount). */
   uidBase: number
@@ -161,7 +170,7 @@ export class Jailer {
     const memoryLimitMiB = options.memoryMiB + this.options.memoryOverheadMiB
     const name = `${options.id}-${createHash('sha256').update(options.stateDir).digest('hex').slice(0, 8)}`
     const cgroup = await VmCgroup.create(layout, name, {
-      cpus: options.vcpus,
+      cpus: options.vcpus + VMM_THREADS_CPUS,
       ...(options.cpuAffinity !== undefined ? { cpuset: options.cpuAffinity } : {}),
       memoryBytes: memoryLimitMiB * 1024 * 1024,
       pidsMax: this.options.pidsMax
