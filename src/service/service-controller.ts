@@ -390,14 +390,16 @@ export class ServiceController {
     })
   }
 
-  /** An unhealthy replica: out of the gateway now, replaced, and stopped. */
+  /**
+   * An unhealthy replica: out of the gateway now and replaced at once, then
+   * drained before it is stopped. A replica that misses its checks is often
+   * only slow (a fresh clone under load under TCG): killing it at once cut
+   * the requests it was still answering.
+   */
   #fail (replica: Replica, why: string): void {
     this.#setHealth(replica, 'unhealthy')
     this.#event('service.replica-unhealthy', `replica ${replica.vm.name} ${why}; replacing it`, replica.vm.name)
-    this.#replicas.delete(replica.vm.id)
-    this.#deps.gateway.endpointDied(this.name, replica.vm.id)
-    this.#publish()
-    void this.#reap(replica.vm)
+    this.#drain(replica, 'unhealthy')
     this.kick()
   }
 
@@ -410,6 +412,8 @@ export class ServiceController {
       while (this.#deps.gateway.inFlight(this.name, replica.vm.id) > 0 && Date.now() < deadline) await sleep(20)
       const left = this.#deps.gateway.inFlight(this.name, replica.vm.id)
       await this.#reap(replica.vm, 2000)
+      // Whatever it still held is cut now, not left waiting on a VM that is gone.
+      this.#deps.gateway.endpointDied(this.name, replica.vm.id)
       this.#replicas.delete(replica.vm.id)
       this.#publish()
       this.#event('service.replica-stopped', `replica ${replica.vm.name} stopped${left > 0 ? ` with ${left} request(s) still in flight after ${this.spec.drainTimeoutMs} ms` : ' after its in-flight requests finished'}`, replica.vm.name)

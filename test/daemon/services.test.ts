@@ -32,6 +32,7 @@ describe('services, the registry and the gateway', () => {
       await sleep(100)
     }
   }
+  const HEALTH = { intervalMs: 300, timeoutMs: 2000, unhealthyThreshold: 4 }
   const healthy = (s: ServiceStatus): string[] => s.endpoints.filter((e) => e.health === 'healthy' && e.vm !== null).map((e) => e.id)
 
   before(async () => {
@@ -75,7 +76,9 @@ describe('services, the registry and the gateway', () => {
   })
 
   test('kill -9 of a replica under load: the service is back at its minimum and no GET fails', { timeout: 300_000 }, async () => {
-    const spec = { image: 'hello', replicas: { min: 2 }, ports: [{ port: 8080 }], healthCheck: { intervalMs: 300, unhealthyThreshold: 2 } }
+    // Lenient checks: under TCG a fresh clone under this load can miss a 1 s check or two (see the issue 10 notes),
+    // and replacing it would fail the requests it still answers; the frozen replica below is still found in seconds.
+    const spec = { image: 'hello', replicas: { min: 2 }, ports: [{ port: 8080 }], healthCheck: HEALTH }
     await daemon.api.call('PUT', '/v1/services/web', spec)
     const before = await waitFor('web', (s) => healthy(s).length === 2)
     assert.match(before.template ?? '', /^svc-web-g1-[0-9a-f]{8}$/, 'replicas are clones of the service\'s template')
@@ -134,7 +137,7 @@ describe('services, the registry and the gateway', () => {
     const load = startLoad(`${gateway}/svc/web/`, 4)
     await sleep(500)
     const updated = await daemon.api.call<ServiceStatus>('PUT', '/v1/services/web', {
-      image: 'hello', replicas: { min: 2 }, ports: [{ port: 8080 }], healthCheck: { intervalMs: 300, unhealthyThreshold: 2 }, env: { RELEASE: '2' }
+      image: 'hello', replicas: { min: 2 }, ports: [{ port: 8080 }], healthCheck: HEALTH, env: { RELEASE: '2' }
     })
     assert.equal(updated.generation, 2)
     const done = await waitFor('web', (s) => s.endpoints.length === 2 && s.endpoints.every((e) => e.generation === 2 && e.health === 'healthy'), 90_000)
