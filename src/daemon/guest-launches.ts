@@ -89,9 +89,12 @@ export class GuestLaunches {
     return { network: { mode: 'none' }, attachment: { ipAddress: null, macAddress: null, tap: null } }
   }
 
-  /** Frees the owner's tap, published ports and address; a no-op without a bridge. */
-  async release (owner: string): Promise<void> {
-    await this.#network?.detach(owner)
+  /**
+   * Frees the owner's tap, published ports and, unless `keepAddress`, its
+   * address; a no-op without a bridge.
+   */
+  async release (owner: string, options: { keepAddress?: boolean } = {}): Promise<void> {
+    await this.#network?.detach(owner, { releaseIp: options.keepAddress !== true })
   }
 }
 

@@ -98,6 +98,8 @@ export class VmManager extends EventEmitter {
     }
     const live = this.#deps.store.listVms({ state: LIVE })
     for (const ip of this.#deps.store.ipAllocations.list()) {
+      // A template's address stays while the template does (TemplateManager frees it with the template).
+      if (ip.owner.startsWith('template:')) continue
       if (!live.some((vm) => vm.id === ip.owner)) this.#deps.store.ipAllocations.release(ip.ip)
     }
     if (this.#deps.network !== undefined) {

@@ -390,16 +390,14 @@ export class ServiceController {
     })
   }
 
-  /**
-   * An unhealthy replica: out of the gateway now and replaced at once, then
-   * drained before it is stopped. A replica that misses its checks is often
-   * only slow (a fresh clone under load under TCG): killing it at once cut
-   * the requests it was still answering.
-   */
+  /** An unhealthy replica: out of the gateway now, replaced, and stopped. */
   #fail (replica: Replica, why: string): void {
     this.#setHealth(replica, 'unhealthy')
     this.#event('service.replica-unhealthy', `replica ${replica.vm.name} ${why}; replacing it`, replica.vm.name)
-    this.#drain(replica, 'unhealthy')
+    this.#replicas.delete(replica.vm.id)
+    this.#deps.gateway.endpointDied(this.name, replica.vm.id)
+    this.#publish()
+    void this.#reap(replica.vm)
     this.kick()
   }
 

@@ -93,6 +93,7 @@ export class TemplateManager extends EventEmitter {
     }
     this.#busy.add(spec.name)
     const owner = templateOwner(spec.name)
+    let made = true
     try {
       const { launch, attachment } = await this.#deps.launches.prepare(owner, manifest, {
         vcpus: spec.vcpus ?? manifest.vcpus,
@@ -132,8 +133,14 @@ export class TemplateManager extends EventEmitter {
         this.#emit({ type: 'template.clone-unsafe', template: { name: spec.name, image: info.image, warning } })
       }
       return info
+    } catch (err) {
+      made = false
+      throw err
     } finally {
-      await this.#deps.launches.release(owner).catch((err: unknown) => { this.#deps.log.warn({ err, template: spec.name }, 'releasing the template VM\'s network failed') })
+      // A made template keeps its address until it is deleted: every clone wakes up with it (and the
+      // template's MAC) until it takes its own identity, so a VM given that address meanwhile would
+      // lose its traffic to each new clone for a moment (seen: replicas failing health checks).
+      await this.#deps.launches.release(owner, { keepAddress: made }).catch((err: unknown) => { this.#deps.log.warn({ err, template: spec.name }, 'releasing the template VM\'s network failed') })
       this.#busy.delete(spec.name)
     }
   }
@@ -176,6 +183,7 @@ export class TemplateManager extends EventEmitter {
     this.#busy.add(name)
     try {
       await template.remove()
+      await this.#deps.launches.release(templateOwner(name))
     } finally {
       this.#busy.delete(name)
     }
