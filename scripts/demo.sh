@@ -20,7 +20,8 @@ SOCKET=$(node --input-type=module -e 'const { loadConfig } = await import("./dis
 STARTED_DAEMON=
 if ! curl -sf --unix-socket "$SOCKET" http://daemon/healthz >/dev/null 2>&1; then
   say "starting the daemon (its log: /tmp/uigniter-demo-daemon.log)"
-  uigniter daemon >/tmp/uigniter-demo-daemon.log 2>&1 &
+  # node itself, not the uigniter() function: $! must be the daemon, so that the end can stop it.
+  node dist/src/cli/main.js daemon >/tmp/uigniter-demo-daemon.log 2>&1 &
   STARTED_DAEMON=$!
   for _ in $(seq 1 600); do
     curl -sf --unix-socket "$SOCKET" http://daemon/healthz >/dev/null 2>&1 && break
