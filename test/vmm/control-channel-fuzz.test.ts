@@ -7,6 +7,7 @@ import fc from 'fast-check'
 import { UigniterError } from '../../src/core/errors.js'
 import { ControlChannel, MAX_CONTROL_LINE, type ControlEvent } from '../../src/vmm/qemu/control-channel.js'
 import { tempDir } from '../helpers/assertions.js'
+import { writeInPieces } from '../helpers/split-write.js'
 
 /**
  * A guest init that says what its script says: for each command line the
@@ -74,14 +75,7 @@ async function fakeGuest (t: TestContext, scripts: Script[], counter: { n: numbe
 
 async function play (socket: Socket, s: Script, n: number): Promise<void> {
   const bytes = Buffer.from([...s.before, ...(s.slot === null ? [] : [s.slot]), ...s.after].map((i) => i.text.replace('"n":N', `"n":${n}`)).join(''))
-  const points = [...new Set(s.cuts.map((c) => Math.floor(c * bytes.length)))].filter((p) => p > 0 && p < bytes.length).sort((a, b) => a - b)
-  let at = 0
-  for (const p of [...points, bytes.length]) {
-    if (socket.destroyed) return
-    socket.write(bytes.subarray(at, p))
-    at = p
-    await new Promise((resolve) => setImmediate(resolve))
-  }
+  await writeInPieces(socket, bytes, s.cuts)
 }
 
 test('control channel: generated guest output (torn lines, NULs, non-objects, malformed and overlong replies, refusals, event floods, any split) fails only its own request, with a code; nothing throws', { timeout: 120_000 }, async (t) => {

@@ -7,6 +7,7 @@ import fc from 'fast-check'
 import { UigniterError } from '../../src/core/errors.js'
 import { MAX_QMP_LINE, QmpClient, QmpError, type QmpEvent } from '../../src/vmm/qemu/qmp-client.js'
 import { rejectsWith, tempDir } from '../helpers/assertions.js'
+import { writeInPieces } from '../helpers/split-write.js'
 
 /**
  * A QEMU monitor that says what it is told: a greeting, then for each
@@ -80,14 +81,7 @@ async function play (socket: Socket, s: Script, id: number): Promise<void> {
   const text = [...s.before, ...(s.slot === null ? [] : [s.slot]), ...s.after]
     .map((i) => `${i.text.replace(/IDPLUS/g, String(id + 100_000)).replace(/IDMINUS/g, String(id - 1)).replace(/ID/g, String(id))}\n`).join('')
   const bytes = Buffer.from(text)
-  const points = [...new Set(s.cuts.map((c) => Math.floor(c * bytes.length)))].filter((p) => p > 0 && p < bytes.length).sort((a, b) => a - b)
-  let at = 0
-  for (const p of [...points, bytes.length]) {
-    if (socket.destroyed) return
-    socket.write(bytes.subarray(at, p))
-    at = p
-    await new Promise((resolve) => setImmediate(resolve))
-  }
+  await writeInPieces(socket, bytes, s.cuts)
 }
 
 test('QMP: generated monitor output (events with odd data, replies to nobody, ids of the wrong type, non-JSON, non-objects, any split) fails only its own command, with a code; nothing throws', { timeout: 120_000 }, async (t) => {
