@@ -4,7 +4,7 @@ import type { ImageStore } from '../guest/image-store.js'
 import type { HostNetwork } from '../net/host-network.js'
 import type { AccelChoice } from '../vmm/qemu/accel-probe.js'
 import { USER_NETWORK, type GuestNetwork, type LaunchNetwork } from '../vmm/qemu/command-line.js'
-import { freePort } from '../vmm/qemu/image-boot.js'
+import { freePort } from '../core/free-port.js'
 import type { GuestLaunch } from '../vmm/qemu/qemu-driver.js'
 
 export type NetworkKind = 'bridge' | 'user' | 'none'

@@ -12,7 +12,8 @@ import type { HostNetwork } from '../net/host-network.js'
 import type { SqliteStore, VmFilter } from '../store/sqlite-store.js'
 import type { AccelChoice } from '../vmm/qemu/accel-probe.js'
 import { waitForAppAnswer } from '../core/app-probe.js'
-import { randomMac, sendIdentity, waitForIdentityWait } from '../snapshot/guest-identity.js'
+import { macForVm } from '../core/mac-address.js'
+import { sendIdentity, waitForIdentityWait } from '../snapshot/guest-identity.js'
 import type { Template } from '../snapshot/template.js'
 import type { TemplateManager } from '../snapshot/template-manager.js'
 import { USER_NETWORK } from '../vmm/qemu/command-line.js'
@@ -302,7 +303,7 @@ export class VmManager extends EventEmitter {
     const { spec } = await dir.readLaunch()
     await sendIdentity(dir.controlSocket, {
       guestNetwork: spec.guestNetwork ?? USER_NETWORK,
-      mac: vm.macAddress ?? (spec.network.mode === 'none' ? undefined : spec.network.mac) ?? randomMac(),
+      mac: vm.macAddress ?? (spec.network.mode === 'none' ? undefined : spec.network.mac) ?? macForVm(vm.id),
       hostname: vm.name,
       env
     }, this.#deps.config.clones.identityTimeoutMs)

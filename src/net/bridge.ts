@@ -1,6 +1,6 @@
 import { writeFile } from 'node:fs/promises'
 import { UigniterError, hasErrno } from '../core/errors.js'
-import { macForVm } from './mac-address.js'
+import { macForVm } from '../core/mac-address.js'
 import { ipJson, runNetTool, type IpLink } from './net-tool.js'
 import { Subnet } from './subnet.js'
 

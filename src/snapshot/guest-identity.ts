@@ -83,9 +83,3 @@ export async function waitForIdentityWait (controlSocket: string, timeoutMs: num
   }
 }
 
-/** A random unicast, locally administered MAC. */
-export function randomMac (): string {
-  const b = randomBytes(6)
-  b[0] = ((b[0] ?? 0) & 0xfc) | 0x02
-  return [...b].map((x) => x.toString(16).padStart(2, '0')).join(':')
-}

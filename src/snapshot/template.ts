@@ -10,7 +10,8 @@ import { INCOMING_STATE_URI, type GuestLaunch, type QemuDriver } from '../vmm/qe
 import type { QemuVm } from '../vmm/qemu/qemu-vm.js'
 import { VmStateDir } from '../vmm/qemu/vm-state-dir.js'
 import { hookAddress, httpHook, signalHook, type ResolvedAfterClone } from './after-clone.js'
-import { checkIdentityEnv, randomMac, sendIdentity, waitForIdentityWait } from './guest-identity.js'
+import { macForVm } from '../core/mac-address.js'
+import { checkIdentityEnv, sendIdentity, waitForIdentityWait } from './guest-identity.js'
 
 /** What template.json holds: enough to clone the template again after a daemon restart. */
 export interface TemplateRecord {
@@ -238,7 +239,7 @@ export class Template {
       throw new UigniterError('UIG_ERR_CLONE_REQUEST', `template ${this.id} was taken with its app running (ready: app), so every clone keeps the app's environment; make a template with ready: init to give each clone its own`)
     }
     checkIdentityEnv(options.env ?? {})
-    const mac = (options.mac ?? (options.network.mode !== 'none' ? options.network.mac : undefined) ?? randomMac()).toLowerCase()
+    const mac = (options.mac ?? (options.network.mode !== 'none' ? options.network.mac : undefined) ?? macForVm(options.id)).toLowerCase()
     const network = withGuestAddress(options.network, options.guestNetwork.address)
     const hook = this.record.ready === 'app' ? this.record.afterClone : null
     const hookAt = hook !== null ? hookAddress(hook, network, options.guestNetwork.address) : undefined

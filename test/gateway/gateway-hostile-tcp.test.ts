@@ -3,7 +3,7 @@ import { once } from 'node:events'
 import { connect, createServer, type Socket } from 'node:net'
 import { test } from 'node:test'
 import fc from 'fast-check'
-import { freePort } from '../../src/vmm/qemu/image-boot.js'
+import { freePort } from '../../src/core/free-port.js'
 import { routeFor, startGateway, startTcpUpstreams, until } from './gateway-fixtures.js'
 
 /** What a hostile TCP upstream does, step by step, once it has read the client's first line (`case N`). */

@@ -3,17 +3,8 @@ import { once } from 'node:events'
 import { connect, createServer, type Socket } from 'node:net'
 import { test } from 'node:test'
 import { UigniterError } from '../../src/core/errors.js'
+import { freePort } from '../../src/core/free-port.js'
 import { endpointsOf, routeFor, startGateway, startTcpUpstreams, stopUpstream, until } from './gateway-fixtures.js'
-
-async function freePort (): Promise<number> {
-  const s = createServer()
-  s.listen(0, '127.0.0.1')
-  await once(s, 'listening')
-  const port = (s.address() as { port: number }).port
-  s.close()
-  await once(s, 'close')
-  return port
-}
 
 /** Connects to the gateway's TCP port; `read(n)` resolves with the next n bytes. */
 async function dial (port: number): Promise<{ socket: Socket, read: (n: number) => Promise<string> }> {

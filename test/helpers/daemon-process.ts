@@ -6,7 +6,7 @@ import { run } from '../../src/core/exec.js'
 import { loadConfig } from '../../src/core/config.js'
 import type { PoolStatus } from '../../src/core/pool.js'
 import { socketAnswers } from '../../src/daemon/daemon.js'
-import { freePort } from '../../src/vmm/qemu/image-boot.js'
+import { freePort } from '../../src/core/free-port.js'
 import { packageRoot } from './fixtures.js'
 
 /**

@@ -3,13 +3,14 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
+import { freePort } from '../../src/core/free-port.js'
 import { HostNetwork, type VmNetwork } from '../../src/net/host-network.js'
 import { Subnet } from '../../src/net/subnet.js'
 import { tapNameFor } from '../../src/net/tap.js'
 import { rejectsWith } from '../helpers/assertions.js'
 import { InMemoryIpAllocationStore } from './in-memory-ip-allocation-store.js'
 import {
-  CleanupStack, addNamespace, fetchFromHost, fetchFromNamespace, freePort, freeSubnets, holdPort, ipLink,
+  CleanupStack, addNamespace, fetchFromHost, fetchFromNamespace, freeSubnets, holdPort, ipLink,
   sendRawSyn, serveInNamespace, serveOnHost, sh, testPrefix, type Fetched
 } from './net-fixtures.js'
 
@@ -109,7 +110,7 @@ describe('host network: bridge, taps, NAT, published ports and isolation', () =>
   })
 
   test('a port published on 0.0.0.0 answers on 127.0.0.1 and on the gateway address', async () => {
-    const hostPort = await freePort()
+    const hostPort = await freePort('0.0.0.0')
     await network.publish(vmId, [{ hostAddress: '0.0.0.0', hostPort, guestPort: GUEST_PORT }])
     // 127.0.0.1-sourced connections reach the guest masqueraded as the gateway.
     assert.equal(answered(await fetchFromHost('127.0.0.1', hostPort)), `vm from ${subnet.gateway}`)
@@ -118,7 +119,7 @@ describe('host network: bridge, taps, NAT, published ports and isolation', () =>
   })
 
   test('a port published on 127.0.0.1 answers there only; publishing it again is a no-op', async () => {
-    const hostPort = await freePort()
+    const hostPort = await freePort('0.0.0.0')
     await network.publish(vmId, [{ hostPort, guestPort: GUEST_PORT }])
     await network.publish(vmId, [{ hostPort, guestPort: GUEST_PORT }])
     assert.equal(answered(await fetchFromHost('127.0.0.1', hostPort)), `vm from ${subnet.gateway}`)
@@ -126,7 +127,7 @@ describe('host network: bridge, taps, NAT, published ports and isolation', () =>
   })
 
   test('isolation: a guest reaches neither published ports through the host nor host services', async () => {
-    const published = await freePort()
+    const published = await freePort('0.0.0.0')
     await network.publish(vmId, [{ hostAddress: '0.0.0.0', hostPort: published, guestPort: GUEST_PORT }])
     // The world outside, with a host address (its end of the veth) that is not on the bridge.
     await addNamespace(cleanup, {
@@ -224,7 +225,7 @@ describe('host network: bridge, taps, NAT, published ports and isolation', () =>
       assert.doesNotMatch(await nftTable(prefix), /oifname != "[^"]+" masquerade/)
       notAnswered(await fetchFromNamespace(vmNs, outsideIp, OUTSIDE_PORT, DROP_WAIT_MS))
       // Published ports still work without NAT.
-      const hostPort = await freePort()
+      const hostPort = await freePort('0.0.0.0')
       await noNat.publish(vmId, [{ hostPort, guestPort: GUEST_PORT }])
       answered(await fetchFromHost('127.0.0.1', hostPort))
     } finally {
@@ -236,21 +237,21 @@ describe('host network: bridge, taps, NAT, published ports and isolation', () =>
   test('port collisions: published already, held by a host program, twice in one request', async () => {
     const other = `${prefix}-other`
     await network.attach(other)
-    const taken = await freePort()
+    const taken = await freePort('0.0.0.0')
     await network.publish(vmId, [{ hostAddress: '0.0.0.0', hostPort: taken, guestPort: GUEST_PORT }])
     await rejectsWith(network.publish(other, [{ hostPort: taken, guestPort: 80 }]), 'UIG_ERR_NET_PORT_IN_USE', `already published for VM ${vmId}`)
     await rejectsWith(network.publish(other, [{ hostAddress: subnet.gateway, hostPort: taken, guestPort: 80 }]), 'UIG_ERR_NET_PORT_IN_USE', String(taken))
 
-    const held = await freePort()
+    const held = await freePort('0.0.0.0')
     await holdPort(cleanup, '127.0.0.1', held)
     await rejectsWith(network.publish(other, [{ hostAddress: '0.0.0.0', hostPort: held, guestPort: 80 }]), 'UIG_ERR_NET_PORT_IN_USE', 'in use by a program')
 
-    const twice = await freePort()
+    const twice = await freePort('0.0.0.0')
     await rejectsWith(network.publish(other, [{ hostPort: twice, guestPort: 80 }, { hostAddress: '0.0.0.0', hostPort: twice, guestPort: 81 }]),
       'UIG_ERR_NET_PORT_IN_USE', 'twice')
 
     // All or nothing: the free port of a failed request is not left published.
-    const free = await freePort()
+    const free = await freePort('0.0.0.0')
     await rejectsWith(network.publish(other, [{ hostPort: free, guestPort: 80 }, { hostPort: taken, guestPort: 81 }]), 'UIG_ERR_NET_PORT_IN_USE')
     assert.doesNotMatch(await nftTable(prefix), new RegExp(`:${free}->`))
 
@@ -262,7 +263,7 @@ describe('host network: bridge, taps, NAT, published ports and isolation', () =>
   test('orphan cleanup removes the taps and port forwards of VMs that are gone, and keeps the live ones', async () => {
     const orphan = `${prefix}-orphan`
     const { tap } = await network.attach(orphan)
-    const orphanPort = await freePort()
+    const orphanPort = await freePort('0.0.0.0')
     await network.publish(orphan, [{ hostPort: orphanPort, guestPort: 80 }])
     const livePublishes = (await nftTable(prefix)).match(new RegExp(`vm=${vmId} `, 'g'))?.length ?? 0
     assert.ok(livePublishes > 0)

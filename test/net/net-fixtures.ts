@@ -46,16 +46,6 @@ export async function freeSubnets (count: number): Promise<string[]> {
   return picked.map((o) => `10.250.${o}.0/24`)
 }
 
-/** A TCP port nothing on the host listens on right now. */
-export async function freePort (): Promise<number> {
-  const server = createServer()
-  await new Promise<void>((resolve) => server.listen(0, '0.0.0.0', resolve))
-  const address = server.address()
-  await new Promise((resolve) => server.close(resolve))
-  if (address === null || typeof address === 'string') throw new Error('no port')
-  return address.port
-}
-
 /** Undo actions run in reverse order; each failure is kept, none stops the others. */
 export class CleanupStack {
   readonly #actions: Array<() => Promise<unknown>> = []

@@ -8,7 +8,8 @@ import { detectFirewall, type PortPublish } from '../../src/net/firewall.js'
 import { NftFirewall } from '../../src/net/nft-firewall.js'
 import { Subnet } from '../../src/net/subnet.js'
 import { rejectsWith } from '../helpers/assertions.js'
-import { CleanupStack, freePort, freeSubnets, sh, testPrefix } from './net-fixtures.js'
+import { freePort } from '../../src/core/free-port.js'
+import { CleanupStack, freeSubnets, sh, testPrefix } from './net-fixtures.js'
 
 test('nftables: base rules are rewritten in place, port forwards survive, reconcile adds and removes, destroy deletes the table', async (t) => {
   const cleanup = new CleanupStack()
@@ -31,7 +32,7 @@ test('nftables: base rules are rewritten in place, port forwards survive, reconc
   assert.match(await sh('nft', 'list', 'chain', 'ip', prefix, 'input'), new RegExp(`ip daddr ${subnet.gateway.replace(/\./g, '\\.')} tcp dport \\{ 7000, 7001 \\} accept`))
 
   const [ip1 = '', ip2 = ''] = [...subnet.hosts()].slice(1)
-  const [h1, h2, h3, h4] = [await freePort(), await freePort(), await freePort(), await freePort()]
+  const [h1, h2, h3, h4] = [await freePort('0.0.0.0'), await freePort('0.0.0.0'), await freePort('0.0.0.0'), await freePort('0.0.0.0')]
   const p1: PortPublish = { hostAddress: '127.0.0.1', hostPort: h1, vmIp: ip1, guestPort: 80 }
   const p2: PortPublish = { hostAddress: '0.0.0.0', hostPort: h2, vmIp: ip1, guestPort: 81 }
   const p3: PortPublish = { hostAddress: subnet.gateway, hostPort: h3, vmIp: ip1, guestPort: 82 }

@@ -1,5 +1,4 @@
 import { mkdir, rm } from 'node:fs/promises'
-import { createServer } from 'node:net'
 import { join } from 'node:path'
 import type { Config } from '../../core/config.js'
 import { UigniterError } from '../../core/errors.js'
@@ -9,6 +8,7 @@ import { chooseAccel, QEMU_BINARY, type AccelChoice } from './accel-probe.js'
 import { buildQemuArgs, USER_NETWORK, type PortForward } from './command-line.js'
 import { ControlChannel } from './control-channel.js'
 import { GuestProcess, type GuestExit } from './guest-process.js'
+import { freePort } from '../../core/free-port.js'
 
 export interface BootOptions {
   config: Config
@@ -110,14 +110,3 @@ export class BootedImage {
   }
 }
 
-/** A port that was free a moment ago on 127.0.0.1 (QEMU's hostfwd needs a number). */
-export async function freePort (): Promise<number> {
-  return await new Promise((resolve, reject) => {
-    const server = createServer()
-    server.once('error', reject)
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address()
-      server.close(() => resolve(typeof address === 'object' && address !== null ? address.port : 0))
-    })
-  })
-}

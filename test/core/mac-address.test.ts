@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict'
 import { test } from 'node:test'
-import { macForVm } from '../../src/net/mac-address.js'
+import { macForVm } from '../../src/core/mac-address.js'
 
 test('mac: locally administered unicast, stable per VM id, different between ids', () => {
   const mac = macForVm('vm-1')
