@@ -12,7 +12,7 @@ import { isBzImage, readElf } from './elf-file.js'
 import { digestFile, type ImageStore } from './image-store.js'
 import { checkReadable, loadSource } from './image-sources.js'
 import { writeDisk, writeInitramfs } from './image-writers.js'
-import type { GuestKernel, KernelSource } from './guest-kernel.js'
+import type { GuestKernel, KernelSource } from './kernel-source.js'
 import { RootfsTree } from './rootfs-tree.js'
 
 /** Images whose files add up to more than this become a shared read-only disk (design.md fact 7). */

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto'
 import { readFileSync } from 'node:fs'
-import { mkdir, readFile, readdir, rename, rm, stat } from 'node:fs/promises'
+import { mkdir, readFile, rename, rm, stat } from 'node:fs/promises'
 import { cpus } from 'node:os'
 import { join } from 'node:path'
 import { packageRoot } from '../core/package-paths.js'
@@ -8,7 +8,8 @@ import { UigniterError, hasErrno, rethrowNoSpace } from '../core/errors.js'
 import { run } from '../core/exec.js'
 import { writeFileAtomic } from '../core/fs-atomic.js'
 import { Progress } from '../core/progress.js'
-import type { GuestKernel, KernelSource } from './guest-kernel.js'
+import type { GuestKernel, KernelSource } from './kernel-source.js'
+import { removeStaleWorkDirs } from './kernel-work-dirs.js'
 
 const FRAGMENT_PATH = join(packageRoot, 'src/guest/kernel/config-fragment')
 const SOURCE_TARBALL = '/usr/src/linux-source-6.1.tar.xz'
@@ -130,21 +131,6 @@ export class KernelCache implements KernelSource {
 
   async #removeStaleBuilds (): Promise<void> {
     await removeStaleWorkDirs(this.#dir)
-  }
-}
-
-/**
- * Removes work dirs (`.build-<pid>-…`, `.out-<pid>-…`) in the kernels dir whose
- * process died (a crash, a kill -9). Every kernel source names its work dirs
- * this way, so that any of them cleans up after the others.
- */
-export async function removeStaleWorkDirs (dir: string): Promise<void> {
-  let entries: string[] = []
-  try { entries = await readdir(dir) } catch { return }
-  for (const entry of entries) {
-    const pid = Number(/^\.(?:build|out)-(\d+)-/.exec(entry)?.[1])
-    if (!Number.isInteger(pid)) continue
-    try { process.kill(pid, 0) } catch { await rm(join(dir, entry), { recursive: true, force: true }) }
   }
 }
 
