@@ -1,5 +1,24 @@
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client'
-import type { GatewayService } from './gateway-service.js'
+
+/**
+ * The figures of one service the metrics read at scrape time (GatewayService
+ * has them); declared here so that the metrics need nothing else of it.
+ */
+export interface MeteredService {
+  readonly name: string
+  /** Answered requests by status class: index 1 = 1xx ... 5 = 5xx. */
+  readonly statusCounts: ArrayLike<number>
+  readonly inFlight: number
+  readonly held: { readonly size: number }
+  readonly upstreamFailures: number
+  readonly retries: number
+  readonly ejections: number
+  readonly tcpConnections: number
+  readonly tcpOpen: number
+  readonly rejectedHoldLimit: number
+  readonly rejectedTimeout: number
+  readonly endpoints: { values: () => Iterable<{ readonly id: string, readonly inFlight: number, readonly ejected: boolean }> }
+}
 
 /** Seconds: from sub-millisecond proxying to requests held while a service starts. */
 const DURATION_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
@@ -15,9 +34,9 @@ const STATUS_CLASSES = ['', '1xx', '2xx', '3xx', '4xx', '5xx'] as const
 export class GatewayMetrics {
   private readonly duration: Histogram<'service'>
 
-  constructor (registry: Registry, services: () => Iterable<GatewayService>, unrouted: () => number) {
+  constructor (registry: Registry, services: () => Iterable<MeteredService>, unrouted: () => number) {
     const registers = [registry]
-    const gauge = (name: string, help: string, read: (s: GatewayService) => number): void => {
+    const gauge = (name: string, help: string, read: (s: MeteredService) => number): void => {
       new Gauge({
         name, help, labelNames: ['service'] as const, registers,
         collect () {
@@ -26,7 +45,7 @@ export class GatewayMetrics {
         }
       })
     }
-    const counter = (name: string, help: string, read: (s: GatewayService) => number): void => {
+    const counter = (name: string, help: string, read: (s: MeteredService) => number): void => {
       new Counter({
         name, help, labelNames: ['service'] as const, registers,
         collect () {

@@ -1,11 +1,8 @@
-import type { Histogram } from 'prom-client'
 import type { Logger } from '../core/logger.js'
-import type { GatewayEndpoint, GatewayRoute } from './gateway.js'
-import type { GatewayMetrics } from './gateway-metrics.js'
+import type { GatewayEndpoint, GatewayRoute } from './gateway-route.js'
 import { HoldQueue, type HeldItem } from './hold-queue.js'
 import { createStrategy } from './strategies/create-strategy.js'
 import type { Strategy } from './strategies/strategy.js'
-import type { TcpListener } from './tcp-listener.js'
 import { UpstreamEndpoint } from './upstream-endpoint.js'
 
 /** Outlier detection settings (see GatewayOptions.outlier). */
@@ -15,12 +12,32 @@ export interface OutlierSettings {
   maxEjectionMs: number
 }
 
+/** Where a service's request durations go (the gateway's histogram, one child per service). */
+export interface DurationObserver {
+  observe (seconds: number): void
+}
+
+/**
+ * One TCP port of the service at the gateway, as the service keeps it (the
+ * gateway opens and closes it; TcpListener is the one kind). Declared here so
+ * that the service needs nothing of the listener, which needs the service.
+ */
+export interface ServiceListener {
+  readonly gatewayPort: number
+  /** The endpoints' port it proxies to; a route update may change it. */
+  port: number
+  /** Stops accepting; open connections go on. */
+  close (): void
+  /** Stops accepting and cuts every connection. */
+  destroy (): void
+}
+
 /** What every service shares with the gateway. */
 export interface ServiceContext {
   outlier: OutlierSettings
   connectTimeoutMs: number
   log: Logger
-  metrics: GatewayMetrics
+  durationOf (service: string): DurationObserver
   wake (service: string): void
   ejected (service: string, endpointId: string, reason: string): void
   readmitted (service: string, endpointId: string, reason: string): void
@@ -50,7 +67,7 @@ export class GatewayService {
   /** Routable and not ejected: what the strategy picks from. */
   candidates: UpstreamEndpoint[] = []
   readonly held = new HoldQueue()
-  readonly listeners = new Map<number, TcpListener>()
+  readonly listeners = new Map<number, ServiceListener>()
   /** wake() was called since the service last had an endpoint. */
   woken = false
   removed = false
@@ -66,13 +83,13 @@ export class GatewayService {
   tcpConnections = 0
   upstreamFailures = 0
   ejections = 0
-  private readonly duration: Histogram.Internal<'service'>
+  private readonly duration: DurationObserver
 
   constructor (route: GatewayRoute, private readonly ctx: ServiceContext) {
     this.route = route
     this.strategy = createStrategy(route.loadBalancing.strategy)
     this.hashOn = parseHashOn(route)
-    this.duration = ctx.metrics.durationOf(route.service)
+    this.duration = ctx.durationOf(route.service)
   }
 
   get name (): string {
@@ -151,13 +168,12 @@ export class GatewayService {
   }
 
   acquire (ep: UpstreamEndpoint): void {
-    ep.inFlight++
-    ep.requests++
+    ep.begin()
     this.inFlight++
   }
 
   release (ep: UpstreamEndpoint): void {
-    ep.inFlight--
+    ep.end()
     this.inFlight--
     if (ep.inFlight === 0 && !ep.routable) this.forget(ep)
   }

@@ -4,35 +4,16 @@ import type { Socket } from 'node:net'
 import type { Registry } from 'prom-client'
 import { UigniterError, hasErrno } from '../core/errors.js'
 import type { Logger } from '../core/logger.js'
-import { SERVICE_NAME, type LoadBalancing } from '../core/service.js'
+import { SERVICE_NAME } from '../core/service.js'
 import { upstreamRequestHead } from './forward-headers.js'
 import { sendGatewayError } from './gateway-answer.js'
 import { GatewayMetrics } from './gateway-metrics.js'
+import type { GatewayEndpoint, GatewayRoute } from './gateway-route.js'
 import { GatewayService, type HashOn, type ServiceContext } from './gateway-service.js'
 import { HttpExchange } from './http-exchange.js'
 import { TcpListener } from './tcp-listener.js'
 
-/** An endpoint the gateway may send a service's requests to. */
-export interface GatewayEndpoint {
-  /** The VM id, or `external:HOST`. */
-  id: string
-  /** IPv4 address. */
-  host: string
-  weight: number
-  priority: number
-}
-
-/** How the gateway routes one service. */
-export interface GatewayRoute {
-  /** Its name: Host `NAME[.anything]` or the `/svc/NAME/` prefix route HTTP to it. */
-  service: string
-  loadBalancing: LoadBalancing
-  /** The endpoints' HTTP port; absent: no HTTP route (404 UIG_ERR_GATEWAY_NO_SERVICE). */
-  httpPort?: number
-  /** One listener on `address:gatewayPort` each, proxied to `endpoint.host:port`. */
-  tcp: Array<{ gatewayPort: number, port: number }>
-  hold: { maxRequests: number, timeoutMs: number }
-}
+export type { GatewayEndpoint, GatewayRoute } from './gateway-route.js'
 
 export interface GatewayOptions {
   /** Listen address of HTTP and of every TCP listener. */
@@ -111,7 +92,7 @@ export class Gateway extends EventEmitter {
       outlier,
       connectTimeoutMs: options.connectTimeoutMs ?? 2000,
       log: this.log,
-      metrics: this.metrics,
+      durationOf: (service) => this.metrics.durationOf(service),
       wake: options.wake,
       ejected: (service, endpointId, reason) => this.emit('ejected', { service, endpointId, reason } satisfies EndpointEvent),
       readmitted: (service, endpointId, reason) => this.emit('readmitted', { service, endpointId, reason } satisfies EndpointEvent)
@@ -238,6 +219,17 @@ export class Gateway extends EventEmitter {
   /** Requests and TCP connections open to one endpoint (0 once it is idle and forgotten): how draining knows it is done. */
   inFlight (service: string, endpointId: string): number {
     return this.services.get(service)?.endpoints.get(endpointId)?.inFlight ?? 0
+  }
+
+  /**
+   * Resolves true once no request or TCP connection is in flight to the
+   * endpoint (at once when none is, or the gateway does not know it), false
+   * when `timeoutMs` passes first: how a drain waits, without polling
+   * inFlight().
+   */
+  async whenIdle (service: string, endpointId: string, timeoutMs: number): Promise<boolean> {
+    const ep = this.services.get(service)?.endpoints.get(endpointId)
+    return ep === undefined ? true : await ep.whenIdle(timeoutMs)
   }
 
   /** Figures of each endpoint the service knows, routable or still draining. */

@@ -27,11 +27,47 @@ export class UpstreamEndpoint implements StrategyEndpoint {
   dead = false
   /** TCP proxy connections open to it, to cut them when it dies. */
   readonly connections = new Set<{ destroy: () => void }>()
+  /** whenIdle() callers, until the count drops to zero; none most of the time. */
+  private idleWaiters: Set<() => void> | undefined
 
   constructor (readonly id: string, readonly host: string, weight: number, priority: number, connectTimeoutMs: number) {
     this.weight = weight
     this.priority = priority
     this.pool = new UpstreamPool(host, connectTimeoutMs, MAX_CONNECTIONS)
+  }
+
+  /** A request or TCP connection to it begins. */
+  begin (): void {
+    this.inFlight++
+    this.requests++
+  }
+
+  /** One ends; at zero, whoever waits for it to be idle goes on. */
+  end (): void {
+    if (--this.inFlight > 0 || this.idleWaiters === undefined) return
+    const waiters = this.idleWaiters
+    this.idleWaiters = undefined
+    for (const w of waiters) w()
+  }
+
+  /**
+   * Resolves true once nothing is in flight to it (at once when nothing is),
+   * false when `timeoutMs` passes first: what a drain waits on, instead of
+   * polling the count.
+   */
+  async whenIdle (timeoutMs: number): Promise<boolean> {
+    if (this.inFlight === 0) return true
+    return await new Promise((resolve) => {
+      const waiter = (): void => {
+        clearTimeout(timer)
+        resolve(true)
+      }
+      const timer = setTimeout(() => {
+        this.idleWaiters?.delete(waiter)
+        resolve(false)
+      }, timeoutMs)
+      ;(this.idleWaiters ??= new Set()).add(waiter)
+    })
   }
 
   /** Folds a response-header latency into the EWMA. */

@@ -1,5 +1,4 @@
 import { randomBytes } from 'node:crypto'
-import { setTimeout as sleep } from 'node:timers/promises'
 import { probeOnce } from '../core/app-probe.js'
 import type { Logger } from '../core/logger.js'
 import type { Endpoint, EndpointHealth, ServiceSpec, ServiceStatus } from '../core/service.js'
@@ -24,6 +23,8 @@ export interface ServiceGateway {
   remove: (service: string) => Promise<void>
   load: (service: string) => { inFlight: number, held: number, lastRequestAt: number }
   inFlight: (service: string, endpointId: string) => number
+  /** True once nothing is in flight to the endpoint, false when `timeoutMs` passes first. */
+  whenIdle: (service: string, endpointId: string, timeoutMs: number) => Promise<boolean>
 }
 
 /** What the VM side must do for the controller (VmManager does it). */
@@ -406,9 +407,8 @@ export class ServiceController {
     this.#setHealth(replica, 'draining')
     this.#event('service.replica-draining', `draining replica ${replica.vm.name}: ${why}`, replica.vm.name)
     void (async () => {
-      const deadline = Date.now() + this.spec.drainTimeoutMs
-      while (this.#deps.gateway.inFlight(this.name, replica.vm.id) > 0 && Date.now() < deadline) await sleep(20)
-      const left = this.#deps.gateway.inFlight(this.name, replica.vm.id)
+      const idle = await this.#deps.gateway.whenIdle(this.name, replica.vm.id, this.spec.drainTimeoutMs)
+      const left = idle ? 0 : this.#deps.gateway.inFlight(this.name, replica.vm.id)
       await this.#reap(replica.vm, 2000)
       // Whatever it still held is cut now, not left waiting on a VM that is gone.
       this.#deps.gateway.endpointDied(this.name, replica.vm.id)

@@ -87,7 +87,7 @@ test('outlier ejection: ejected after N connection failures, re-admitted after t
   assert.equal(gateway.endpointStats('api')[0]?.ejected, false)
 })
 
-test('draining: an endpoint left out of the routable set finishes its in-flight request and takes no new one', async (t) => {
+test('draining: an endpoint left out of the routable set finishes its in-flight request and takes no new one; whenIdle resolves as it ends', async (t) => {
   let finish: (() => void) | undefined
   const { port: up, upstreams } = await startHttpUpstreams(t, 2, (u, req, res) => {
     if (req.url === '/slow') finish = () => answerId(u, req, res)
@@ -100,11 +100,19 @@ test('draining: an endpoint left out of the routable set finishes its in-flight 
   assert.deepEqual([...(await tally(port, 5)).entries()], [['u1', 5]])
   assert.equal(gateway.inFlight('api', 'u0'), 1)
   assert.equal(gateway.load('api').inFlight, 1)
+  let idleAt = 0
+  const idle = gateway.whenIdle('api', 'u0', 10_000).then((v) => { idleAt = Date.now(); return v })
+  assert.equal(await gateway.whenIdle('api', 'u0', 50), false, 'the deadline ends a wait on a busy endpoint')
+  assert.equal(idleAt, 0, 'busy: the other wait goes on')
+  const finishedAt = Date.now()
   finish!()
   const a = await slow
   assert.equal(a.status, 200)
   assert.equal(a.body, 'u0')
-  await until('u0 idle', () => gateway.inFlight('api', 'u0') === 0)
+  assert.equal(await idle, true)
+  assert.ok(idleAt - finishedAt < 500, `resolved as the request ended (${idleAt - finishedAt} ms), not at the deadline`)
+  assert.equal(gateway.inFlight('api', 'u0'), 0)
+  assert.equal(await gateway.whenIdle('api', 'u0', 10_000), true, 'idle and forgotten: at once')
   assert.deepEqual(gateway.endpointStats('api').map((e) => e.id), ['u1'])
   assert.equal(gateway.load('api').inFlight, 0)
   assert.ok(gateway.load('api').lastRequestAt > Date.now() - 5000)
