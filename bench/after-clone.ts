@@ -23,6 +23,7 @@ import type { ImageBuilder } from '../src/guest/image-builder.js'
 import { DaemonProcess } from '../test/helpers/daemon-process.js'
 import { createTestContext, exampleSpec, packageRoot } from '../test/helpers/fixtures.js'
 import { percentile, untilServing } from './lib/measure.js'
+import { stepMs } from '../src/core/start-steps.js'
 
 export interface AfterCloneSeries { serve: number[], api: number[], step: number[] }
 export interface AfterCloneResult { n: number, with: AfterCloneSeries, without: AfterCloneSeries, templateMs: { with: number, without: number }, markdown: string }
@@ -64,8 +65,9 @@ export async function benchAfterClone (daemon: DaemonProcess, builder: ImageBuil
           const serveMs = performance.now() - t0
           series[kind].serve.push(serveMs)
           series[kind].api.push(apiMs)
-          if (vm.startTimings?.afterCloneMs !== undefined) series[kind].step.push(vm.startTimings.afterCloneMs)
-          progress(`${kind} hook ${i + 1}/${n}: serving after ${ms(serveMs)} ms (API ${ms(apiMs)} ms, step ${ms(vm.startTimings?.afterCloneMs ?? NaN)} ms)`)
+          const hookMs = stepMs(vm.startTimings, 'after-clone')
+          if (hookMs !== undefined) series[kind].step.push(hookMs)
+          progress(`${kind} hook ${i + 1}/${n}: serving after ${ms(serveMs)} ms (API ${ms(apiMs)} ms, step ${ms(hookMs ?? NaN)} ms)`)
         } finally {
           await api.call('DELETE', `/v1/vms/${vm.id}?force=true`)
         }

@@ -6,7 +6,7 @@
 # each replica started and how long it took, and takes the application down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-uigniter() { node dist/src/cli/main.js "$@"; }
+uigniter() { node dist/src/daemon/main.js "$@"; }
 APP=examples/taskapp/uigniter.yaml
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -21,7 +21,7 @@ STARTED_DAEMON=
 if ! curl -sf --unix-socket "$SOCKET" http://daemon/healthz >/dev/null 2>&1; then
   say "starting the daemon (its log: /tmp/uigniter-demo-daemon.log)"
   # node itself, not the uigniter() function: $! must be the daemon, so that the end can stop it.
-  node dist/src/cli/main.js daemon >/tmp/uigniter-demo-daemon.log 2>&1 &
+  node dist/src/daemon/main.js daemon >/tmp/uigniter-demo-daemon.log 2>&1 &
   STARTED_DAEMON=$!
   for _ in $(seq 1 600); do
     curl -sf --unix-socket "$SOCKET" http://daemon/healthz >/dev/null 2>&1 && break

@@ -43,7 +43,7 @@ fi
 
 say "compiling TypeScript"
 npx tsc -p .
-chmod +x dist/src/cli/main.js
+chmod +x dist/src/daemon/main.js
 
 # C parts: rebuilt when their source is newer than the binary.
 build_c() { # out src flags...
@@ -58,9 +58,9 @@ build_c build/examples/hello examples/hello/hello.c -O2
 
 # `uigniter` on the PATH, so that the README's commands work as written (root: /usr/local/bin).
 if [ "$(id -u)" = 0 ]; then
-  ln -sfn "$PWD/dist/src/cli/main.js" /usr/local/bin/uigniter
+  ln -sfn "$PWD/dist/src/daemon/main.js" /usr/local/bin/uigniter
 elif ! command -v uigniter >/dev/null; then
-  say "uigniter is not on the PATH; as root: ln -s $PWD/dist/src/cli/main.js /usr/local/bin/uigniter"
+  say "uigniter is not on the PATH; as root: ln -s $PWD/dist/src/daemon/main.js /usr/local/bin/uigniter"
 fi
 
-node dist/src/cli/main.js kernel build
+node dist/src/daemon/main.js kernel build

@@ -1,6 +1,6 @@
 import { Type, type Static } from '@sinclair/typebox'
 import type { FastifyInstance } from 'fastify'
-import type { VmManager } from '../daemon/vm-manager.js'
+import type { VmManager } from '../vm/vm-manager.js'
 import { ErrorBodySchema } from './errors.js'
 
 const RunBody = Type.Object({

@@ -1,7 +1,7 @@
 import { Type } from '@sinclair/typebox'
 import type { FastifyInstance } from 'fastify'
 import { Counter, Gauge, collectDefaultMetrics, type Registry } from 'prom-client'
-import type { VmEvent, VmManager } from '../daemon/vm-manager.js'
+import type { VmEvent, VmManager } from '../vm/vm-manager.js'
 import type { TemplateEvent, TemplateManager } from '../snapshot/template-manager.js'
 import type { PoolEvent, PoolManager } from '../pool/pool-manager.js'
 import type { ServiceEvent } from '../service/service-controller.js'

@@ -2,7 +2,7 @@ import { Type } from '@sinclair/typebox'
 import type { FastifyInstance } from 'fastify'
 import { UigniterError } from '../core/errors.js'
 import { VmCreateRequestSchema, VmSchema, VmStateSchema, type VmCreateRequest, type VmState } from '../core/vm.js'
-import type { VmManager } from '../daemon/vm-manager.js'
+import type { VmManager } from '../vm/vm-manager.js'
 import { ErrorBodySchema } from './errors.js'
 
 const IdParams = Type.Object({ id: Type.String({ minLength: 1, description: 'VM id or name' }) })

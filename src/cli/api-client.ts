@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import { loadConfig, type Config } from '../core/config.js'
 import { UigniterError, errorCodes, type ErrorCode } from '../core/errors.js'
 import { packageRoot } from '../core/package-paths.js'
-import { socketAnswers } from '../daemon/daemon.js'
+import { socketAnswers } from '../core/socket-answers.js'
 
 /**
  * The CLI's only way to act on VMs: HTTP to the daemon over its unix socket
@@ -61,7 +61,7 @@ export class ApiClient {
     mkdirSync(this.#config.dataDir, { recursive: true })
     const logPath = join(this.#config.dataDir, 'daemon.log')
     const out = openSync(logPath, 'a')
-    const child = spawn(process.execPath, [join(packageRoot, 'dist/src/cli/main.js'), 'daemon'], { detached: true, stdio: ['ignore', out, out], env: process.env })
+    const child = spawn(process.execPath, [join(packageRoot, 'dist/src/daemon/main.js'), 'daemon'], { detached: true, stdio: ['ignore', out, out], env: process.env })
     child.unref()
     const deadline = Date.now() + timeoutMs
     while (Date.now() < deadline) {

@@ -1,4 +1,3 @@
-#!/usr/bin/env node
 import { UigniterError } from '../core/errors.js'
 import { helpText, parseCommandArgs, type Command } from './args.js'
 import { imageCommands } from './image-commands.js'
@@ -8,7 +7,9 @@ import { serviceCommands } from './service-commands.js'
 import { templateCommands } from './template-commands.js'
 import { vmCommands } from './vm-commands.js'
 
-const commands: Command[] = [...vmCommands, ...imageCommands, ...poolCommands, ...templateCommands, ...serviceCommands, ...kernelCommands]
+const cliCommands: Command[] = [...vmCommands, ...imageCommands, ...poolCommands, ...templateCommands, ...serviceCommands, ...kernelCommands]
+/** The CLI's commands plus the executable's (runCli). */
+let commands: Command[] = cliCommands
 
 function usage (): string {
   const width = Math.max(...commands.map((c) => c.name.length))
@@ -57,12 +58,19 @@ async function main (argv: string[]): Promise<number> {
   return await found.command.run(values, positionals)
 }
 
-main(process.argv.slice(2)).then((code) => { process.exitCode = code }, (err: unknown) => {
-  if (err instanceof UigniterError) {
-    console.error(`error ${err.code}: ${err.message}`)
-    process.exitCode = err.code === 'UIG_ERR_CLI_USAGE' ? 2 : 1
-  } else {
-    console.error(`uigniter: unexpected error: ${err instanceof Error ? err.stack ?? err.message : String(err)}`)
-    process.exitCode = 1
-  }
-})
+/**
+ * Runs one command line and sets the exit code. `extra` adds commands that
+ * are not the CLI's own (the executable adds `daemon`, src/daemon/main.ts).
+ */
+export function runCli (argv: string[], extra: Command[] = []): void {
+  commands = [...cliCommands, ...extra]
+  main(argv).then((code) => { process.exitCode = code }, (err: unknown) => {
+    if (err instanceof UigniterError) {
+      console.error(`error ${err.code}: ${err.message}`)
+      process.exitCode = err.code === 'UIG_ERR_CLI_USAGE' ? 2 : 1
+    } else {
+      console.error(`uigniter: unexpected error: ${err instanceof Error ? err.stack ?? err.message : String(err)}`)
+      process.exitCode = 1
+    }
+  })
+}

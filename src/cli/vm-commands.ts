@@ -1,10 +1,7 @@
-import { loadConfig } from '../core/config.js'
 import { UigniterError } from '../core/errors.js'
-import { createLogger } from '../core/logger.js'
 import { formatBytes } from '../core/progress.js'
 import type { ImageManifest } from '../core/image.js'
 import type { Vm } from '../core/vm.js'
-import { startDaemon } from '../daemon/daemon.js'
 import { ApiClient, daemonClient } from './api-client.js'
 import { parseEnv, parseIntFlag, parseMiB, printTable, type Command } from './args.js'
 
@@ -224,30 +221,6 @@ export const vmCommands: Command[] = [
         `data dir:     ${String(info.dataDir)}`,
         `started:      ${String(info.startedAt)}`
       ].join('\n'))
-      return 0
-    }
-  },
-  {
-    name: 'daemon',
-    summary: 'Run the daemon in the foreground (the CLI starts one in the background when needed).',
-    usage: 'uigniter daemon',
-    options: {},
-    help: ['Config: /etc/uigniter/config.json or UIGNITER_CONFIG; see README.md. Log level: UIGNITER_LOG_LEVEL (default info).'],
-    run: async () => {
-      const log = createLogger(process.env.UIGNITER_LOG_LEVEL ?? 'info')
-      const daemon = await startDaemon(loadConfig(), log)
-      await new Promise<void>((resolve) => {
-        const stop = (): void => { resolve() }
-        process.once('SIGINT', stop)
-        process.once('SIGTERM', stop)
-      })
-      log.info('shutting down; VMs keep running')
-      await daemon.close()
-      // Everything is closed; a handle someone forgot must not keep a stopped daemon alive.
-      setTimeout(() => {
-        log.warn('a handle kept the process alive after shutdown; exiting anyway')
-        process.exit(0)
-      }, 3000).unref()
       return 0
     }
   }

@@ -60,14 +60,20 @@ export const StartPathSchema = Type.Union([Type.Literal('cold'), Type.Literal('p
 })
 export type StartPath = Static<typeof StartPathSchema>
 
+export const StartStepSchema = Type.Object({
+  name: Type.String({ description: 'The step (core/start-steps.ts): resolve-image, check-resources, attach-network, spawn, boot, restore, identity, after-clone, warm-up, publish-ports, record, adopt; a pool claim adds claim-wait, resume, identity, hand-out' }),
+  ms: Type.Number({ description: 'How long the step took, in milliseconds' })
+}, { additionalProperties: false })
+export type StartStep = Static<typeof StartStepSchema>
+
 export const StartTimingsSchema = Type.Object({
-  spawnMs: Type.Number({ description: 'Until QEMU answered on its monitor' }),
-  restoreMs: Type.Optional(Type.Number({ description: 'Clones: until the template\'s state was restored and the guest running' })),
-  identityMs: Type.Optional(Type.Number({ description: 'Clones and booted pool instances: until the guest took its identity' })),
-  afterCloneMs: Type.Optional(Type.Number({ description: 'Clones of a ready: app template with a hook: the after-clone hook, after the identity' })),
-  warmMs: Type.Optional(Type.Number({ description: 'Clones made for a pool: the first answer of the app (its code translated afresh under TCG)' })),
-  totalMs: Type.Number()
-}, { additionalProperties: false, description: 'Milliseconds from the start of the create' })
+  plan: Type.Union([Type.Literal('cold'), Type.Literal('prespawned'), Type.Literal('booted'), Type.Literal('clone'), Type.Literal('adopted')], {
+    description: 'The start path whose steps ran: a cold boot, a pool instance (prespawned or booted), a clone, or a VM adopted after a daemon restart'
+  }),
+  steps: Type.Array(StartStepSchema, { description: 'Every step that ran, in order, with its duration' }),
+  totalMs: Type.Number({ description: 'From the start of the create to the VM recorded as running' }),
+  claimMs: Type.Optional(Type.Number({ description: 'Pool instances: the claim, from the request to the hand-out (its steps are the last ones listed)' }))
+}, { additionalProperties: false, description: 'How the VM started, step by step' })
 export type StartTimings = Static<typeof StartTimingsSchema>
 
 export const ServiceTagSchema = Type.Object({

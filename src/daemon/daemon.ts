@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs'
 import { chmod, mkdir, rm } from 'node:fs/promises'
-import { createServer, request } from 'node:http'
+import { createServer } from 'node:http'
 import { Registry } from 'prom-client'
 import { dirname, join } from 'node:path'
 import type { FastifyInstance } from 'fastify'
@@ -10,6 +10,7 @@ import type { Config } from '../core/config.js'
 import { UigniterError } from '../core/errors.js'
 import type { Logger } from '../core/logger.js'
 import { packageRoot } from '../core/package-paths.js'
+import { socketAnswers } from '../core/socket-answers.js'
 import { ImageStore } from '../guest/image-store.js'
 import { createKernelSource } from '../guest/guest-kernel.js'
 import { DhcpServer } from '../net/dhcp-server.js'
@@ -23,8 +24,8 @@ import { TemplateManager } from '../snapshot/template-manager.js'
 import { Gateway } from '../gateway/gateway.js'
 import { ReplicaLauncher } from '../service/replica-launcher.js'
 import { ServiceManager } from '../service/service-manager.js'
-import { GuestLaunches } from './guest-launches.js'
-import { VmManager } from './vm-manager.js'
+import { GuestLaunches } from '../vm/guest-launches.js'
+import { VmManager } from '../vm/vm-manager.js'
 
 /** QEMU's user-mode networking shows the host to a guest at this address. */
 const USER_MODE_HOST = '10.0.2.2'
@@ -91,7 +92,7 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
   const driver = new QemuDriver({ log: log.child({ component: 'qemu' }), ...(jail.jail !== undefined ? { jail: jail.jail } : {}) })
   const launches = new GuestLaunches(images, accel, network)
   const templates = new TemplateManager({ dataDir: config.dataDir, store, images, driver, launches, network: network !== undefined ? 'bridge' : 'user', log: log.child({ component: 'templates' }) })
-  const manager = new VmManager({ config, store, images, driver, network, launches, templates, accel, log: log.child({ component: 'vms' }) })
+  const manager = new VmManager({ dataDir: config.dataDir, store, images, driver, network, launches, templates, accel, identityTimeoutMs: config.clones.identityTimeoutMs, log: log.child({ component: 'vms' }) })
   const recovered = await manager.recover()
   log.info(recovered, 'recovered VMs from the previous daemon')
   const interrupted = await templates.recover()
@@ -189,14 +190,4 @@ function splitHostPort (listen: string): [string, string] {
 
 function isLoopback (host: string): boolean {
   return host === 'localhost' || host === '::1' || host.startsWith('127.')
-}
-
-/** True when something answers HTTP on the socket: a live daemon, not a stale file. */
-export async function socketAnswers (socketPath: string): Promise<boolean> {
-  return await new Promise((resolve) => {
-    const req = request({ socketPath, path: '/healthz', timeout: 2000 }, (res) => { res.resume(); resolve(res.statusCode === 200) })
-    req.on('error', () => resolve(false))
-    req.on('timeout', () => { req.destroy(); resolve(false) })
-    req.end()
-  })
 }

@@ -6,6 +6,7 @@ import { Value } from '@sinclair/typebox/value'
 import { UigniterError, hasErrno, rethrowNoSpace } from '../core/errors.js'
 import { writeFileAtomic } from '../core/fs-atomic.js'
 import { ImageManifestSchema, formatImageRef, parseImageRef, type ImageManifest } from '../core/image.js'
+import type { ImageRepository } from '../core/ports/image-repository.js'
 
 /** sha256 of a file, as `sha256:<hex>`. */
 export async function digestFile (path: string): Promise<string> {
@@ -23,7 +24,7 @@ export async function digestFile (path: string): Promise<string> {
  * Every write is a rename from a temp name, so a crash or a full disk leaves
  * either the old state or the new one, never a half-written entry.
  */
-export class ImageStore {
+export class ImageStore implements ImageRepository {
   readonly root: string
 
   constructor (dataDir: string) {

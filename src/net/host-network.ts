@@ -10,6 +10,7 @@ import { macForVm } from '../core/mac-address.js'
 import { NOT_ROOT_ADVICE, runNetTool } from './net-tool.js'
 import { DEFAULT_SUBNET, Subnet, parseIpv4 } from './subnet.js'
 import { DEFAULT_TAP_PREFIX, createTap, deleteTap, listTaps, tapNameFor } from './tap.js'
+import type { HostNetworking, PublishRequest, VmAttachment } from '../core/ports/host-networking.js'
 
 /** How HostNetwork is configured; the daemon fills it from the `network` section of its config. */
 export interface HostNetworkOptions {
@@ -35,23 +36,8 @@ export interface HostNetworkOptions {
 }
 
 /** What a VM needs to join the bridge network: QEMU takes `tap` and `mac`, the guest the rest. */
-export interface VmNetwork {
-  tap: string
-  mac: string
-  ip: string
-  prefix: number
-  gateway: string
-  /** IPv4 nameservers for the guest; empty when the host's resolver is on loopback, which guests cannot reach. */
-  dns: string[]
-}
-
-/** A port to publish, as a VM's create request gives it. */
-export interface PublishRequest {
-  /** Default `127.0.0.1`; `0.0.0.0` publishes on every host address. */
-  hostAddress?: string
-  hostPort: number
-  guestPort: number
-}
+/** What a VM gets when it is attached (the port's VmAttachment). */
+export type VmNetwork = VmAttachment
 
 /**
  * The host side of bridge networking, for the daemon: one bridge with the
@@ -66,7 +52,7 @@ export interface PublishRequest {
  * await network.publish(vm.id, [{ hostPort: 8080, guestPort: 80 }])
  * await network.detach(vm.id)
  */
-export class HostNetwork {
+export class HostNetwork implements HostNetworking {
   readonly bridge: string
   readonly subnet: Subnet
   readonly ipam: Ipam

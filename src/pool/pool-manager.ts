@@ -4,8 +4,9 @@ import { describeSchemaErrors } from '../core/config.js'
 import { UigniterError } from '../core/errors.js'
 import type { Logger } from '../core/logger.js'
 import { PoolSpecSchema, type ClaimResult, type PoolSpec, type PoolStatus } from '../core/pool.js'
-import type { VmEvent, VmManager } from '../daemon/vm-manager.js'
-import type { SqliteStore } from '../store/sqlite-store.js'
+import type { StateStore } from '../core/ports/state-store.js'
+import type { StartStep } from '../core/vm.js'
+import type { VmEvent, VmManager } from '../vm/vm-manager.js'
 import { WarmPool, type CreateFailure, type EmptyPolicy, type ReleasePolicy } from './warm-pool.js'
 
 /** A pool's refill failed or recovered; on /v1/events. */
@@ -30,11 +31,11 @@ export interface PoolEvent {
  */
 export class PoolManager extends EventEmitter {
   readonly #vms: VmManager
-  readonly #store: SqliteStore
+  readonly #store: StateStore
   readonly #log: Logger
   readonly #pools = new Map<string, { spec: PoolSpec, pool: WarmPool<string> }>()
 
-  constructor (vms: VmManager, store: SqliteStore, log: Logger) {
+  constructor (vms: VmManager, store: StateStore, log: Logger) {
     super()
     this.#vms = vms
     this.#store = store
@@ -122,16 +123,24 @@ export class PoolManager extends EventEmitter {
     }
     const claim = await pool.claim(options)
     const handOverStarted = performance.now()
+    // The claim's own steps, listed after the instance's start (core/start-steps.ts CLAIM_STEPS).
+    const steps: StartStep[] = [{ name: 'claim-wait', ms: claim.waitedMs }]
+    const timed = async (name: StartStep['name'], step: () => Promise<unknown>): Promise<void> => {
+      const t = performance.now()
+      await step()
+      steps.push({ name, ms: performance.now() - t })
+    }
     try {
-      if (spec.kind === 'prespawned' && this.#vms.get(claim.instance).state === 'paused') await this.#vms.resume(claim.instance)
-      if (spec.kind === 'booted') await this.#vms.assign(claim.instance, options.env)
+      if (spec.kind === 'prespawned' && this.#vms.get(claim.instance).state === 'paused') await timed('resume', async () => await this.#vms.resume(claim.instance))
+      if (spec.kind === 'booted') await timed('identity', async () => await this.#vms.assign(claim.instance, options.env))
     } catch (err) {
       // Never hand out an instance that did not take its assignment.
       await pool.release(claim.instance, { onRelease: 'recycle' }).catch(() => {})
       throw err
     }
     const path = claim.path === 'pool' ? 'pool' : spec.kind === 'clone' ? 'clone' : 'cold'
-    const vm = this.#vms.markClaimed(claim.instance, path)
+    steps.push({ name: 'hand-out', ms: 0 })
+    const vm = this.#vms.markClaimed(claim.instance, path, { steps, totalMs: performance.now() - started })
     const done = performance.now()
     this.emit('claim', { pool: name, path })
     return { vm, path, timings: { waitMs: claim.waitedMs, resumeMs: done - handOverStarted, totalMs: done - started } }
@@ -147,7 +156,7 @@ export class PoolManager extends EventEmitter {
   #open (spec: PoolSpec): { spec: PoolSpec, pool: WarmPool<string> } {
     const pool = new WarmPool<string>({
       create: async () => {
-        const vm = await this.#vms.create({
+        const vm = await this.#vms.createForPool(spec.kind, {
           ...(spec.kind === 'clone' ? { template: spec.template } : { image: spec.image }),
           env: {},
           network: 'bridge',
@@ -155,7 +164,7 @@ export class PoolManager extends EventEmitter {
           shares: [],
           ...(spec.vcpus !== undefined ? { vcpus: spec.vcpus } : {}),
           ...(spec.memoryMiB !== undefined ? { memoryMiB: spec.memoryMiB } : {})
-        }, { pool: spec.name, ...(spec.kind === 'prespawned' ? { startPaused: true } : spec.kind === 'booted' ? { waitForIdentity: true } : { warmUp: true }) })
+        }, spec.name)
         return vm.id
       },
       destroy: async (id) => { await this.#vms.remove(id, true).catch((err: unknown) => { this.#log.warn({ err, vm: id }, 'removing a pool VM failed') }) }

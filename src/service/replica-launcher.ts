@@ -3,7 +3,7 @@ import { UigniterError } from '../core/errors.js'
 import type { Logger } from '../core/logger.js'
 import type { ServiceSpec } from '../core/service.js'
 import type { Vm } from '../core/vm.js'
-import type { VmManager } from '../daemon/vm-manager.js'
+import type { VmManager } from '../vm/vm-manager.js'
 import type { PoolManager } from '../pool/pool-manager.js'
 import type { TemplateManager } from '../snapshot/template-manager.js'
 

@@ -3,8 +3,8 @@ import { UigniterError } from '../core/errors.js'
 import type { Logger } from '../core/logger.js'
 import type { Endpoint, ServiceSpec, ServiceStatus } from '../core/service.js'
 import type { Vm } from '../core/vm.js'
-import type { VmEvent, VmManager } from '../daemon/vm-manager.js'
-import type { SqliteStore } from '../store/sqlite-store.js'
+import type { VmEvent, VmManager } from '../vm/vm-manager.js'
+import type { StateStore } from '../core/ports/state-store.js'
 import type { ReplicaLauncher } from './replica-launcher.js'
 import { ReplicaReaper } from './replica-reaper.js'
 import { ServiceController, type ServiceEvent, type ServiceGateway } from './service-controller.js'
@@ -12,7 +12,7 @@ import { checkGatewayPorts, parseAppFile, parseServiceSpec } from './service-spe
 
 export interface ServiceManagerDeps {
   vms: VmManager
-  store: SqliteStore
+  store: StateStore
   launcher: ReplicaLauncher
   gateway: ServiceGateway
   /** The gateway's HTTP port, which no service may take as its gatewayPort. */

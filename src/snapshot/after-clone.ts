@@ -2,8 +2,8 @@ import { request } from 'node:http'
 import { constants } from 'node:os'
 import { UigniterError } from '../core/errors.js'
 import type { AfterClone } from '../core/image.js'
-import type { LaunchNetwork } from '../vmm/qemu/command-line.js'
 import type { ControlChannel } from '../vmm/qemu/control-channel.js'
+import type { LaunchNetwork } from '../core/ports/vmm-driver.js'
 
 /** How long a clone's app has to answer its hook, unless the hook says otherwise. */
 export const DEFAULT_AFTER_CLONE_TIMEOUT_MS = 5000

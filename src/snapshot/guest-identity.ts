@@ -1,8 +1,9 @@
 import { randomBytes } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { UigniterError } from '../core/errors.js'
-import { encodeParam, type GuestNetwork } from '../vmm/qemu/command-line.js'
+import { encodeParam } from '../vmm/qemu/command-line.js'
 import { ControlChannel } from '../vmm/qemu/control-channel.js'
+import type { GuestNetwork } from '../core/ports/vmm-driver.js'
 
 /** Who a guest is on the network: given to a clone, or to a booted pool instance when it is claimed. */
 export interface GuestIdentity {

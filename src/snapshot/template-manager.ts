@@ -7,18 +7,18 @@ import { UigniterError } from '../core/errors.js'
 import { formatImageRef, type ImageManifest } from '../core/image.js'
 import type { Logger } from '../core/logger.js'
 import { TemplateSpecSchema, type TemplateInfo, type TemplateSpec } from '../core/template.js'
-import type { GuestLaunches } from '../daemon/guest-launches.js'
-import type { ImageStore } from '../guest/image-store.js'
-import type { SqliteStore } from '../store/sqlite-store.js'
-import type { QemuDriver } from '../vmm/qemu/qemu-driver.js'
+import type { GuestLaunches } from '../vm/guest-launches.js'
+import type { ImageRepository } from '../core/ports/image-repository.js'
+import type { StateStore } from '../core/ports/state-store.js'
+import type { VmmDriver } from '../core/ports/vmm-driver.js'
 import { resolveAfterClone, type ResolvedAfterClone } from './after-clone.js'
 import { Template } from './template.js'
 
 export interface TemplateManagerDeps {
   dataDir: string
-  store: SqliteStore
-  images: ImageStore
-  driver: QemuDriver
+  store: StateStore
+  images: ImageRepository
+  driver: VmmDriver
   launches: GuestLaunches
   /** bridge when the daemon makes taps: the template's NIC backend, which its clones must share. */
   network: 'bridge' | 'user'

@@ -5,13 +5,11 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { waitForAppAnswer, type AppProbe } from '../core/app-probe.js'
 import { UigniterError } from '../core/errors.js'
 import { writeFileAtomic } from '../core/fs-atomic.js'
-import type { GuestNetwork, LaunchNetwork } from '../vmm/qemu/command-line.js'
-import { INCOMING_STATE_URI, type GuestLaunch, type QemuDriver } from '../vmm/qemu/qemu-driver.js'
-import type { QemuVm } from '../vmm/qemu/qemu-vm.js'
-import { VmStateDir } from '../vmm/qemu/vm-state-dir.js'
 import { hookAddress, httpHook, signalHook, type ResolvedAfterClone } from './after-clone.js'
 import { macForVm } from '../core/mac-address.js'
 import { checkIdentityEnv, sendIdentity, waitForIdentityWait } from './guest-identity.js'
+import type { GuestLaunch, GuestNetwork, GuestVm, LaunchNetwork, VmmDriver } from '../core/ports/vmm-driver.js'
+import { StepClock } from '../core/start-steps.js'
 
 /** What template.json holds: enough to clone the template again after a daemon restart. */
 export interface TemplateRecord {
@@ -83,12 +81,10 @@ export interface CloneOptions {
   identityTimeoutMs?: number
 }
 
-export interface CloneResult {
-  vm: QemuVm
+export interface CloneResult<V extends GuestVm = GuestVm> {
+  vm: V
   /** The identity the guest took. */
   identity: { address: string, mac: string, hostname: string }
-  /** Milliseconds from the clone's start: QEMU up with its monitor, state restored and running, identity taken; then the after-clone hook's own time. */
-  timings: { spawnMs: number, restoreMs: number, identityMs: number, afterCloneMs?: number }
 }
 
 const TMPFS_MAGIC = 0x01021994
@@ -131,7 +127,7 @@ export class Template {
    * state without the RAM (`x-ignore-shared`) and ends the VM.
    * Throws UIG_ERR_TEMPLATE_FAILED; nothing is left behind on failure.
    */
-  static async create (driver: QemuDriver, options: TemplateCreateOptions): Promise<Template> {
+  static async create (driver: VmmDriver, options: TemplateCreateOptions): Promise<Template> {
     const { id } = options
     const ready = options.ready ?? 'init'
     if (!/^[A-Za-z0-9][A-Za-z0-9_.-]*$/.test(id)) throw new UigniterError('UIG_ERR_TEMPLATE_FAILED', `invalid template id "${id}"`)
@@ -141,7 +137,7 @@ export class Template {
     const memoryDir = options.memoryDir ?? await defaultMemoryDir(options.dataDir, id)
     const memoryPath = join(memoryDir, 'memory.ram')
     const statePath = join(dir, 'state.bin')
-    const vmDir = new VmStateDir(join(dir, 'vm'))
+    const vmDir = join(dir, 'vm')
     await rm(dir, { recursive: true, force: true })
     await rm(memoryPath, { force: true })
     await mkdir(dir, { recursive: true, mode: 0o700 })
@@ -154,15 +150,16 @@ export class Template {
     }
     const timeoutMs = options.bootTimeoutMs ?? 60_000
     const t0 = Date.now()
-    let vm: QemuVm | undefined
+    let vm: GuestVm | undefined
     try {
-      vm = await driver.start({ id: `template-${id}`, stateDir: vmDir.dir, launch })
-      await vm.waitForMarker('init', timeoutMs)
+      const started = await driver.spawn({ id: `template-${id}`, stateDir: vmDir, launch })
+      vm = started
+      await started.waitForMarker('init', timeoutMs)
       const left = (): number => Math.max(1000, timeoutMs - (Date.now() - t0))
-      if (ready === 'init') await waitForIdentityWait(vmDir.controlSocket, left())
+      if (ready === 'init') await waitForIdentityWait(controlSocketOf(started), left())
       else if (options.probe !== undefined) {
         let ended: string | undefined
-        void vm.exited.then((exit) => { ended = `the template VM ended: ${exit.reason}: ${exit.detail}` })
+        void started.exited.then((exit) => { ended = `the template VM ended: ${exit.reason}: ${exit.detail}` })
         await waitForAppAnswer(options.probe, left(), () => ended)
         // Under TCG the guest may still be tearing the probe's connection down: let it finish,
         // or the app could be caught mid-connection in every clone.
@@ -170,20 +167,11 @@ export class Template {
       }
       const bootMs = Date.now() - t0
       const t1 = Date.now()
-      await vm.pause()
-      await vm.monitor('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] })
-      // QEMU 7.2 has no file: transport (it came in 8.2), and a jailed QEMU may not exec (spawn=deny):
-      // the stream goes over a unix socket to the daemon, which writes the file.
-      const sink = await vm.openMigrationSink(statePath)
-      try {
-        await vm.monitor('migrate', { uri: sink.uri })
-        await waitForMigration(vm, 30_000)
-        await withTimeout(sink.written, 10_000, 'the migration stream did not end within 10 s of completing')
-      } finally {
-        sink.close()
-      }
+      await started.saveState(statePath, 30_000)
       const saveMs = Date.now() - t1
-      await endVm(vm)
+      // Paused after its save, the template VM cannot shut down as a guest; nothing of it is needed any more.
+      started.kill()
+      await started.exited
       const probe = options.probe !== undefined && ready === 'app'
         ? { port: options.probe.guestPort, ...(options.probe.httpPath !== undefined ? { httpPath: options.probe.httpPath } : {}) }
         : null
@@ -191,7 +179,7 @@ export class Template {
       const cloneSafe = options.cloneSafe ?? (ready === 'init' || afterClone !== null)
       const record: TemplateRecord = { version: 1, id, ready, probe, launch: options.launch, memoryPath, statePath, createdAt: new Date().toISOString(), timings: { bootMs, saveMs }, afterClone, cloneSafe }
       await writeFileAtomic(join(dir, 'template.json'), JSON.stringify(record, null, 2) + '\n')
-      await rm(vmDir.dir, { recursive: true, force: true })
+      await rm(vmDir, { recursive: true, force: true })
       return new Template(dir, record)
     } catch (err) {
       const console = vm !== undefined ? (await vm.readConsole({ tailBytes: 1500 }).catch(() => '')).trim() : ''
@@ -234,7 +222,7 @@ export class Template {
    * thrown (UIG_ERR_CLONE_RESTORE, UIG_ERR_CLONE_IDENTITY,
    * UIG_ERR_CLONE_HOOK_FAILED).
    */
-  async clone (driver: QemuDriver, options: CloneOptions): Promise<CloneResult> {
+  async clone<V extends GuestVm> (driver: VmmDriver<V>, options: CloneOptions, clock = new StepClock('clone')): Promise<CloneResult<V>> {
     if (this.record.ready === 'app' && Object.keys(options.env ?? {}).length > 0) {
       throw new UigniterError('UIG_ERR_CLONE_REQUEST', `template ${this.id} was taken with its app running (ready: app), so every clone keeps the app's environment; make a template with ready: init to give each clone its own`)
     }
@@ -243,50 +231,41 @@ export class Template {
     const network = withGuestAddress(options.network, options.guestNetwork.address)
     const hook = this.record.ready === 'app' ? this.record.afterClone : null
     const hookAt = hook !== null ? hookAddress(hook, network, options.guestNetwork.address) : undefined
-    const t0 = Date.now()
-    const vm = await driver.start({
+    const vm = await clock.run('spawn', async () => await driver.spawn({
       id: options.id,
       stateDir: options.stateDir,
       launch: { ...this.record.launch, network, memory: { path: this.record.memoryPath, share: false }, incoming: 'defer' },
       // QEMU inherits the state file open: a jailed one could not see it, nor exec cat.
       incomingState: this.record.statePath
-    })
-    const spawnMs = Date.now() - t0
-    let restoreMs = 0
+    }))
     try {
-      try {
-        const restoreTimeout = options.restoreTimeoutMs ?? 5000
-        await vm.monitor('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] })
-        await vm.monitor('migrate-incoming', { uri: INCOMING_STATE_URI })
-        await waitForMigration(vm, restoreTimeout)
-        // Without -S QEMU resumes by itself once the state is in; otherwise we do.
-        if ((await vm.status()).status !== 'running') await vm.resume()
-        restoreMs = Date.now() - t0
-      } catch (err) {
-        throw new UigniterError('UIG_ERR_CLONE_RESTORE', `clone ${options.id} could not restore template ${this.id}: ${(err as Error).message}`, { cause: err })
-      }
+      await clock.run('restore', async () => {
+        try {
+          await vm.restoreState(options.restoreTimeoutMs ?? 5000)
+        } catch (err) {
+          throw new UigniterError('UIG_ERR_CLONE_RESTORE', `clone ${options.id} could not restore template ${this.id}: ${(err as Error).message}`, { cause: err })
+        }
+      })
       const identityTimeout = options.identityTimeoutMs ?? 5000
-      let identityMs = 0
-      let hookStarted = 0
       try {
         // The signal hook goes over the identity's channel, right after it: one connection, no second handshake.
-        await sendIdentity(new VmStateDir(options.stateDir).controlSocket, { guestNetwork: options.guestNetwork, mac, hostname: options.hostname, env: options.env ?? {} }, identityTimeout, async (channel) => {
-          identityMs = Date.now() - t0
-          hookStarted = performance.now()
-          if (hook?.kind === 'signal') await signalHook(channel, hook)
-        })
-        if (hook?.kind === 'http' && hookAt !== undefined) await httpHook(hookAt, hook)
+        const endIdentity = clock.begin('identity')
+        try {
+          await sendIdentity(controlSocketOf(vm), { guestNetwork: options.guestNetwork, mac, hostname: options.hostname, env: options.env ?? {} }, identityTimeout, async (channel) => {
+            endIdentity()
+            if (hook?.kind === 'signal') await clock.run('after-clone', async () => { await signalHook(channel, hook) })
+          })
+        } finally {
+          endIdentity()
+        }
+        if (hook?.kind === 'http' && hookAt !== undefined) await clock.run('after-clone', async () => { await httpHook(hookAt, hook) })
       } catch (err) {
         if (err instanceof UigniterError && err.code === 'UIG_ERR_CLONE_HOOK_FAILED') {
           throw new UigniterError('UIG_ERR_CLONE_HOOK_FAILED', `clone ${options.id} of template ${this.id}: ${err.message}`, { cause: err })
         }
         throw new UigniterError('UIG_ERR_CLONE_IDENTITY', `clone ${options.id} of template ${this.id}: ${(err as Error).message}`, { cause: err })
       }
-      return {
-        vm,
-        identity: { address: options.guestNetwork.address, mac, hostname: options.hostname },
-        timings: { spawnMs, restoreMs, identityMs, ...(hook !== null ? { afterCloneMs: performance.now() - hookStarted } : {}) }
-      }
+      return { vm, identity: { address: options.guestNetwork.address, mac, hostname: options.hostname } }
     } catch (err) {
       // Never hand out a clone that may still carry its template's identity.
       vm.kill()
@@ -301,37 +280,6 @@ export class Template {
     await rm(this.dir, { recursive: true, force: true })
     // The RAM's own directory, when it was made for this template; a shared one stays while it holds others.
     await rmdir(dirname(this.record.memoryPath)).catch(() => {})
-  }
-}
-
-/** Polls `query-migrate` until the migration (either side) has completed; throws when it failed. */
-async function waitForMigration (vm: QemuVm, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const info = await vm.monitor<{ status?: string, 'error-desc'?: string }>('query-migrate', undefined, { timeoutMs: Math.max(1, deadline - Date.now()) })
-    if (info.status === 'completed') return
-    if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`the migration ${info.status}${info['error-desc'] !== undefined ? `: ${info['error-desc']}` : ''}`)
-    if (Date.now() > deadline) throw new Error(`the migration did not complete within ${timeoutMs} ms (status ${info.status ?? 'none'})`)
-    await sleep(5)
-  }
-}
-
-async function withTimeout<T> (promise: Promise<T>, ms: number, message: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined
-  try {
-    return await Promise.race([promise, new Promise<never>((resolve, reject) => { timer = setTimeout(() => reject(new Error(message)), ms) })])
-  } finally {
-    clearTimeout(timer)
-  }
-}
-
-/** The template VM is paused after its migration and cannot shut down as a guest: QMP quit, then SIGKILL. */
-async function endVm (vm: QemuVm): Promise<void> {
-  await vm.monitor('quit').catch(() => {})
-  const ended = await Promise.race([vm.exited.then(() => true), sleep(3000).then(() => false)])
-  if (!ended) {
-    vm.kill()
-    await vm.exited
   }
 }
 
@@ -353,4 +301,10 @@ async function onTmpfs (path: string): Promise<boolean> {
   } catch {
     return false
   }
+}
+
+/** Our init's control channel; a template needs one (Template.create refuses images without our init). */
+function controlSocketOf (vm: GuestVm): string {
+  if (vm.controlSocket === undefined) throw new UigniterError('UIG_ERR_CONTROL_CHANNEL', `VM ${vm.id} has no control channel (its image has no uigniter init)`)
+  return vm.controlSocket
 }

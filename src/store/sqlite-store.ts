@@ -4,13 +4,10 @@ import Database from 'better-sqlite3'
 import { UigniterError } from '../core/errors.js'
 import type { PoolSpec } from '../core/pool.js'
 import type { ServiceSpec } from '../core/service.js'
-import type { Vm, VmState } from '../core/vm.js'
+import type { StateStore, StoredService, VmFilter } from '../core/ports/state-store.js'
+import type { Vm } from '../core/vm.js'
 
 const SCHEMA_VERSION = 3
-
-export interface StoredService { spec: ServiceSpec, app: string | null, generation: number }
-
-export interface VmFilter { state?: VmState[], image?: string, name?: string }
 
 /**
  * The daemon's state in an embedded SQLite database (`<dataDir>/uigniter.db`):
@@ -18,7 +15,7 @@ export interface VmFilter { state?: VmState[], image?: string, name?: string }
  * is one statement or one transaction, so a crash leaves it consistent.
  * VM records are stored whole as JSON, with the columns queries filter on.
  */
-export class SqliteStore {
+export class SqliteStore implements StateStore {
   readonly #db: Database.Database
 
   constructor (path: string) {

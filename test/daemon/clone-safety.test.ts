@@ -12,6 +12,7 @@ import { rejectsWith } from '../helpers/assertions.js'
 import { DaemonProcess } from '../helpers/daemon-process.js'
 import { createTestContext, runCli, type TestContext } from '../helpers/fixtures.js'
 import { RANDOM_KEYS, randomAppSpec } from '../snapshot/random-app.js'
+import { stepMs } from '../../src/core/start-steps.js'
 
 type Answer = Record<typeof RANDOM_KEYS[number] | 'host', string> & { hooks: number }
 
@@ -71,10 +72,10 @@ describe('clone safety: after-clone hooks and the Node.js preload', () => {
     // A few at a time: each clone is ~30 MB PSS, and its first answer translates node afresh under TCG.
     const answers = await mapLimit(Array.from({ length: 20 }, (_, i) => i), 4, async (i) => {
       const vm = await daemon.api.call<Vm>('POST', '/v1/vms', { template: 'rand', name: `rand-${i}` })
-      assert.ok((vm.startTimings?.afterCloneMs ?? -1) >= 0, 'the clone ran its hook before it was handed out')
+      assert.ok((stepMs(vm.startTimings, 'after-clone') ?? -1) >= 0, 'the clone ran its hook before it was handed out')
       const answer = await values(vm.ipAddress ?? '')
       await daemon.api.call('DELETE', `/v1/vms/${vm.id}?force=true`)
-      return { answer, afterCloneMs: vm.startTimings?.afterCloneMs ?? 0 }
+      return { answer, afterCloneMs: stepMs(vm.startTimings, 'after-clone') ?? 0 }
     })
     process.stderr.write(`# after-clone step (ms): ${answers.map((a) => a.afterCloneMs).join(', ')}\n`)
     assert.equal(new Set(answers.map((a) => a.answer.host)).size, 20)

@@ -10,6 +10,7 @@ import { rejectsWith } from '../helpers/assertions.js'
 import { DaemonProcess } from '../helpers/daemon-process.js'
 import { helloAt } from '../helpers/hello-client.js'
 import { createTestContext, exampleSpec, packageRoot, runCli, type TestContext } from '../helpers/fixtures.js'
+import { stepMs } from '../../src/core/start-steps.js'
 
 interface NodeAnswer { host: string, ip: string, mac: string, random: string }
 
@@ -50,7 +51,8 @@ describe('templates and clones through the daemon', () => {
       assert.equal(vm.startPath, 'clone')
       assert.equal(vm.template, 'node')
       assert.equal(vm.image, 'node-http:latest')
-      assert.ok(vm.startTimings !== null && (vm.startTimings.identityMs ?? 0) > 0, 'the clone reports how long its restore and identity took')
+      assert.deepEqual(vm.startTimings?.steps.map((s) => s.name), ['resolve-template', 'check-request', 'attach-network', 'spawn', 'restore', 'identity', 'record'], 'the clone lists every step of its start')
+      assert.ok((stepMs(vm.startTimings, 'identity') ?? 0) > 0 && (stepMs(vm.startTimings, 'restore') ?? 0) > 0, 'each step has its duration')
       const answer = JSON.parse(await helloAt(vm.ipAddress ?? '', 10_000)) as NodeAnswer
       assert.deepEqual([answer.host, answer.ip, answer.mac], [vm.name, vm.ipAddress, vm.macAddress], 'the guest took the identity its VM record shows')
       answers.push(answer)

@@ -5,7 +5,7 @@ import { ApiClient } from '../../src/cli/api-client.js'
 import { run } from '../../src/core/exec.js'
 import { loadConfig } from '../../src/core/config.js'
 import type { PoolStatus } from '../../src/core/pool.js'
-import { socketAnswers } from '../../src/daemon/daemon.js'
+import { socketAnswers } from '../../src/core/socket-answers.js'
 import { freePort } from '../../src/core/free-port.js'
 import { packageRoot } from './fixtures.js'
 
@@ -49,7 +49,7 @@ export class DaemonProcess {
 
   /** Starts the daemon and waits until it answers on its socket. */
   async start (timeoutMs = 60_000): Promise<void> {
-    const child = spawn(process.execPath, [join(packageRoot, 'dist/src/cli/main.js'), 'daemon'], { env: this.env, stdio: ['ignore', 'pipe', 'pipe'] })
+    const child = spawn(process.execPath, [join(packageRoot, 'dist/src/daemon/main.js'), 'daemon'], { env: this.env, stdio: ['ignore', 'pipe', 'pipe'] })
     this.#child = child
     child.stdout?.on('data', (c: Buffer) => { this.output += c.toString() })
     child.stderr?.on('data', (c: Buffer) => { this.output += c.toString() })

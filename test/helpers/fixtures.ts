@@ -37,7 +37,7 @@ export const exampleSpec = (name: string): string => join(packageRoot, 'examples
 /** Runs the CLI as a child process and collects its output. */
 export async function runCli (args: string[], options: { env?: NodeJS.ProcessEnv, uid?: number, gid?: number } = {}): Promise<{ code: number | null, stdout: string, stderr: string }> {
   return await new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [join(packageRoot, 'dist/src/cli/main.js'), ...args], {
+    const child = spawn(process.execPath, [join(packageRoot, 'dist/src/daemon/main.js'), ...args], {
       env: options.env ?? process.env, stdio: ['ignore', 'pipe', 'pipe'], cwd: packageRoot,
       ...(options.uid !== undefined ? { uid: options.uid, gid: options.gid ?? options.uid } : {})
     })

@@ -6,15 +6,16 @@ import { after, before, describe, test } from 'node:test'
 import type { ImageManifest } from '../../src/core/image.js'
 import { Template } from '../../src/snapshot/template.js'
 import { chooseAccel } from '../../src/vmm/qemu/accel-probe.js'
-import { USER_NETWORK, type Accel } from '../../src/vmm/qemu/command-line.js'
 import { freePort } from '../../src/core/free-port.js'
-import { QemuDriver, type GuestLaunch } from '../../src/vmm/qemu/qemu-driver.js'
+import { QemuDriver } from '../../src/vmm/qemu/qemu-driver.js'
 import type { QemuVm } from '../../src/vmm/qemu/qemu-vm.js'
 import { VmStateDir } from '../../src/vmm/qemu/vm-state-dir.js'
 import { rejectsWith } from '../helpers/assertions.js'
 import { createTestContext, type TestContext } from '../helpers/fixtures.js'
 import { tcpRead } from '../helpers/tcp-read.js'
 import { makeIdentityRootfs } from './identity-app.js'
+import { type Accel, type GuestLaunch, USER_NETWORK } from '../../src/core/ports/vmm-driver.js'
+import { StepClock } from '../../src/core/start-steps.js'
 
 function fields (line: string): Record<string, string> {
   return Object.fromEntries(line.split(' ').map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]))
@@ -79,19 +80,22 @@ describe('templates and clones: real VMs', () => {
       const id = `clone${i}`
       const port = await freePort()
       const t0 = Date.now()
-      const { vm, identity, timings } = await template.clone(driver, {
+      const clock = new StepClock('clone')
+      const { vm, identity } = await template.clone(driver, {
         id,
         stateDir: VmStateDir.of(ctx.dataDir, id).dir,
         network: { mode: 'user', forwards: [{ hostAddress: '127.0.0.1', hostPort: port, guestPort: 8080 }] },
         guestNetwork: { ...USER_NETWORK, address },
         hostname: `clone-${i}`,
         env: { CLONE_ENV: `value ${i}` }
-      })
+      }, clock)
       started.push(vm)
+      const steps = clock.timings().steps
+      assert.deepEqual(steps.map((s) => s.name), ['spawn', 'restore', 'identity'], 'a clone runs its steps in order')
       const raw = (await tcpRead(port, 10_000, 5)).trim()
       const startMs = Date.now() - t0
       clones.push({ line: fields(raw), raw, startMs, pid: vm.pid, mac: identity.mac })
-      process.stderr.write(`# clone ${id}: serving after ${startMs} ms (QEMU up ${timings.spawnMs}, restored ${timings.restoreMs}, identity ${timings.identityMs})\n`)
+      process.stderr.write(`# clone ${id}: serving after ${startMs} ms (${steps.map((s) => `${s.name} ${s.ms}`).join(', ')} ms)\n`)
     }
     const [a, b] = clones
     assert.ok(a !== undefined && b !== undefined)
@@ -111,7 +115,7 @@ describe('templates and clones: real VMs', () => {
     // A cold boot of the same image, for the ratios.
     const port = await freePort()
     const t0 = Date.now()
-    const cold = await driver.start({ id: 'cold', stateDir: VmStateDir.of(ctx.dataDir, 'cold').dir, launch: { ...launch(), hostname: 'cold', network: { mode: 'user', forwards: [{ hostAddress: '127.0.0.1', hostPort: port, guestPort: 8080 }] } } })
+    const cold = await driver.spawn({ id: 'cold', stateDir: VmStateDir.of(ctx.dataDir, 'cold').dir, launch: { ...launch(), hostname: 'cold', network: { mode: 'user', forwards: [{ hostAddress: '127.0.0.1', hostPort: port, guestPort: 8080 }] } } })
     started.push(cold)
     assert.equal(fields((await tcpRead(port, 60_000, 5)).trim()).host, 'cold')
     const coldMs = Date.now() - t0

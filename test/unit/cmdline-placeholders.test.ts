@@ -4,7 +4,8 @@ import { cmdlinePlaceholders, cmdlineValues, netmaskOf, parseCmdline, substitute
 import { UigniterError } from '../../src/core/errors.js'
 import type { ImageManifest } from '../../src/core/image.js'
 import { parseBuildSpec } from '../../src/guest/image-builder.js'
-import { kernelCommandLine, USER_NETWORK } from '../../src/vmm/qemu/command-line.js'
+import { kernelCommandLine } from '../../src/vmm/qemu/command-line.js'
+import { USER_NETWORK } from '../../src/core/ports/vmm-driver.js'
 
 const throwsCode = (fn: () => unknown, code: string, ...fragments: string[]): void => {
   assert.throws(fn, (err: unknown) => {

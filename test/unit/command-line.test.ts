@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict'
 import { test } from 'node:test'
 import type { ImageManifest } from '../../src/core/image.js'
-import { buildQemuArgs, encodeParam, kernelCommandLine, KERNEL_CMDLINE_MAX, USER_NETWORK } from '../../src/vmm/qemu/command-line.js'
+import { buildQemuArgs, encodeParam, kernelCommandLine, KERNEL_CMDLINE_MAX } from '../../src/vmm/qemu/command-line.js'
+import { USER_NETWORK } from '../../src/core/ports/vmm-driver.js'
 
 const digest = `sha256:${'a'.repeat(64)}`
 const base: ImageManifest = {

@@ -6,16 +6,16 @@ import { after, before, describe, test } from 'node:test'
 import type { ImageManifest } from '../../src/core/image.js'
 import { Template } from '../../src/snapshot/template.js'
 import { chooseAccel } from '../../src/vmm/qemu/accel-probe.js'
-import { USER_NETWORK, type Accel } from '../../src/vmm/qemu/command-line.js'
 import { freePort } from '../../src/core/free-port.js'
 import { DEFAULT_JAIL, VMM_THREADS_CPUS, type JailOptions } from '../../src/vmm/qemu/jail.js'
-import { QemuDriver, type GuestLaunch } from '../../src/vmm/qemu/qemu-driver.js'
+import { QemuDriver } from '../../src/vmm/qemu/qemu-driver.js'
 import type { QemuVm } from '../../src/vmm/qemu/qemu-vm.js'
 import { VmStateDir } from '../../src/vmm/qemu/vm-state-dir.js'
 import { rejectsWith } from '../helpers/assertions.js'
 import { createTestContext, type TestContext } from '../helpers/fixtures.js'
 import { tcpRead } from '../helpers/tcp-read.js'
 import { makeProbeRootfs } from './probe-app.js'
+import { type Accel, type GuestLaunch, USER_NETWORK } from '../../src/core/ports/vmm-driver.js'
 
 const root = process.getuid?.() === 0
 const STOPS = { guestMarginMs: 3000, quitMs: 2000, termMs: 2000, killMs: 3000 }
@@ -65,7 +65,7 @@ describe('the QEMU jail: real VMs', { skip: root ? false : 'the jail needs root'
   })
   const start = async (over: Partial<GuestLaunch> = {}, options: { driver?: QemuDriver, cpuAffinity?: number[] } = {}): Promise<QemuVm> => {
     const id = `jvm${++n}`
-    const vm = await (options.driver ?? driver).start({ id, stateDir: VmStateDir.of(ctx.dataDir, id).dir, launch: launch(over), ...(options.cpuAffinity !== undefined ? { cpuAffinity: options.cpuAffinity } : {}) })
+    const vm = await (options.driver ?? driver).spawn({ id, stateDir: VmStateDir.of(ctx.dataDir, id).dir, launch: launch(over), ...(options.cpuAffinity !== undefined ? { cpuAffinity: options.cpuAffinity } : {}) })
     started.push(vm)
     return vm
   }

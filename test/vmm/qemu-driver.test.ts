@@ -5,9 +5,8 @@ import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
 import type { ImageManifest } from '../../src/core/image.js'
 import { chooseAccel } from '../../src/vmm/qemu/accel-probe.js'
-import { USER_NETWORK, type Accel } from '../../src/vmm/qemu/command-line.js'
 import { freePort } from '../../src/core/free-port.js'
-import { QemuDriver, type GuestLaunch } from '../../src/vmm/qemu/qemu-driver.js'
+import { QemuDriver } from '../../src/vmm/qemu/qemu-driver.js'
 import type { QemuVm } from '../../src/vmm/qemu/qemu-vm.js'
 import type { QmpEvent } from '../../src/vmm/qemu/qmp-client.js'
 import { VmStateDir } from '../../src/vmm/qemu/vm-state-dir.js'
@@ -15,6 +14,7 @@ import { rejectsWith } from '../helpers/assertions.js'
 import { createTestContext, type TestContext } from '../helpers/fixtures.js'
 import { makeProbeRootfs } from './probe-app.js'
 import { tcpRead } from '../helpers/tcp-read.js'
+import { type Accel, type GuestLaunch, USER_NETWORK } from '../../src/core/ports/vmm-driver.js'
 
 /** Resolves once the console has a line matching `re` (the whole console so far included). */
 async function consoleLine (vm: QemuVm, re: RegExp, timeoutMs = 60_000): Promise<string> {
@@ -58,7 +58,7 @@ describe('QEMU driver: real VMs', () => {
   const stateDirOf = (id: string): string => VmStateDir.of(ctx.dataDir, id).dir
   const start = async (over: Partial<GuestLaunch> = {}, options: { driver?: QemuDriver, cpuAffinity?: number[] } = {}): Promise<QemuVm> => {
     const id = `vm${++n}`
-    const vm = await (options.driver ?? driver).start({ id, stateDir: stateDirOf(id), launch: launch(over), cpuAffinity: options.cpuAffinity })
+    const vm = await (options.driver ?? driver).spawn({ id, stateDir: stateDirOf(id), launch: launch(over), cpuAffinity: options.cpuAffinity })
     started.push(vm)
     return vm
   }
@@ -287,7 +287,7 @@ describe('QEMU driver: real VMs', () => {
   test('resources beyond the host, bad shares and an over-long command line are refused before anything starts', async () => {
     const id = 'refused'
     const tryStart = async (over: Partial<GuestLaunch>, cpuAffinity?: number[]): Promise<QemuVm> =>
-      await driver.start({ id, stateDir: stateDirOf(id), launch: launch(over), cpuAffinity })
+      await driver.spawn({ id, stateDir: stateDirOf(id), launch: launch(over), cpuAffinity })
     await rejectsWith(tryStart({ vcpus: cpus().length + 1 }), 'UIG_ERR_VM_RESOURCES', `${cpus().length + 1} vCPUs`, `${cpus().length} CPUs`)
     const hostMiB = Math.floor(totalmem() / 1048576)
     await rejectsWith(tryStart({ memoryMiB: hostMiB + 1 }), 'UIG_ERR_VM_RESOURCES', `${hostMiB + 1} MiB`, `${hostMiB} MiB`)

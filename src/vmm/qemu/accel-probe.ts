@@ -8,8 +8,9 @@ import { writeFileAtomic } from '../../core/fs-atomic.js'
 import type { ImageManifest } from '../../core/image.js'
 import { initBinaryPath } from '../../core/package-paths.js'
 import { CpioWriter } from '../../guest/cpio-writer.js'
-import { buildQemuArgs, type Accel } from './command-line.js'
+import { buildQemuArgs } from './command-line.js'
 import { GuestProcess, describeGuestExit } from './guest-process.js'
+import type { Accel } from '../../core/ports/vmm-driver.js'
 
 export interface AccelChoice { accel: Accel, reason: string }
 

@@ -1,46 +1,15 @@
 import { posix } from 'node:path'
 import { cmdlineValues, substituteCmdline } from '../../core/cmdline-placeholders.js'
 import { UigniterError } from '../../core/errors.js'
-import type { ImageManifest } from '../../core/image.js'
+import type { GuestLaunch } from '../../core/ports/vmm-driver.js'
 import { jailArgs } from './jail.js'
 
-export type Accel = 'kvm' | 'tcg'
-
-export interface PortForward {
-  hostAddress: string
-  hostPort: number
-  guestPort: number
-  /** The guest address to forward to; QEMU's user-mode default (10.0.2.15) when absent. A clone takes its own. */
-  guestAddress?: string
-}
-
 /**
- * Guest RAM in a file instead of anonymous memory, for templates and clones
- * (fact 5): a template maps it shared, so that its RAM lands in the file; a
- * clone maps the same file private, so that it reads the template's pages
- * and copies only those it writes.
+ * Everything needed to start one guest: the driver port's launch plus what
+ * the QEMU driver owns (the state directory's files, the jail). Files are
+ * host paths.
  */
-export interface MemoryBackend { path: string, share: boolean }
-
-export interface GuestNetwork { address: string, prefix: number, gateway?: string, dns?: string[] }
-
-/** A host directory shared into the guest over virtio-9p. */
-export interface GuestShare { hostPath: string, guestPath: string, readOnly: boolean }
-
-/** How the guest's eth0 reaches the world: not at all, QEMU's user-mode stack, or a host tap. */
-export type LaunchNetwork =
-  | { mode: 'none' }
-  | { mode: 'user', forwards: PortForward[], mac?: string }
-  | { mode: 'tap', tap: string, mac: string }
-
-/** Everything needed to start one guest; files are host paths. */
-export interface LaunchSpec {
-  manifest: ImageManifest
-  kernelPath: string
-  rootfsPath?: string
-  accel: Accel
-  vcpus: number
-  memoryMiB: number
+export type LaunchSpec = Omit<GuestLaunch, 'overlaySizeMiB'> & {
   /**
    * Where the serial console goes: QEMU's stdout, a file QEMU truncates, or a
    * log QEMU appends to (`log`: the driver rotates it while QEMU keeps writing).
@@ -53,34 +22,14 @@ export interface LaunchSpec {
   pidFile?: string
   /** Shown in `ps` thread names and QEMU's messages. */
   name?: string
-  network: LaunchNetwork
-  /** Told to the guest init on the kernel command line. */
-  guestNetwork?: GuestNetwork
-  hostname?: string
-  /** Replaces the image's app arguments (argv[1..]) when given, even when empty. */
-  appArgs?: string[]
-  /** Added to the image's environment, replacing variables of the same name. */
-  appEnv?: Record<string, string>
-  shares?: GuestShare[]
   /** A writable ext4 disk the init lays over the read-only root (overlayfs). */
   overlayPath?: string
-  /** Start with the vCPUs stopped (QEMU's -S): a prespawned pool instance, booted by QMP `cont` when claimed. */
-  startPaused?: boolean
-  /** Extra kernel parameters for our own guests (the accel probe uses it). */
-  extraCmdline?: string[]
-  /** Guest RAM backed by this file (templates and clones) rather than anonymous memory. */
-  memory?: MemoryBackend
-  /** `defer`: QEMU starts paused and waits for QMP `migrate-incoming` (a clone restoring its template's state). */
-  incoming?: 'defer'
   /**
    * Run QEMU jailed (docs/jail.md): seccomp, as this uid and gid, chrooted
    * into `root`. Every path above is opened before the chroot.
    */
   jail?: { uid: number, gid: number, root: string }
 }
-
-/** The address plan of QEMU's user-mode network (slirp). */
-export const USER_NETWORK: GuestNetwork = { address: '10.0.2.15', prefix: 24, gateway: '10.0.2.2', dns: ['10.0.2.3'] }
 
 /**
  * x86's COMMAND_LINE_SIZE is 2048 bytes with the terminating NUL; the kernel

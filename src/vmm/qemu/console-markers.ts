@@ -1,15 +1,11 @@
+import type { ConsoleMarker } from '../../core/ports/vmm-driver.js'
+
 /**
  * The guest init's machine-readable console lines (src/guest/init/uigniter-init.c):
  * `UIGNITER:INIT`, `UIGNITER:APP-STARTED pid=N`, `UIGNITER:EXEC-FAILED errno=N error="..."`,
  * `UIGNITER:EXIT code=N | signal=N`, `UIGNITER:PROBE-OK`, `UIGNITER:INIT-FAILED error="..."`.
  */
-export type ConsoleMarker =
-  | { kind: 'init' }
-  | { kind: 'app-started', pid: number }
-  | { kind: 'exec-failed', errno: number, error: string }
-  | { kind: 'exit', code?: number, signal?: number }
-  | { kind: 'probe-ok' }
-  | { kind: 'init-failed', error: string }
+export type { ConsoleMarker }
 
 const MARKER = /UIGNITER:([A-Z-]+)(.*)$/
 

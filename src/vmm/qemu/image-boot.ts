@@ -5,10 +5,11 @@ import { UigniterError } from '../../core/errors.js'
 import type { ImageManifest } from '../../core/image.js'
 import type { ImageStore } from '../../guest/image-store.js'
 import { chooseAccel, QEMU_BINARY, type AccelChoice } from './accel-probe.js'
-import { buildQemuArgs, USER_NETWORK, type PortForward } from './command-line.js'
+import { buildQemuArgs } from './command-line.js'
 import { ControlChannel } from './control-channel.js'
 import { GuestProcess, type GuestExit } from './guest-process.js'
 import { freePort } from '../../core/free-port.js'
+import { type PortForward, USER_NETWORK } from '../../core/ports/vmm-driver.js'
 
 export interface BootOptions {
   config: Config

@@ -6,6 +6,7 @@ import { pino } from 'pino'
 import { UigniterError, hasErrno, rethrowNoSpace } from '../../core/errors.js'
 import { run } from '../../core/exec.js'
 import type { Logger } from '../../core/logger.js'
+import type { DriverCapabilities, GuestLaunch, SpawnOptions, VmmDriver } from '../../core/ports/vmm-driver.js'
 import type { VmExit } from '../../core/vm.js'
 import { QEMU_BINARY } from './accel-probe.js'
 import { buildQemuArgs, type LaunchSpec } from './command-line.js'
@@ -20,35 +21,6 @@ import { findOomKill } from './oom-kill.js'
 import { QmpClient } from './qmp-client.js'
 import { DEFAULT_STOP_TIMEOUTS, QemuVm, type StopTimeouts } from './qemu-vm.js'
 import { VmStateDir, type LaunchRecord } from './vm-state-dir.js'
-
-/**
- * A guest to launch, as the caller sees it: the argv builder's LaunchSpec
- * without what the driver owns (the state directory's files), plus the size
- * of a writable overlay to create.
- */
-export type GuestLaunch = Omit<LaunchSpec, 'console' | 'qmpSocket' | 'controlSocket' | 'pidFile' | 'name' | 'overlayPath' | 'jail'> & {
-  /** A writable ext4 overlay over the read-only root, created in the state directory and deleted with it. */
-  overlaySizeMiB?: number
-}
-
-export interface QemuStartOptions {
-  /** The VM's id: QEMU's -name and the key of its state directory. */
-  id: string
-  /** Usually `<dataDir>/vms/<id>` (VmStateDir.of). */
-  stateDir: string
-  launch: GuestLaunch
-  /** Host CPUs for every QEMU thread; unpinned when absent. */
-  cpuAffinity?: number[]
-  /**
-   * A saved migration stream for `launch.incoming: 'defer'`: the driver
-   * opens it and QEMU inherits it as fd 3 (INCOMING_STATE_URI), because a
-   * jailed QEMU can neither exec `cat` (spawn=deny) nor see the file (chroot).
-   */
-  incomingState?: string
-}
-
-/** The migrate-incoming URI of the state file given as QemuStartOptions.incomingState. */
-export const INCOMING_STATE_URI = 'fd:3'
 
 export interface QemuDriverOptions {
   log?: Logger
@@ -74,10 +46,10 @@ export interface QemuDriverOptions {
  *
  * @example
  * const driver = new QemuDriver({ log })
- * const vm = await driver.start({ id, stateDir: VmStateDir.of(dataDir, id).dir, launch })
+ * const vm = await driver.spawn({ id, stateDir: VmStateDir.of(dataDir, id).dir, launch })
  * const exit = await vm.stop({ graceMs: 5000 }) // { reason: 'stopped', appExitCode: 0, ... }
  */
-export class QemuDriver {
+export class QemuDriver implements VmmDriver<QemuVm> {
   readonly #log: Logger
   readonly #qemu: string
   readonly #consoleLimit: number
@@ -108,6 +80,11 @@ export class QemuDriver {
     return this.#jailer !== undefined
   }
 
+  /** QEMU clones through templating (x-ignore-shared migration over a shared RAM file) and pauses vCPUs over QMP. */
+  get capabilities (): DriverCapabilities {
+    return { clone: true, pause: true, jailed: this.jailed }
+  }
+
   /**
    * Validates the launch against the host, prepares the state directory
    * (overlay disk included), starts QEMU detached and connects to its
@@ -116,7 +93,7 @@ export class QemuDriver {
    * UIG_ERR_VM_CMDLINE_INVALID before anything starts, UIG_ERR_VM_BOOT_FAILED
    * with QEMU's own message when it refuses to start.
    */
-  async start (options: QemuStartOptions): Promise<QemuVm> {
+  async spawn (options: SpawnOptions): Promise<QemuVm> {
     const { id, launch, cpuAffinity } = options
     if (!/^[A-Za-z0-9][A-Za-z0-9_.-]*$/.test(id)) throw new UigniterError('UIG_ERR_VM_STATE_DIR', `invalid VM id "${id}"`)
     checkHostResources({ vcpus: launch.vcpus, memoryMiB: launch.memoryMiB, cpuAffinity })
@@ -324,6 +301,11 @@ export class QemuDriver {
     if (record.jail?.proc === true) await Jailer.unmountProc(dir.rootDir).catch((err: unknown) => this.#log.warn({ err, vm: record.id }, 'cannot unmount the jail\'s procfs'))
     this.#log.info({ vm: record.id, exit }, 'the VM ended while the daemon was down')
     return { dead: true, exit }
+  }
+
+  /** The launch a VM was spawned with (launch.json), running or not. */
+  async launchOf (stateDir: string): Promise<GuestLaunch> {
+    return (await new VmStateDir(stateDir).readLaunch()).spec
   }
 
   /** The last `tailBytes` (default 64 KiB) of a VM's console, running or not. */

@@ -6,6 +6,7 @@ import { pipeline } from 'node:stream/promises'
 import { UigniterError, hasErrno } from '../../core/errors.js'
 import { run } from '../../core/exec.js'
 import type { Logger } from '../../core/logger.js'
+import type { GuestVm } from '../../core/ports/vmm-driver.js'
 import type { VmExit } from '../../core/vm.js'
 import { ConsoleFacts } from './console-facts.js'
 import type { ConsoleLog } from './console-log.js'
@@ -17,6 +18,7 @@ import { checkHostResources } from './host-resources.js'
 import { Jailer } from './jail.js'
 import { HostProcess } from './host-process.js'
 import { findOomKill } from './oom-kill.js'
+import { restoreState, saveState } from './qemu-migration.js'
 import type { QmpClient, QmpEvent, QmpStatus } from './qmp-client.js'
 import type { LaunchRecord, VmStateDir } from './vm-state-dir.js'
 
@@ -76,7 +78,7 @@ type Requested = NonNullable<ExitEvidence['requested']>
  * (the app's status when the init reported it, else why QEMU ended). Events:
  * 'marker' (ConsoleMarker, from the init), 'event' (QmpEvent), 'exit' (VmExit).
  */
-export class QemuVm extends EventEmitter {
+export class QemuVm extends EventEmitter implements GuestVm {
   readonly id: string
   readonly pid: number
   readonly stateDir: string
@@ -202,6 +204,21 @@ export class QemuVm extends EventEmitter {
         void rm(socket.hostPath, { force: true })
       }
     }
+  }
+
+  /** The control channel's socket; undefined for a guest without our init. */
+  get controlSocket (): string | undefined {
+    return this.#record.spec.controlSocket
+  }
+
+  /** See GuestVm.saveState: a template's snapshot, waited on through QMP MIGRATION events. */
+  async saveState (statePath: string, timeoutMs: number): Promise<void> {
+    await saveState(this, statePath, timeoutMs)
+  }
+
+  /** See GuestVm.restoreState: a clone's restore, waited on through QMP MIGRATION events. */
+  async restoreState (timeoutMs: number): Promise<void> {
+    await restoreState(this, timeoutMs)
   }
 
   /** Pauses the vCPUs (QMP `stop`). */

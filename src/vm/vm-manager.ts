@@ -2,49 +2,50 @@ import { randomBytes } from 'node:crypto'
 import { EventEmitter } from 'node:events'
 import { freemem, cpus, totalmem } from 'node:os'
 import { join } from 'node:path'
-import type { Config } from '../core/config.js'
+import { waitForAppAnswer } from '../core/app-probe.js'
 import { UigniterError } from '../core/errors.js'
 import { formatImageRef, type ImageManifest } from '../core/image.js'
 import type { Logger } from '../core/logger.js'
-import type { ServiceTag, StartPath, StartTimings, Vm, VmCreateRequest, VmExit, VmState } from '../core/vm.js'
-import type { ImageStore } from '../guest/image-store.js'
-import type { HostNetwork } from '../net/host-network.js'
-import type { SqliteStore, VmFilter } from '../store/sqlite-store.js'
-import type { AccelChoice } from '../vmm/qemu/accel-probe.js'
-import { waitForAppAnswer } from '../core/app-probe.js'
 import { macForVm } from '../core/mac-address.js'
+import type { HostNetworking } from '../core/ports/host-networking.js'
+import type { ImageRepository } from '../core/ports/image-repository.js'
+import type { StateStore, VmFilter } from '../core/ports/state-store.js'
+import { USER_NETWORK, type GuestVm, type VmmDriver } from '../core/ports/vmm-driver.js'
+import { StepClock, withClaimSteps, type StartPlan } from '../core/start-steps.js'
+import type { ServiceTag, StartPath, StartStep, Vm, VmCreateRequest, VmExit, VmState } from '../core/vm.js'
 import { sendIdentity, waitForIdentityWait } from '../snapshot/guest-identity.js'
 import type { Template } from '../snapshot/template.js'
-import type { TemplateManager } from '../snapshot/template-manager.js'
-import { USER_NETWORK } from '../vmm/qemu/command-line.js'
-import type { QemuDriver } from '../vmm/qemu/qemu-driver.js'
-import type { QemuVm } from '../vmm/qemu/qemu-vm.js'
-import { VmStateDir } from '../vmm/qemu/vm-state-dir.js'
 import type { Attachment, GuestLaunches, NetworkKind } from './guest-launches.js'
 
 export interface VmEvent { type: 'vm.state', vm: Vm }
 
-/** What pools ask of a create beyond the API's request. */
-export interface CreateInternal {
+/** Who a VM belongs to, beyond the API's request: recorded on the VM. */
+export interface VmTags {
   pool?: string
-  startPaused?: boolean
-  waitForIdentity?: boolean
-  /** Clones of a `ready: app` template: one request to the app before the create resolves. */
-  warmUp?: boolean
   /** Marks the VM as a replica of this service. */
   service?: ServiceTag
 }
 
+/** The pool kinds' start plans (PoolManager's instances): see START_PLANS. */
+export type PoolPlan = 'prespawned' | 'booted' | 'clone'
+
+/** Templates as the VM lifecycle needs them: found by name. */
+export interface TemplateSource {
+  open: (name: string) => Promise<Template>
+}
+
 export interface VmManagerDeps {
-  config: Config
-  store: SqliteStore
-  images: ImageStore
-  driver: QemuDriver
+  dataDir: string
+  store: StateStore
+  images: ImageRepository
+  driver: VmmDriver
   /** Undefined when the host cannot make taps (not root): VMs then use user-mode networking. */
-  network: HostNetwork | undefined
+  network: HostNetworking | undefined
   launches: GuestLaunches
-  templates: TemplateManager
-  accel: AccelChoice
+  templates: TemplateSource
+  accel: { accel: string }
+  /** A clone's or an assignment's identity handshake (clones.identityTimeoutMs). */
+  identityTimeoutMs: number
   log: Logger
 }
 
@@ -58,7 +59,7 @@ const LIVE: VmState[] = ['starting', 'running', 'paused', 'stopping']
  */
 export class VmManager extends EventEmitter {
   readonly #deps: VmManagerDeps
-  readonly #running = new Map<string, QemuVm>()
+  readonly #running = new Map<string, GuestVm>()
   /** Creates under way: the daemon lets them finish before it closes the store. */
   readonly #inflight = new Set<Promise<Vm>>()
   /** Settles once a VM's end is recorded and its network released. */
@@ -70,17 +71,23 @@ export class VmManager extends EventEmitter {
   }
 
   /**
-   * After a daemon (re)start: adopt every VM the store says is live from its
-   * state directory, mark the ones that died meanwhile, and remove network
-   * leftovers (taps, rules, addresses) that no live VM owns.
+   * After a daemon (re)start: every VM the store says is live goes through
+   * the `adopted` plan (find its VMM again, publish its ports, record it);
+   * the ones that died meanwhile are marked, and network leftovers (taps,
+   * rules, addresses) that no live VM owns are removed.
    */
   async recover (): Promise<{ adopted: number, died: number }> {
     let adopted = 0
     let died = 0
+    const network = this.#deps.network
+    const liveIds = new Set(this.#deps.store.listVms({ state: LIVE }).map((vm) => vm.id))
+    // Before any port is published again, so that a dead VM's forward cannot clash with a live one's.
+    if (network !== undefined) await network.cleanupOrphans([...liveIds])
     for (const vm of this.#deps.store.listVms({ state: LIVE })) {
-      let found: Awaited<ReturnType<QemuDriver['adopt']>>
+      const clock = new StepClock('adopted')
+      let found: Awaited<ReturnType<VmmDriver['adopt']>>
       try {
-        found = await this.#deps.driver.adopt(vm.stateDir)
+        found = await clock.run('adopt', async () => await this.#deps.driver.adopt(vm.stateDir))
       } catch (err) {
         // A crash in the middle of a create can leave a state dir without its launch record:
         // such a VM never ran, and must not keep the daemon from starting.
@@ -95,17 +102,15 @@ export class VmManager extends EventEmitter {
         continue
       }
       adopted++
+      await this.#publishPorts(vm, clock)
+      // The start's own steps stay on the record; the adoption's are logged.
+      this.#deps.log.info({ vm: vm.id, steps: clock.timings().steps }, 'adopted a running VM')
       this.#watch(vm.id, found)
     }
-    const live = this.#deps.store.listVms({ state: LIVE })
     for (const ip of this.#deps.store.ipAllocations.list()) {
       // A template's address stays while the template does (TemplateManager frees it with the template).
       if (ip.owner.startsWith('template:')) continue
-      if (!live.some((vm) => vm.id === ip.owner)) this.#deps.store.ipAllocations.release(ip.ip)
-    }
-    if (this.#deps.network !== undefined) {
-      await this.#deps.network.cleanupOrphans(live.map((vm) => vm.id))
-      for (const vm of live) if (vm.network === 'bridge' && vm.publish.length > 0) await this.#deps.network.publish(vm.id, vm.publish)
+      if (!liveIds.has(ip.owner)) this.#deps.store.ipAllocations.release(ip.ip)
     }
     return { adopted, died }
   }
@@ -116,26 +121,41 @@ export class VmManager extends EventEmitter {
   }
 
   /**
-   * Creates and starts a VM, booted from its image or cloned from a
-   * template; resolves once QEMU runs (a clone: once it took its identity),
-   * not when the app answers. Internal options for pools: `startPaused`
-   * leaves the vCPUs stopped before the first instruction (prespawned),
-   * `waitForIdentity` boots to the init's wait for an assignment (booted),
-   * `pool` marks the pool.
+   * Creates and starts a VM: the `cold` plan for an image, the `clone` plan
+   * for a template. Resolves once the VMM runs (a clone: once it took its
+   * identity), not when the app answers.
    */
-  async create (request: VmCreateRequest, internal: CreateInternal = {}): Promise<Vm> {
+  async create (request: VmCreateRequest, tags: VmTags = {}): Promise<Vm> {
     if ((request.image === undefined) === (request.template === undefined)) {
       throw new UigniterError('UIG_ERR_API_VALIDATION', 'give either image (to boot it) or template (to clone it), not both or neither')
     }
-    if (request.template !== undefined) return await this.#clone(request.template, request, internal)
-    const manifest = await this.#deps.images.get(request.image ?? '')
+    if (request.template !== undefined) return await this.#clone(request.template, request, tags, false)
+    return await this.#boot('cold', request, tags)
+  }
+
+  /**
+   * A pool's instance, by the pool kind's plan: `prespawned` (vCPUs stopped
+   * before the first instruction), `booted` (booted to the init's wait for
+   * an identity), `clone` (a clone warmed up with one request to its app).
+   */
+  async createForPool (plan: PoolPlan, request: VmCreateRequest, pool: string): Promise<Vm> {
+    if (plan === 'clone') {
+      if (request.template === undefined) throw new UigniterError('UIG_ERR_API_VALIDATION', 'a clone pool\'s instance needs a template')
+      return await this.#clone(request.template, request, { pool }, true)
+    }
+    return await this.#boot(plan, request, { pool })
+  }
+
+  /** The `cold`, `prespawned` and `booted` plans: a VM booted from its image. */
+  async #boot (plan: Extract<StartPlan, 'cold' | 'prespawned' | 'booted'>, request: VmCreateRequest, tags: VmTags): Promise<Vm> {
+    const clock = new StepClock(plan)
+    const manifest = await clock.run('resolve-image', async () => await this.#deps.images.get(request.image ?? ''))
     const vcpus = request.vcpus ?? manifest.vcpus
     const memoryMiB = request.memoryMiB ?? manifest.memoryMiB
-    checkResources(vcpus, memoryMiB)
-    const vm = this.#newRecord(manifest, request, { vcpus, memoryMiB, startPath: 'cold', template: null, pool: internal.pool, service: internal.service })
-    const t0 = performance.now()
-    return await this.#starting(vm, async () => {
-      const { launch, attachment } = await this.#deps.launches.prepare(vm.id, manifest, {
+    await clock.run('check-resources', () => { checkResources(vcpus, memoryMiB) })
+    const vm = this.#newRecord(manifest, request, { vcpus, memoryMiB, startPath: 'cold', template: null, tags })
+    return await this.#starting(vm, clock, async () => {
+      const { launch, attachment } = await clock.run('attach-network', async () => await this.#deps.launches.prepare(vm.id, manifest, {
         vcpus,
         memoryMiB,
         hostname: vm.name,
@@ -145,40 +165,41 @@ export class VmManager extends EventEmitter {
         shares: request.shares,
         ...(request.args !== undefined ? { args: request.args } : {}),
         ...(request.overlaySizeMiB !== undefined ? { overlaySizeMiB: request.overlaySizeMiB } : {})
-      })
+      }))
       this.#attached(vm, attachment)
-      const qemu = await this.#deps.driver.start({
+      const guest = await clock.run('spawn', async () => await this.#deps.driver.spawn({
         id: vm.id,
         stateDir: vm.stateDir,
         launch: {
           ...launch,
-          ...(internal.startPaused === true ? { startPaused: true } : {}),
-          ...(internal.waitForIdentity === true ? { extraCmdline: ['uigniter.wait=identity'] } : {})
+          ...(plan === 'prespawned' ? { startPaused: true } : {}),
+          ...(plan === 'booted' ? { extraCmdline: ['uigniter.wait=identity'] } : {})
         },
         ...(request.cpuAffinity !== undefined ? { cpuAffinity: request.cpuAffinity } : {})
-      })
-      const spawnMs = performance.now() - t0
-      if (internal.waitForIdentity === true) {
+      }))
+      if (plan === 'booted') {
         // A booted pool instance is ready once its init holds the app back; until then a claim would wait for the boot.
-        await waitForIdentityWait(new VmStateDir(vm.stateDir).controlSocket, 60_000).catch(async (err: unknown) => {
-          qemu.kill()
-          await qemu.exited
-          throw err
+        await clock.run('boot', async () => {
+          await waitForIdentityWait(controlSocketOf(guest), 60_000).catch(async (err: unknown) => {
+            guest.kill()
+            await guest.exited
+            throw err
+          })
         })
       }
-      return { qemu, timings: { spawnMs, totalMs: performance.now() - t0 }, paused: internal.startPaused === true }
+      return { guest, paused: plan === 'prespawned' }
     })
   }
 
-  /** A clone of a template: the template's image, resources and app, with its own identity. */
-  async #clone (name: string, request: VmCreateRequest, internal: CreateInternal): Promise<Vm> {
-    const template = await this.#deps.templates.open(name)
+  /** The `clone` plan: the template's image, resources and app, with its own identity. */
+  async #clone (name: string, request: VmCreateRequest, tags: VmTags, warmUp: boolean): Promise<Vm> {
+    const clock = new StepClock('clone')
+    const template = await clock.run('resolve-template', async () => await this.#deps.templates.open(name))
     const { launch } = template.record
-    checkCloneRequest(template, request, this.#deps.launches.networkFor(request.network))
-    const vm = this.#newRecord(launch.manifest, request, { vcpus: launch.vcpus, memoryMiB: launch.memoryMiB, startPath: 'clone', template: name, pool: internal.pool, service: internal.service })
-    const t0 = performance.now()
-    return await this.#starting(vm, async () => {
-      const attached = await this.#deps.launches.attach(vm.id, vm.network, vm.publish)
+    await clock.run('check-request', () => { checkCloneRequest(template, request, this.#deps.launches.networkFor(request.network)) })
+    const vm = this.#newRecord(launch.manifest, request, { vcpus: launch.vcpus, memoryMiB: launch.memoryMiB, startPath: 'clone', template: name, tags })
+    return await this.#starting(vm, clock, async () => {
+      const attached = await clock.run('attach-network', async () => await this.#deps.launches.attach(vm.id, vm.network, vm.publish))
       this.#attached(vm, attached.attachment)
       const clone = await template.clone(this.#deps.driver, {
         id: vm.id,
@@ -187,28 +208,29 @@ export class VmManager extends EventEmitter {
         guestNetwork: attached.guestNetwork ?? USER_NETWORK,
         hostname: vm.name,
         env: request.env,
-        identityTimeoutMs: this.#deps.config.clones.identityTimeoutMs,
+        identityTimeoutMs: this.#deps.identityTimeoutMs,
         ...(attached.attachment.macAddress !== null ? { mac: attached.attachment.macAddress } : {})
-      })
+      }, clock)
       vm.macAddress = clone.identity.mac
       const { probe } = template.record
-      if (internal.warmUp === true && probe !== null && vm.network === 'bridge' && vm.ipAddress !== null) {
+      if (warmUp && probe !== null && vm.network === 'bridge' && vm.ipAddress !== null) {
         // Under TCG a clone translates the app's code afresh on its first request (about 0.5 s for node):
         // a pool pays that before the instance counts as ready, not its first client.
-        const warmStarted = performance.now()
-        let ended: string | undefined
-        void clone.vm.exited.then((exit) => { ended = `the clone ended: ${exit.reason}` })
-        // An HTTP port is warmed with a request, so that the request path is what gets translated.
-        const http = probe.httpPath !== undefined || launch.manifest.ports.some((p) => p.port === probe.port && p.protocol === 'http')
-        await waitForAppAnswer({ host: vm.ipAddress, port: probe.port, ...(http ? { httpPath: probe.httpPath ?? '/', anyStatus: probe.httpPath === undefined } : {}) }, 30_000, () => ended)
-          .catch(async (err: unknown) => { clone.vm.kill(); await clone.vm.exited; throw err })
-        return { qemu: clone.vm, timings: { ...clone.timings, warmMs: performance.now() - warmStarted, totalMs: performance.now() - t0 }, paused: false }
+        const host = vm.ipAddress
+        await clock.run('warm-up', async () => {
+          let ended: string | undefined
+          void clone.vm.exited.then((exit) => { ended = `the clone ended: ${exit.reason}` })
+          // An HTTP port is warmed with a request, so that the request path is what gets translated.
+          const http = probe.httpPath !== undefined || launch.manifest.ports.some((p) => p.port === probe.port && p.protocol === 'http')
+          await waitForAppAnswer({ host, port: probe.port, ...(http ? { httpPath: probe.httpPath ?? '/', anyStatus: probe.httpPath === undefined } : {}) }, 30_000, () => ended)
+            .catch(async (err: unknown) => { clone.vm.kill(); await clone.vm.exited; throw err })
+        })
       }
-      return { qemu: clone.vm, timings: { ...clone.timings, totalMs: performance.now() - t0 }, paused: false }
+      return { guest: clone.vm, paused: false }
     })
   }
 
-  #newRecord (manifest: ImageManifest, request: VmCreateRequest, fields: { vcpus: number, memoryMiB: number, startPath: StartPath, template: string | null, pool: string | undefined, service: ServiceTag | undefined }): Vm {
+  #newRecord (manifest: ImageManifest, request: VmCreateRequest, fields: { vcpus: number, memoryMiB: number, startPath: StartPath, template: string | null, tags: VmTags }): Vm {
     const id = randomBytes(8).toString('hex')
     const vm: Vm = {
       id,
@@ -225,15 +247,15 @@ export class VmManager extends EventEmitter {
       publish: request.publish,
       pid: null,
       accel: this.#deps.accel.accel,
-      stateDir: join(this.#deps.config.dataDir, 'vms', id),
+      stateDir: join(this.#deps.dataDir, 'vms', id),
       createdAt: new Date().toISOString(),
       startedAt: null,
       exit: null,
-      pool: fields.pool !== undefined ? { name: fields.pool, claimed: false } : null,
+      pool: fields.tags.pool !== undefined ? { name: fields.tags.pool, claimed: false } : null,
       startPath: fields.startPath,
       template: fields.template,
       startTimings: null,
-      service: fields.service ?? null
+      service: fields.tags.service ?? null
     }
     this.#deps.store.insertVm(vm)
     this.#emit(vm)
@@ -247,33 +269,47 @@ export class VmManager extends EventEmitter {
     this.#deps.store.updateVm(vm)
   }
 
+  /** The `publish-ports` step: host ports forwarded to a bridged VM (idempotent: a forward in place is kept). */
+  async #publishPorts (vm: Vm, clock: StepClock): Promise<void> {
+    const network = this.#deps.network
+    if (vm.network !== 'bridge' || vm.publish.length === 0 || network === undefined) return
+    await clock.run('publish-ports', async () => { await network.publish(vm.id, vm.publish) })
+  }
+
   /**
-   * Runs a start, then records the VM as running (or paused) and follows it.
-   * A start that fails releases the network and leaves the VM `failed` with
-   * the reason; the error is thrown.
+   * Runs a start's steps up to a running guest, then its last steps
+   * (publish-ports, record), and follows the VM. A start that fails releases
+   * the network and leaves the VM `failed` with the reason; the error is thrown.
    */
-  async #starting (vm: Vm, start: () => Promise<{ qemu: QemuVm, timings: StartTimings, paused: boolean }>): Promise<Vm> {
+  async #starting (vm: Vm, clock: StepClock, start: () => Promise<{ guest: GuestVm, paused: boolean }>): Promise<Vm> {
     const work = (async () => {
-      let qemu: QemuVm | undefined
+      let guest: GuestVm | undefined
       try {
         const started = await start()
-        qemu = started.qemu
-        vm.pid = qemu.pid
-        vm.state = started.paused ? 'paused' : 'running'
-        vm.startedAt = new Date().toISOString()
-        vm.startTimings = roundTimings(started.timings)
+        guest = started.guest
+        await this.#publishPorts(vm, clock)
+        const running = guest
+        await clock.run('record', () => {
+          vm.pid = running.pid
+          vm.state = started.paused ? 'paused' : 'running'
+          vm.startedAt = new Date().toISOString()
+          vm.startTimings = clock.timings()
+          this.#deps.store.updateVm(vm)
+        })
+        // The record step's own time is in the list now too.
+        vm.startTimings = clock.timings()
         this.#deps.store.updateVm(vm)
-        if (vm.network === 'bridge' && vm.publish.length > 0) await this.#deps.network?.publish(vm.id, vm.publish)
-        this.#watch(vm.id, qemu)
+        this.#watch(vm.id, running)
         this.#emit(vm)
         return vm
       } catch (err) {
-        // A QEMU left running without its tap would spin on the dead device: it goes with its network.
-        if (qemu !== undefined && !this.#running.has(vm.id)) {
-          qemu.kill()
-          await qemu.exited
+        // A VMM left running without its tap would spin on the dead device: it goes with its network.
+        if (guest !== undefined && !this.#running.has(vm.id)) {
+          guest.kill()
+          await guest.exited
         }
         await this.#releaseNetwork(vm)
+        vm.startTimings = clock.timings()
         this.#finish(vm, { reason: 'boot-failed', detail: (err as Error).message, at: new Date().toISOString() }, 'failed')
         throw err
       }
@@ -296,24 +332,25 @@ export class VmManager extends EventEmitter {
    */
   async assign (id: string, env: Record<string, string> = {}): Promise<Vm> {
     const vm = this.get(id)
-    if (!this.#running.has(vm.id) || vm.state !== 'running') {
+    const guest = this.#running.get(vm.id)
+    if (guest === undefined || vm.state !== 'running') {
       throw new UigniterError('UIG_ERR_VM_INVALID_STATE', `VM ${vm.name} is ${vm.state}; only a running VM can take an assignment`)
     }
-    const dir = new VmStateDir(vm.stateDir)
-    const { spec } = await dir.readLaunch()
-    await sendIdentity(dir.controlSocket, {
-      guestNetwork: spec.guestNetwork ?? USER_NETWORK,
-      mac: vm.macAddress ?? (spec.network.mode === 'none' ? undefined : spec.network.mac) ?? macForVm(vm.id),
+    // The address plan it was given at its attach, as its launch recorded it.
+    const guestNetwork = (await this.#deps.driver.launchOf(vm.stateDir)).guestNetwork ?? USER_NETWORK
+    await sendIdentity(controlSocketOf(guest), {
+      guestNetwork,
+      mac: vm.macAddress ?? macForVm(vm.id),
       hostname: vm.name,
       env
-    }, this.#deps.config.clones.identityTimeoutMs)
+    }, this.#deps.identityTimeoutMs)
     return vm
   }
 
-  /** Follows a QEMU process to its end and records how it ended. */
-  #watch (id: string, qemu: QemuVm): void {
-    this.#running.set(id, qemu)
-    const finished = qemu.exited.then(async (exit) => {
+  /** Follows a guest to its end and records how it ended. */
+  #watch (id: string, guest: GuestVm): void {
+    this.#running.set(id, guest)
+    const finished = guest.exited.then(async (exit) => {
       const vm = this.#deps.store.findVm(id)
       if (vm !== undefined) {
         await this.#releaseNetwork(vm)
@@ -359,14 +396,14 @@ export class VmManager extends EventEmitter {
   /** Graceful stop; a VM that already ended is returned as it is (idempotent). */
   async stop (idOrName: string, graceMs = 10_000): Promise<Vm> {
     const vm = this.get(idOrName)
-    const qemu = this.#running.get(vm.id)
-    if (qemu === undefined) return vm
+    const guest = this.#running.get(vm.id)
+    if (guest === undefined) return vm
     if (vm.state !== 'stopping') {
       vm.state = 'stopping'
       this.#deps.store.updateVm(vm)
       this.#emit(vm)
     }
-    await qemu.stop({ graceMs })
+    await guest.stop({ graceMs })
     await this.#finished.get(vm.id)
     return this.get(vm.id)
   }
@@ -374,9 +411,9 @@ export class VmManager extends EventEmitter {
   /** SIGKILL, at once; idempotent like stop. */
   async kill (idOrName: string): Promise<Vm> {
     const vm = this.get(idOrName)
-    const qemu = this.#running.get(vm.id)
-    if (qemu === undefined) return vm
-    qemu.kill()
+    const guest = this.#running.get(vm.id)
+    if (guest === undefined) return vm
+    guest.kill()
     await this.#finished.get(vm.id)
     return this.get(vm.id)
   }
@@ -391,14 +428,14 @@ export class VmManager extends EventEmitter {
 
   async #setPaused (idOrName: string, paused: boolean): Promise<Vm> {
     const vm = this.get(idOrName)
-    const qemu = this.#running.get(vm.id)
+    const guest = this.#running.get(vm.id)
     const from: VmState = paused ? 'running' : 'paused'
     if (vm.state === (paused ? 'paused' : 'running')) return vm
-    if (qemu === undefined || vm.state !== from) {
+    if (guest === undefined || vm.state !== from) {
       throw new UigniterError('UIG_ERR_VM_INVALID_STATE', `VM ${vm.name} is ${vm.state}; only a ${from} VM can be ${paused ? 'paused' : 'resumed'}`)
     }
-    if (paused) await qemu.pause()
-    else await qemu.resume()
+    if (paused) await guest.pause()
+    else await guest.resume()
     vm.state = paused ? 'paused' : 'running'
     this.#deps.store.updateVm(vm)
     this.#emit(vm)
@@ -410,12 +447,16 @@ export class VmManager extends EventEmitter {
     await this.#deps.templates.open(name)
   }
 
-  /** Records that a pool handed this VM out, and how it started for its holder. */
-  markClaimed (id: string, path: StartPath): Vm {
+  /**
+   * Records that a pool handed this VM out, how it started for its holder,
+   * and the claim's steps after the instance's own.
+   */
+  markClaimed (id: string, path: StartPath, claim: { steps: StartStep[], totalMs: number }): Vm {
     const vm = this.get(id)
     if (vm.pool !== null) {
       vm.pool = { ...vm.pool, claimed: true }
       vm.startPath = path
+      vm.startTimings = withClaimSteps(vm.startTimings, claim.steps, claim.totalMs)
       this.#deps.store.updateVm(vm)
       this.#emit(vm)
     }
@@ -464,7 +505,7 @@ export class VmManager extends EventEmitter {
   async close (graceMs = 15_000): Promise<void> {
     const settled = Promise.allSettled([...this.#inflight])
     await Promise.race([settled, new Promise((resolve) => setTimeout(resolve, graceMs).unref())])
-    for (const qemu of this.#running.values()) qemu.close()
+    for (const guest of this.#running.values()) guest.close()
     this.#running.clear()
   }
 
@@ -501,6 +542,8 @@ function checkCloneRequest (template: Template, request: VmCreateRequest, networ
   if (network !== templateNetwork) refuse(`uses its template's network (${templateNetwork}), not ${network}`)
 }
 
-function roundTimings (t: StartTimings): StartTimings {
-  return Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round(v * 10) / 10])) as StartTimings
+/** Our init's control channel: pools and assignments need one. */
+function controlSocketOf (guest: GuestVm): string {
+  if (guest.controlSocket === undefined) throw new UigniterError('UIG_ERR_CONTROL_CHANNEL', `VM ${guest.id} has no control channel (its image has no uigniter init)`)
+  return guest.controlSocket
 }

@@ -1,11 +1,9 @@
 import type { ImageManifest } from '../core/image.js'
 import type { Publish, Share } from '../core/vm.js'
-import type { ImageStore } from '../guest/image-store.js'
-import type { HostNetwork } from '../net/host-network.js'
-import type { AccelChoice } from '../vmm/qemu/accel-probe.js'
-import { USER_NETWORK, type GuestNetwork, type LaunchNetwork } from '../vmm/qemu/command-line.js'
+import type { HostNetworking } from '../core/ports/host-networking.js'
+import type { ImageRepository } from '../core/ports/image-repository.js'
 import { freePort } from '../core/free-port.js'
-import type { GuestLaunch } from '../vmm/qemu/qemu-driver.js'
+import { USER_NETWORK, type Accel, type GuestLaunch, type GuestNetwork, type LaunchNetwork } from '../core/ports/vmm-driver.js'
 
 export type NetworkKind = 'bridge' | 'user' | 'none'
 
@@ -32,11 +30,11 @@ export interface LaunchOptions {
  * attaches detaches (HostNetwork.detach).
  */
 export class GuestLaunches {
-  readonly #images: ImageStore
-  readonly #accel: AccelChoice
-  readonly #network: HostNetwork | undefined
+  readonly #images: ImageRepository
+  readonly #accel: { accel: Accel }
+  readonly #network: HostNetworking | undefined
 
-  constructor (images: ImageStore, accel: AccelChoice, network: HostNetwork | undefined) {
+  constructor (images: ImageRepository, accel: { accel: Accel }, network: HostNetworking | undefined) {
     this.#images = images
     this.#accel = accel
     this.#network = network
