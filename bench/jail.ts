@@ -13,11 +13,11 @@
  *   node dist/bench/jail.js [--n 5] [--idle-vms 3] [--idle-s 20] [--parts cold,clone,idle,memory]
  */
 import { mkdtemp, rm } from 'node:fs/promises'
-import { connect } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { parseArgs } from 'node:util'
+import { waitForAppAnswer } from '../src/core/app-probe.js'
 import type { ImageManifest } from '../src/core/image.js'
 import { Template } from '../src/snapshot/template.js'
 import { chooseAccel } from '../src/vmm/qemu/accel-probe.js'
@@ -48,22 +48,11 @@ const MEMORY_MIB = 64
 const sleep = async (ms: number): Promise<void> => await new Promise((resolve) => setTimeout(resolve, ms))
 const ms = (x: number): string => Number.isNaN(x) ? '—' : x < 100 ? x.toFixed(1) : x.toFixed(0)
 
-/** Polls 127.0.0.1:PORT every 5 ms until the probe answers "probe". */
+/** Probes 127.0.0.1:PORT every 5 ms until the probe app answers "probe". */
 async function untilProbe (port: number, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const text = await new Promise<string>((resolve) => {
-      const s = connect(port, '127.0.0.1')
-      let got = ''
-      s.setTimeout(2000, () => s.destroy())
-      s.on('data', (c: Buffer) => { got += c.toString() })
-      s.on('close', () => resolve(got))
-      s.on('error', () => resolve(''))
-    })
-    if (text.startsWith('probe')) return
-    if (Date.now() > deadline) throw new Error(`127.0.0.1:${port} did not answer within ${timeoutMs} ms`)
-    await sleep(5)
-  }
+  const answer = await waitForAppAnswer({ host: '127.0.0.1', port, speaksFirst: true }, timeoutMs, undefined,
+    { intervalMs: 5, attempt: { connectMs: 2000, answerMs: 2000 } })
+  if (!answer.body.startsWith('probe')) throw new Error(`127.0.0.1:${port} answered ${JSON.stringify(answer.body.slice(0, 80))}, not the probe app`)
 }
 
 /**

@@ -5,13 +5,13 @@
  *   node dist/bench/pool-claim.js [--n 6]
  */
 import { readFile } from 'node:fs/promises'
-import { request } from 'node:http'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 import type { ClaimResult, PoolStatus } from '../src/core/pool.js'
 import type { Vm } from '../src/core/vm.js'
 import { DaemonProcess } from '../test/helpers/daemon-process.js'
 import { createTestContext, exampleSpec, packageRoot } from '../test/helpers/fixtures.js'
+import { untilServing } from './lib/measure.js'
 
 const { values } = parseArgs({ options: { n: { type: 'string', default: '6' } } })
 const n = Number(values.n)
@@ -19,19 +19,6 @@ const n = Number(values.n)
 function percentile (xs: number[], p: number): number {
   const s = [...xs].sort((a, b) => a - b)
   return s[Math.min(s.length - 1, Math.ceil((p / 100) * s.length) - 1)] ?? NaN
-}
-
-async function answered (ip: string): Promise<void> {
-  for (;;) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const req = request({ host: ip, port: 8080, path: '/', timeout: 1000 }, (res) => { res.resume(); resolve(res.statusCode === 200) })
-      req.on('error', () => resolve(false))
-      req.on('timeout', () => { req.destroy(); resolve(false) })
-      req.end()
-    })
-    if (ok) return
-    await new Promise((resolve) => setTimeout(resolve, 10))
-  }
 }
 
 const ctx = await createTestContext()
@@ -55,7 +42,7 @@ try {
     const t0 = performance.now()
     const claim = await daemon.api.call<ClaimResult>('POST', '/v1/pools/bench/claim')
     claimApi.push(performance.now() - t0)
-    await answered(claim.vm.ipAddress ?? '')
+    await untilServing(claim.vm.ipAddress ?? '', 8080, 120_000)
     claimServing.push(performance.now() - t0)
     await daemon.api.call('POST', '/v1/pools/bench/release', { vm: claim.vm.id })
     await waitFull()
@@ -65,7 +52,7 @@ try {
   for (let i = 0; i < n; i++) {
     const t0 = performance.now()
     const vm = await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'hello', name: `cold-${i}` })
-    await answered(vm.ipAddress ?? '')
+    await untilServing(vm.ipAddress ?? '', 8080, 120_000)
     cold.push(performance.now() - t0)
     await daemon.api.call('DELETE', `/v1/vms/${vm.id}?force=true`)
   }

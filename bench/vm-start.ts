@@ -7,15 +7,15 @@
  *   node dist/bench/vm-start.js [--n 8]
  */
 import { readFile } from 'node:fs/promises'
-import { request } from 'node:http'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 import { loadConfig } from '../src/core/config.js'
-import { httpGetWithRetry } from '../src/core/http-get.js'
+import { httpGetWithRetry } from '../src/core/app-probe.js'
 import type { Vm } from '../src/core/vm.js'
 import { BootedImage } from '../src/vmm/qemu/image-boot.js'
 import { DaemonProcess } from '../test/helpers/daemon-process.js'
 import { createTestContext, exampleSpec, packageRoot } from '../test/helpers/fixtures.js'
+import { untilServing } from './lib/measure.js'
 
 const { values } = parseArgs({ options: { n: { type: 'string', default: '8' } } })
 const n = Number(values.n)
@@ -23,22 +23,6 @@ const n = Number(values.n)
 function percentile (xs: number[], p: number): number {
   const s = [...xs].sort((a, b) => a - b)
   return s[Math.min(s.length - 1, Math.ceil((p / 100) * s.length) - 1)] ?? NaN
-}
-
-/** GET http://ip:port/ until it answers (the guest is on the bridge, no forward). */
-async function answered (ip: string, port: number, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const req = request({ host: ip, port, path: '/', timeout: 2000 }, (res) => { res.resume(); resolve(res.statusCode === 200) })
-      req.on('error', () => resolve(false))
-      req.on('timeout', () => { req.destroy(); resolve(false) })
-      req.end()
-    })
-    if (ok) return
-    if (Date.now() > deadline) throw new Error(`${ip}:${port} did not answer within ${timeoutMs} ms`)
-    await new Promise((resolve) => setTimeout(resolve, 20))
-  }
 }
 
 async function procStats (pid: number): Promise<{ cpuMs: number, rssMiB: number, peakMiB: number }> {
@@ -70,7 +54,7 @@ try {
   const startOne = async (name: string): Promise<{ ms: number, id: string }> => {
     const t0 = performance.now()
     const vm = await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'hello', name })
-    await answered(vm.ipAddress ?? '', 8080, 120_000)
+    await untilServing(vm.ipAddress ?? '', 8080, 120_000)
     return { ms: performance.now() - t0, id: vm.id }
   }
   const removeAll = async (ids: string[]): Promise<void> => {

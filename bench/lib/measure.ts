@@ -1,5 +1,5 @@
 import { readFile } from 'node:fs/promises'
-import { request } from 'node:http'
+import { askApp, waitForAppAnswer } from '../../src/core/app-probe.js'
 
 /** Measuring helpers for the benchmarks: percentiles, HTTP readiness, and what /proc says of a process. */
 
@@ -16,27 +16,16 @@ export function percentile (xs: number[], p: number): number {
  * slow guest makes it write to a closed socket.
  */
 export async function httpStatus (host: string, port: number, connectTimeoutMs: number, answerTimeoutMs = connectTimeoutMs): Promise<number | undefined> {
-  return await new Promise((resolve) => {
-    const req = request({ host, port, path: '/', timeout: connectTimeoutMs, agent: false }, (res) => { res.resume(); resolve(res.statusCode) })
-    req.on('socket', (socket) => socket.once('connect', () => socket.setTimeout(answerTimeoutMs)))
-    req.on('error', () => resolve(undefined))
-    req.on('timeout', () => { req.destroy(); resolve(undefined) })
-    req.end()
-  })
+  return (await askApp({ host, port, httpPath: '/', anyStatus: true }, { connectMs: connectTimeoutMs, answerMs: answerTimeoutMs }))?.status
 }
 
 /**
- * GETs http://host:port/ until it answers 200 (the guest on the bridge, no
+ * GETs http://host:port/ until it answers 2xx/3xx (the guest on the bridge, no
  * forward), retrying every 10 ms (a connection attempt gets 1 s, an accepted
  * request 10 s); throws after `timeoutMs`.
  */
 export async function untilServing (host: string, port: number, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    if (await httpStatus(host, port, 1000, 10_000) === 200) return
-    if (Date.now() > deadline) throw new Error(`http://${host}:${port}/ did not answer 200 within ${timeoutMs} ms`)
-    await new Promise((resolve) => setTimeout(resolve, 10))
-  }
+  await waitForAppAnswer({ host, port, httpPath: '/' }, timeoutMs, undefined, { intervalMs: 10, attempt: { connectMs: 1000, answerMs: 10_000 } })
 }
 
 /** Proportional set size and resident set of a process, in KiB (/proc/PID/smaps_rollup). */

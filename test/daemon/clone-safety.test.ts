@@ -1,9 +1,9 @@
 import assert from 'node:assert/strict'
 import { access, mkdtemp, readFile, rm } from 'node:fs/promises'
-import { request } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
+import { waitForAppAnswer } from '../../src/core/app-probe.js'
 import type { ImageManifest } from '../../src/core/image.js'
 import type { TemplateInfo } from '../../src/core/template.js'
 import type { Vm } from '../../src/core/vm.js'
@@ -18,23 +18,9 @@ type Answer = Record<typeof RANDOM_KEYS[number] | 'host', string> & { hooks: num
 
 /** GET http://ip:8080/ once the app answers (a fresh clone translates node's code anew under TCG). */
 async function values (ip: string, timeoutMs = 30_000): Promise<Answer> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const text = await new Promise<string | undefined>((resolve) => {
-      const req = request({ host: ip, port: 8080, path: '/', timeout: 10_000, agent: false }, (res) => {
-        let body = ''
-        res.setEncoding('utf8')
-        res.on('data', (c: string) => { body += c })
-        res.on('end', () => resolve(res.statusCode === 200 ? body : undefined))
-      })
-      req.on('error', () => resolve(undefined))
-      req.on('timeout', () => { req.destroy(); resolve(undefined) })
-      req.end()
-    })
-    if (text !== undefined) return JSON.parse(text) as Answer
-    if (Date.now() > deadline) throw new Error(`${ip}:8080 did not answer within ${timeoutMs} ms`)
-    await new Promise((resolve) => setTimeout(resolve, 50))
-  }
+  const answer = await waitForAppAnswer({ host: ip, port: 8080, httpPath: '/' }, timeoutMs, undefined,
+    { intervalMs: 50, attempt: { connectMs: 10_000, answerMs: 10_000 } })
+  return JSON.parse(answer.body) as Answer
 }
 
 async function alive (pid: number): Promise<boolean> {
