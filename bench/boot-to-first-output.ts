@@ -16,7 +16,6 @@ import { formatBytes } from '../src/core/progress.js'
 import { ImageBuilder } from '../src/guest/image-builder.js'
 import { ImageStore } from '../src/guest/image-store.js'
 import { createKernelSource } from '../src/guest/guest-kernel.js'
-import { describeGuestExit } from '../src/vmm/qemu/guest-process.js'
 import { BootedImage } from '../src/vmm/qemu/image-boot.js'
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '5' } } })
@@ -41,14 +40,14 @@ function median (xs: number[]): number {
 async function bootOnce (manifest: ImageManifest): Promise<{ init: number, exec: number, firstOutput: number }> {
   const booted = await BootedImage.start({ config, store, manifest })
   const lines: string[] = []
-  booted.guest.on('line', (l: string) => lines.push(l))
+  booted.on('line', (l: string) => lines.push(l))
   try {
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`${manifest.name}: no output within 120 s`)), 120_000)
-      booted.guest.on('line', () => { if (booted.guest.timings.firstOutputAt !== undefined) { clearTimeout(timer); resolve() } })
-      booted.guest.exited.then((e) => { clearTimeout(timer); reject(new Error(`${manifest.name} ended before printing: ${describeGuestExit(e)}; console: ${lines.slice(-5).join(' | ')}`)) }, reject)
+      booted.on('line', () => { if (booted.timings.firstOutputAt !== undefined) { clearTimeout(timer); resolve() } })
+      booted.exited.then((e) => { clearTimeout(timer); reject(new Error(`${manifest.name} ended before printing: ${e.reason}: ${e.detail}; console: ${lines.slice(-5).join(' | ')}`)) }, reject)
     })
-    const t = booted.guest.timings
+    const t = booted.timings
     return { init: (t.initAt ?? NaN) - t.spawnedAt, exec: (t.appStartedAt ?? NaN) - t.spawnedAt, firstOutput: (t.firstOutputAt ?? NaN) - t.spawnedAt }
   } finally {
     await booted.destroy()

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict'
 import { spawn, type ChildProcess } from 'node:child_process'
 import { join } from 'node:path'
 import { test } from 'node:test'
-import { QEMU_BINARY } from '../../src/vmm/qemu/accel-probe.js'
+import { QEMU_BINARY } from '../../src/vmm/qemu/qemu-binary.js'
 import { QmpClient, QmpError, type QmpEvent } from '../../src/vmm/qemu/qmp-client.js'
 import { rejectsWith, tempDir } from '../helpers/assertions.js'
 

@@ -8,15 +8,14 @@ import { writeFileAtomic } from '../../core/fs-atomic.js'
 import type { ImageManifest } from '../../core/image.js'
 import { initBinaryPath } from '../../core/package-paths.js'
 import { CpioWriter } from '../../guest/cpio-writer.js'
-import { buildQemuArgs } from './command-line.js'
-import { GuestProcess, describeGuestExit } from './guest-process.js'
+import { QemuDriver } from './qemu-driver.js'
+import { VmStateDir } from './vm-state-dir.js'
 import type { Accel } from '../../core/ports/vmm-driver.js'
 
 export interface AccelChoice { accel: Accel, reason: string }
 
 /** KVM boots our guest to init in well under a second; a PVM host's KVM crawls far past this (fact 1). */
 const PROBE_DEADLINE_MS = 8000
-export const QEMU_BINARY = 'qemu-system-x86_64'
 
 /**
  * Decides between KVM and TCG. An explicit setting wins. With `auto`, a tiny
@@ -64,27 +63,36 @@ async function probeKvm (cacheDir: string, kernelPath: string): Promise<AccelCho
     machine: { type: 'microvm', transport: 'mmio' },
     createdAt: new Date(0).toISOString()
   }
-  const guest = new GuestProcess(QEMU_BINARY, buildQemuArgs({
-    manifest, kernelPath, rootfsPath: initrd, accel: 'kvm', vcpus: 1, memoryMiB: 64,
-    console: { kind: 'stdio' }, network: { mode: 'none' }, extraCmdline: ['uigniter.probe=1']
-  }))
+  // The same driver as every VM, in a state directory of its own that goes with the probe.
+  const driver = new QemuDriver({ stopTimeouts: { guestMarginMs: 0, quitMs: 500, termMs: 500, killMs: 2000 } })
+  const id = `accel-probe-${process.pid}`
+  const dir = new VmStateDir(join(cacheDir, 'run', id))
+  let vm
   try {
-    await guest.waitForMarker('probe-ok', PROBE_DEADLINE_MS)
+    vm = await driver.spawn({ id, stateDir: dir.dir, launch: { manifest, kernelPath, rootfsPath: initrd, accel: 'kvm', vcpus: 1, memoryMiB: 64, network: { mode: 'none' }, extraCmdline: ['uigniter.probe=1'] } })
+  } catch (err) {
+    await driver.remove(dir.dir).catch(() => {})
+    return { accel: 'tcg', reason: `QEMU could not start a KVM guest (${(err as Error).message}); using TCG` }
+  }
+  try {
+    await vm.waitForMarker('probe-ok', PROBE_DEADLINE_MS)
     return { accel: 'kvm', reason: 'a KVM guest reached init during the start-up probe' }
   } catch {
-    guest.kill()
-    const exit = await guest.exited
-    const kvmError = /KVM[^\n]*error[^\n]*/i.exec(exit.qemuError)?.[0]
+    vm.kill()
+    const exit = await vm.exited
+    const kvmError = /KVM[^\n]*error[^\n]*/i.exec(await dir.qemuLogTail())?.[0]
     return {
       accel: 'tcg',
       reason: kvmError !== undefined
         ? `KVM cannot run guests here (QEMU: "${kvmError.trim()}"); using TCG`
         : exit.reason === 'killed'
           ? `a KVM guest did not reach init within ${PROBE_DEADLINE_MS} ms; using TCG`
-          : `the KVM probe failed (${describeGuestExit(exit)}); using TCG`
+          : `the KVM probe failed (${exit.reason}: ${exit.detail}); using TCG`
     }
   } finally {
-    guest.kill()
+    vm.kill()
+    await vm.exited
+    await driver.remove(dir.dir).catch(() => {})
   }
 }
 

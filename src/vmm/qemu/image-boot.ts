@@ -1,19 +1,21 @@
-import { mkdir, rm } from 'node:fs/promises'
+import { EventEmitter } from 'node:events'
 import { join } from 'node:path'
 import type { Config } from '../../core/config.js'
 import { UigniterError } from '../../core/errors.js'
-import type { ImageManifest } from '../../core/image.js'
-import type { ImageStore } from '../../guest/image-store.js'
-import { chooseAccel, QEMU_BINARY, type AccelChoice } from './accel-probe.js'
-import { buildQemuArgs } from './command-line.js'
-import { ControlChannel } from './control-channel.js'
-import { GuestProcess, type GuestExit } from './guest-process.js'
 import { freePort } from '../../core/free-port.js'
-import { type PortForward, USER_NETWORK } from '../../core/ports/vmm-driver.js'
+import type { ImageManifest } from '../../core/image.js'
+import type { ImageRepository } from '../../core/ports/image-repository.js'
+import { USER_NETWORK, type ConsoleMarker, type PortForward } from '../../core/ports/vmm-driver.js'
+import type { VmExit } from '../../core/vm.js'
+import { chooseAccel, type AccelChoice } from './accel-probe.js'
+import { parseConsoleMarker } from './console-markers.js'
+import { ControlChannel } from './control-channel.js'
+import { QemuDriver } from './qemu-driver.js'
+import type { QemuVm } from './qemu-vm.js'
 
 export interface BootOptions {
   config: Config
-  store: ImageStore
+  store: ImageRepository
   manifest: ImageManifest
   /** guestPort → hostPort; a hostPort of 0 picks a free port. Bound to 127.0.0.1. */
   forwards?: Array<{ hostPort: number, guestPort: number }>
@@ -21,93 +23,115 @@ export interface BootOptions {
   memoryMiB?: number
 }
 
+/** When each stage was reached, in performance.now() milliseconds (for `image test` and the boot benchmarks). */
+export interface BootTimings {
+  spawnedAt: number
+  initAt?: number
+  appStartedAt?: number
+  firstOutputAt?: number
+  exitedAt?: number
+}
+
 /**
- * One guest booted from an image with QEMU's user-mode network: what
- * `uigniter image test`, the tests and the boot benchmark use until the VM
- * lifecycle driver exists. It owns a run directory for its sockets.
+ * One guest booted from an image with the user-mode network, outside the
+ * daemon: what `uigniter image test`, the tests and the boot benchmarks use.
+ * It is a VM of the same QemuDriver the daemon uses (one runner, one exit
+ * vocabulary), in a state directory of its own that goes with it. Events:
+ * 'line' (every console line that is not an init marker).
  */
-export class BootedImage {
-  readonly guest: GuestProcess
+export class BootedImage extends EventEmitter {
+  readonly vm: QemuVm
   readonly forwards: PortForward[]
   readonly accel: AccelChoice
-  readonly #controlSocket: string | undefined
+  readonly timings: BootTimings
+  readonly exited: Promise<VmExit>
   #control: ControlChannel | undefined
 
-  private constructor (guest: GuestProcess, forwards: PortForward[], accel: AccelChoice, controlSocket: string | undefined) {
-    this.guest = guest
+  private constructor (vm: QemuVm, forwards: PortForward[], accel: AccelChoice, timings: BootTimings, driver: QemuDriver) {
+    super()
+    this.vm = vm
     this.forwards = forwards
     this.accel = accel
-    this.#controlSocket = controlSocket
+    this.timings = timings
+    let partial = ''
+    let appStarted = false
+    const onLine = (line: string): void => {
+      const marker = parseConsoleMarker(line)
+      const now = performance.now()
+      if (marker === undefined) {
+        if (appStarted && timings.firstOutputAt === undefined && line.trim() !== '') timings.firstOutputAt = now
+        this.emit('line', line)
+        return
+      }
+      if (marker.kind === 'init') timings.initAt ??= now
+      if (marker.kind === 'app-started') { timings.appStartedAt ??= now; appStarted = true }
+    }
+    const unfollow = vm.followConsole((text) => {
+      const lines = (partial + text).split('\n')
+      partial = lines.pop() ?? ''
+      for (const line of lines) onLine(line.replace(/\r$/, ''))
+    }, { tailBytes: Infinity })
+    this.exited = vm.exited.then(async (exit) => {
+      timings.exitedAt = performance.now()
+      unfollow()
+      if (partial !== '') onLine(partial)
+      this.#control?.close()
+      await driver.remove(vm.stateDir).catch(() => {})
+      return exit
+    })
   }
 
   static async start (options: BootOptions): Promise<BootedImage> {
     const { config, store, manifest } = options
     const kernelPath = store.blobPath(manifest.kernel.blob.digest)
     const accel = await chooseAccel(config, kernelPath, manifest.kernel.blob.digest)
-    const runDir = join(config.dataDir, 'run', `boot-${process.pid}-${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`)
-    await mkdir(runDir, { recursive: true })
+    const id = `boot-${process.pid}-${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`
     const forwards: PortForward[] = []
     for (const f of options.forwards ?? []) {
       forwards.push({ hostAddress: '127.0.0.1', hostPort: f.hostPort === 0 ? await freePort() : f.hostPort, guestPort: f.guestPort })
     }
-    const controlSocket = manifest.init !== null ? join(runDir, 'ctl.sock') : undefined
-    const args = buildQemuArgs({
-      manifest,
-      kernelPath,
-      rootfsPath: manifest.rootfs !== undefined ? store.blobPath(manifest.rootfs.digest) : undefined,
-      accel: accel.accel,
-      vcpus: options.vcpus ?? manifest.vcpus,
-      memoryMiB: options.memoryMiB ?? manifest.memoryMiB,
-      console: { kind: 'stdio' },
-      controlSocket,
-      network: { mode: 'user', forwards },
-      guestNetwork: USER_NETWORK,
-      hostname: manifest.name.split('/').pop()
+    const driver = new QemuDriver()
+    const timings: BootTimings = { spawnedAt: performance.now() }
+    const vm = await driver.spawn({
+      id,
+      stateDir: join(config.dataDir, 'run', id),
+      launch: {
+        manifest,
+        kernelPath,
+        ...(manifest.rootfs !== undefined ? { rootfsPath: store.blobPath(manifest.rootfs.digest) } : {}),
+        accel: accel.accel,
+        vcpus: options.vcpus ?? manifest.vcpus,
+        memoryMiB: options.memoryMiB ?? manifest.memoryMiB,
+        network: { mode: 'user', forwards },
+        guestNetwork: USER_NETWORK,
+        hostname: manifest.name.split('/').pop() ?? 'guest'
+      }
     })
-    const guest = new GuestProcess(QEMU_BINARY, args)
-    const booted = new BootedImage(guest, forwards, accel, controlSocket)
-    void guest.exited.finally(() => rm(runDir, { recursive: true, force: true })).catch(() => {})
-    return booted
+    return new BootedImage(vm, forwards, accel, timings, driver)
+  }
+
+  /** Resolves when the init prints a marker of that kind; rejects on exit or deadline. */
+  async waitForMarker (kind: ConsoleMarker['kind'], timeoutMs: number): Promise<ConsoleMarker> {
+    return await this.vm.waitForMarker(kind, timeoutMs)
   }
 
   /** The control channel, connected on first use. */
   async control (): Promise<ControlChannel> {
-    if (this.#controlSocket === undefined) {
-      throw new UigniterError('UIG_ERR_CONTROL_CHANNEL', 'this image has no guest init, so it has no control channel')
-    }
-    this.#control ??= await ControlChannel.connect(this.#controlSocket)
+    const socket = this.vm.controlSocket
+    if (socket === undefined) throw new UigniterError('UIG_ERR_CONTROL_CHANNEL', 'this image has no guest init, so it has no control channel')
+    this.#control ??= await ControlChannel.connect(socket)
     return this.#control
   }
 
-  /**
-   * Stops the guest: the init sends SIGTERM to the app and SIGKILL after
-   * `graceMs`; QEMU is killed if it is still there `graceMs` + 5 s later.
-   */
-  async shutdown (graceMs = 5000): Promise<GuestExit> {
-    const deadline = setTimeout(() => this.guest.kill(), graceMs + 5000)
-    try {
-      if (this.#controlSocket !== undefined) {
-        try {
-          const control = await this.control()
-          await control.request('shutdown', { timeout_ms: graceMs })
-        } catch {
-          this.guest.kill()
-        }
-      } else {
-        this.guest.kill()
-      }
-      return await this.guest.exited
-    } finally {
-      clearTimeout(deadline)
-      this.#control?.close()
-    }
+  /** Stops the guest as the daemon does (the init stops the app, then harsher steps). */
+  async shutdown (graceMs = 5000): Promise<VmExit> {
+    await this.vm.stop({ graceMs })
+    return await this.exited
   }
 
   /** Kills QEMU at once and waits for it. */
-  async destroy (): Promise<GuestExit> {
-    this.guest.kill()
-    this.#control?.close()
-    return await this.guest.exited
+  async destroy (): Promise<VmExit> {
+    this.vm.kill()
+    return await this.exited
   }
 }
-

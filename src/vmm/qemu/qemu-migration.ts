@@ -1,8 +1,16 @@
 import type { QmpEvent } from './qmp-client.js'
-import type { MigrationSink } from './qemu-vm.js'
 
 /** The migrate-incoming URI of the state file a clone's QEMU inherits (QemuDriver opens it as fd 3). */
 export const INCOMING_STATE_URI = 'fd:3'
+
+/** Where a template's migration stream goes (QemuVm.openMigrationSink). */
+export interface MigrationSink {
+  /** For QMP `migrate`. */
+  uri: string
+  /** Settles once the whole stream is in the file. */
+  written: Promise<void>
+  close: () => void
+}
 
 /** What the migration helpers need of a QemuVm: its monitor and its QMP events. */
 export interface MigratingVm {

@@ -18,7 +18,7 @@ import { checkHostResources } from './host-resources.js'
 import { Jailer } from './jail.js'
 import { HostProcess } from './host-process.js'
 import { findOomKill } from './oom-kill.js'
-import { restoreState, saveState } from './qemu-migration.js'
+import { restoreState, saveState, type MigrationSink } from './qemu-migration.js'
 import type { QmpClient, QmpEvent, QmpStatus } from './qmp-client.js'
 import type { LaunchRecord, VmStateDir } from './vm-state-dir.js'
 
@@ -59,15 +59,6 @@ export interface QemuVmInit {
   cgroup?: VmCgroup
   /** Called once when the VM ends or is closed: the driver forgets it. */
   forget?: () => void
-}
-
-/** Where a template's migration stream goes (QemuVm.openMigrationSink). */
-export interface MigrationSink {
-  /** For QMP `migrate`. */
-  uri: string
-  /** Settles once the whole stream is in the file. */
-  written: Promise<void>
-  close: () => void
 }
 
 type Requested = NonNullable<ExitEvidence['requested']>
