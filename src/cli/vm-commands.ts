@@ -174,15 +174,27 @@ export const vmCommands: Command[] = [
   },
   {
     name: 'inspect',
-    summary: 'Print VMs as JSON.',
-    usage: 'uigniter inspect VM...',
-    options: {},
-    help: [],
-    run: async (_values, positionals) => {
+    summary: 'Print VMs as JSON, or how each one started, step by step (--steps).',
+    usage: 'uigniter inspect [--steps] VM...',
+    options: { steps: { type: 'boolean' } },
+    help: ['--steps   print each start step and its duration (the plan: cold, prespawned, booted, clone, adopted; a pool claim\'s steps come last)'],
+    run: async (values, positionals) => {
       const api = await daemonClient()
       const vms = []
       for (const id of requireSome(positionals, 'uigniter inspect VM...')) vms.push(await api.call<Vm>('GET', `/v1/vms/${enc(id)}`))
-      console.log(JSON.stringify(vms.length === 1 ? vms[0] : vms, null, 2))
+      if (values.steps !== true) {
+        console.log(JSON.stringify(vms.length === 1 ? vms[0] : vms, null, 2))
+        return 0
+      }
+      for (const vm of vms) {
+        const t = vm.startTimings
+        if (t === null) {
+          console.log(`${vm.name}: no start recorded (${vm.state})`)
+          continue
+        }
+        console.log(`${vm.name}: ${t.plan} start, ${t.totalMs} ms${t.claimMs !== undefined ? ` (claimed in ${t.claimMs} ms)` : ''}`)
+        printTable(['STEP', 'MS'], t.steps.map((step) => [step.name, step.ms.toFixed(1)]))
+      }
       return 0
     }
   },
