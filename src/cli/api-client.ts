@@ -37,6 +37,29 @@ export class ApiClient {
     for await (const chunk of res) onChunk(chunk as string)
   }
 
+  /**
+   * Follows a server-sent event stream (`/v1/events`). Resolves once the
+   * daemon answered, so that no event after that moment is missed; `onEvent`
+   * gets each event as it comes. `ended` settles when the stream does: it
+   * resolves when the daemon closes it or `signal` aborts it, and rejects
+   * with UIG_ERR_DAEMON_UNREACHABLE when the connection fails.
+   */
+  async followEvents (path: string, onEvent: (event: ServerSentEvent) => void, signal: AbortSignal): Promise<{ ended: Promise<void> }> {
+    const res = await this.#send('GET', path, undefined, signal)
+    if ((res.statusCode ?? 500) >= 400) throw toError(res.statusCode ?? 500, await readBody(res))
+    const parse = eventStreamParser(onEvent)
+    res.setEncoding('utf8')
+    const ended = (async () => {
+      try {
+        for await (const chunk of res) parse(chunk as string)
+      } catch (err) {
+        if (signal.aborted) return
+        throw new UigniterError('UIG_ERR_DAEMON_UNREACHABLE', `the daemon's event stream broke: ${(err as Error).message}`, { cause: err })
+      }
+    })()
+    return { ended }
+  }
+
   async #send (method: string, path: string, body?: unknown, signal?: AbortSignal): Promise<IncomingMessage> {
     const payload = body === undefined ? undefined : JSON.stringify(body)
     const headers: Record<string, string> = {}
@@ -71,6 +94,47 @@ export class ApiClient {
     }
     const tail = readFileSync(logPath, 'utf8').trim().split('\n').slice(-5).join('\n')
     throw new UigniterError('UIG_ERR_DAEMON_UNREACHABLE', `started a daemon but it does not answer on ${this.#config.api.socket}; its log (${logPath}) ends with:\n${tail}`)
+  }
+}
+
+/** One server-sent event: its type (the `event:` field, `message` without one) and its data (the `data:` lines, joined by newlines). */
+export interface ServerSentEvent {
+  type: string
+  data: string
+}
+
+/**
+ * A parser of the text/event-stream format, fed chunks as they come (an event
+ * may span chunks): calls `onEvent` at each blank line that ends an event
+ * with data. Comments (`:` lines, the daemon's keep-alives) and the `id` and
+ * `retry` fields are skipped.
+ */
+export function eventStreamParser (onEvent: (event: ServerSentEvent) => void): (chunk: string) => void {
+  let pending = ''
+  let type = ''
+  let data: string[] = []
+  return (chunk) => {
+    pending += chunk
+    // Lines end in \n or \r\n (a lone \r, which the format also allows, is not something the daemon
+    // sends); the last piece has no line end yet: it waits for the next chunk.
+    const lines = pending.split('\n')
+    pending = lines.pop() ?? ''
+    for (const raw of lines) {
+      const line = raw.endsWith('\r') ? raw.slice(0, -1) : raw
+      if (line === '') {
+        if (data.length > 0) onEvent({ type: type === '' ? 'message' : type, data: data.join('\n') })
+        type = ''
+        data = []
+        continue
+      }
+      if (line.startsWith(':')) continue
+      const colon = line.indexOf(':')
+      const field = colon < 0 ? line : line.slice(0, colon)
+      let value = colon < 0 ? '' : line.slice(colon + 1)
+      if (value.startsWith(' ')) value = value.slice(1)
+      if (field === 'event') type = value
+      else if (field === 'data') data.push(value)
+    }
   }
 }
 

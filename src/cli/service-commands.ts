@@ -1,11 +1,10 @@
 import { readFile } from 'node:fs/promises'
-import { setTimeout as sleep } from 'node:timers/promises'
 import { UigniterError, hasErrno } from '../core/errors.js'
 import { Progress } from '../core/progress.js'
 import type { AppFile, ServiceStatus } from '../core/service.js'
 import { parseAppText } from '../service/service-spec.js'
 import type { RegistryEntry } from '../service/service-manager.js'
-import { daemonClient } from './api-client.js'
+import { daemonClient, type ApiClient, type ServerSentEvent } from './api-client.js'
 import { parseIntFlag, printTable, type Command } from './args.js'
 
 const DEFAULT_FILE = 'uigniter.yaml'
@@ -39,6 +38,87 @@ function settled (services: ServiceStatus[]): boolean {
     s.endpoints.every((e) => e.vm === null || (e.generation === s.generation && e.health === 'healthy')))
 }
 
+/** The deadline passed with the services as they were last read. */
+class NotSettled extends Error {
+  constructor (readonly services: ServiceStatus[]) {
+    super('not settled')
+  }
+}
+
+/** A stream that ends this often in a row is not one to follow (a daemon restarting over and over). */
+const MAX_STREAM_ENDS = 5
+
+/**
+ * Applies the application file and waits until its services settle,
+ * following the daemon's events: the services are read again only when one
+ * of them had an event (a replica started, passed its health check, ended,
+ * was drained, the service scaled), never on a timer. The stream is opened
+ * before the file is applied, so that no event of the change is missed. The
+ * events say what happened, not the counts: /v1/events has no event for "the
+ * service has all its replicas ready", so the state is read once per batch
+ * of events. Throws NotSettled at the deadline.
+ */
+async function untilSettled (client: ApiClient, file: AppFile, timeoutS: number, onProgress: (services: ServiceStatus[]) => void): Promise<ServiceStatus[]> {
+  const abort = new AbortController()
+  let names: Set<string> | undefined
+  let changed = false
+  let wake: (() => void) | undefined
+  let streamEnded = false
+  let streamError: Error | undefined
+  let ends = 0
+  const onEvent = (event: ServerSentEvent): void => {
+    if (!event.type.startsWith('service.')) return
+    // Before the file is applied its services are not known yet: any service's event counts.
+    if (names !== undefined && !names.has(serviceOf(event))) return
+    changed = true
+    wake?.()
+  }
+  const follow = async (): Promise<void> => {
+    const { ended } = await client.followEvents('/v1/events', onEvent, abort.signal)
+    ended.then(() => { streamEnded = true }, (err: unknown) => { streamError = err as Error }).finally(() => wake?.())
+  }
+  let timer: NodeJS.Timeout | undefined
+  let timedOut = false
+  try {
+    await follow()
+    let services = await client.call<ServiceStatus[]>('PUT', `/v1/apps/${enc(file.app)}`, file)
+    names = new Set(services.map((s) => s.spec.name))
+    timer = setTimeout(() => { timedOut = true; wake?.() }, timeoutS * 1000)
+    while (!settled(services)) {
+      onProgress(services)
+      await new Promise<void>((resolve) => {
+        wake = resolve
+        if (changed || timedOut || streamEnded || streamError !== undefined) resolve()
+      })
+      wake = undefined
+      if (timedOut) throw new NotSettled(services)
+      if (streamError !== undefined) throw streamError
+      if (streamEnded) {
+        // The daemon closed the stream (it restarted?): follow a new one, and read what may have been missed.
+        if (++ends >= MAX_STREAM_ENDS) throw new UigniterError('UIG_ERR_DAEMON_UNREACHABLE', `the daemon's event stream ended ${ends} times while waiting for ${file.app}`)
+        streamEnded = false
+        await follow()
+      }
+      changed = false
+      services = await client.call<ServiceStatus[]>('GET', `/v1/services?app=${enc(file.app)}`)
+    }
+    return services
+  } finally {
+    clearTimeout(timer)
+    abort.abort()
+  }
+}
+
+/** The service an event of the daemon's is about ('' when its data says none). */
+function serviceOf (event: ServerSentEvent): string {
+  try {
+    const data = JSON.parse(event.data) as { service?: unknown }
+    return typeof data.service === 'string' ? data.service : ''
+  } catch {
+    return ''
+  }
+}
+
 export const serviceCommands: Command[] = [
   {
     name: 'up',
@@ -55,19 +135,20 @@ export const serviceCommands: Command[] = [
       const timeoutS = values.timeout !== undefined ? parseIntFlag(values.timeout as string, '--timeout', 1, 3600) : 300
       const file = await readAppFile(positionals[0] ?? DEFAULT_FILE)
       const client = await daemonClient()
-      let services = await client.call<ServiceStatus[]>('PUT', `/v1/apps/${enc(file.app)}`, file)
-      if (values.detach !== true) {
+      let services: ServiceStatus[]
+      if (values.detach === true) {
+        services = await client.call<ServiceStatus[]>('PUT', `/v1/apps/${enc(file.app)}`, file)
+      } else {
         const progress = new Progress(`up ${file.app}`)
-        const deadline = Date.now() + timeoutS * 1000
-        while (!settled(services)) {
-          if (Date.now() > deadline) {
-            progress.done()
-            printServices(services)
+        try {
+          services = await untilSettled(client, file, timeoutS, (s) => progress.update(s.map((x) => `${x.spec.name} ${x.ready}/${x.desired}`).join(', ')))
+        } catch (err) {
+          progress.done()
+          if (err instanceof NotSettled) {
+            printServices(err.services)
             throw new UigniterError('UIG_ERR_VM_TIMEOUT', `application ${file.app} was not ready within ${timeoutS} s; "uigniter service ls" and the daemon's events say why`)
           }
-          progress.update(services.map((s) => `${s.spec.name} ${s.ready}/${s.desired}`).join(', '))
-          await sleep(250)
-          services = await client.call<ServiceStatus[]>('GET', `/v1/services?app=${enc(file.app)}`)
+          throw err
         }
         progress.done()
       }
