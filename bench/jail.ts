@@ -21,15 +21,15 @@ import { waitForAppAnswer } from '../src/core/app-probe.js'
 import type { ImageManifest } from '../src/core/image.js'
 import { Template } from '../src/snapshot/template.js'
 import { chooseAccel } from '../src/vmm/qemu/accel-probe.js'
-import { USER_NETWORK, type Accel } from '../src/vmm/qemu/command-line.js'
 import { freePort } from '../src/core/free-port.js'
 import { DEFAULT_JAIL } from '../src/vmm/qemu/jail.js'
-import { QemuDriver, type GuestLaunch } from '../src/vmm/qemu/qemu-driver.js'
+import { QemuDriver } from '../src/vmm/qemu/qemu-driver.js'
 import type { QemuVm } from '../src/vmm/qemu/qemu-vm.js'
 import { VmStateDir } from '../src/vmm/qemu/vm-state-dir.js'
 import { createTestContext } from '../test/helpers/fixtures.js'
 import { makeProbeRootfs } from '../test/vmm/probe-app.js'
 import { cpuTicks, percentile } from './lib/measure.js'
+import { type Accel, type GuestLaunch, USER_NETWORK } from '../src/core/ports/vmm-driver.js'
 
 export interface JailBenchOptions {
   /** Samples per start path and mode (default 5). */
@@ -115,7 +115,7 @@ export async function runJailBench (options: JailBenchOptions = {}): Promise<str
         const port = await freePort()
         const id = `cold-${mode}-${++seq}`
         const t0 = performance.now()
-        const vm = await drivers[mode].start({ id, stateDir: VmStateDir.of(ctx.dataDir, id).dir, launch: launch(port) })
+        const vm = await drivers[mode].spawn({ id, stateDir: VmStateDir.of(ctx.dataDir, id).dir, launch: launch(port) })
         live.add(vm)
         await untilProbe(port, 120_000)
         cold[mode].push(performance.now() - t0)
@@ -158,7 +158,7 @@ export async function runJailBench (options: JailBenchOptions = {}): Promise<str
       for (let i = 0; i < idleVms; i++) {
         const port = await freePort()
         const id = `idle-${mode}-${++seq}`
-        const vm = await drivers[mode].start({ id, stateDir: VmStateDir.of(ctx.dataDir, id).dir, launch: launch(port) })
+        const vm = await drivers[mode].spawn({ id, stateDir: VmStateDir.of(ctx.dataDir, id).dir, launch: launch(port) })
         live.add(vm)
         idle[mode].push(vm)
         await untilProbe(port, 120_000)
@@ -182,7 +182,7 @@ export async function runJailBench (options: JailBenchOptions = {}): Promise<str
       const port = await freePort()
       const id = `allram-${++seq}`
       const roomy = new QemuDriver({ livenessPollMs: 1000, stopTimeouts: stops, jail: { ...jail, memoryOverheadMiB: 512 } })
-      const vm = await roomy.start({ id, stateDir: VmStateDir.of(ctx.dataDir, id).dir, launch: launch(port, ['eat', '112'], 160) })
+      const vm = await roomy.spawn({ id, stateDir: VmStateDir.of(ctx.dataDir, id).dir, launch: launch(port, ['eat', '112'], 160) })
       live.add(vm)
       await untilProbe(port, 180_000)
       const peak = await vm.cgroup?.peakMemoryBytes()

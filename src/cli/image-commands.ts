@@ -5,7 +5,6 @@ import { formatImageRef, type ImageManifest } from '../core/image.js'
 import { formatBytes, formatDuration } from '../core/progress.js'
 import { httpGetWithRetry } from '../core/app-probe.js'
 import { BootedImage } from '../vmm/qemu/image-boot.js'
-import { describeGuestExit } from '../vmm/qemu/guest-process.js'
 import { parseEnv, parseIntFlag, parseMiB, printTable, type Command } from './args.js'
 import { createContext } from './context.js'
 
@@ -179,15 +178,15 @@ export const imageCommands: Command[] = [
       const booted = await BootedImage.start({ config: ctx.config, store: ctx.store, manifest, forwards })
       const say = (text: string): void => { process.stderr.write(`uigniter: ${text}\n`) }
       say(`booting ${formatImageRef(manifest)} (${manifest.format}, ${booted.accel.accel}: ${booted.accel.reason})`)
-      if (values.quiet !== true) booted.guest.on('line', (line: string) => { process.stdout.write(line + '\n') })
+      if (values.quiet !== true) booted.on('line', (line: string) => { process.stdout.write(line + '\n') })
       const onSignal = (): void => { void booted.shutdown() }
       process.once('SIGINT', onSignal)
       process.once('SIGTERM', onSignal)
       let failed = false
       try {
         if (manifest.init !== null) {
-          await booted.guest.waitForMarker('app-started', 120_000)
-          const t = booted.guest.timings
+          await booted.waitForMarker('app-started', 120_000)
+          const t = booted.timings
           say(`app started ${formatDuration((t.appStartedAt ?? 0) - t.spawnedAt)} after QEMU started (init at ${formatDuration((t.initAt ?? 0) - t.spawnedAt)})`)
         }
         if (httpCheck !== undefined) {
@@ -198,7 +197,7 @@ export const imageCommands: Command[] = [
           await booted.shutdown()
         } else if (timeoutS !== undefined) {
           const timer = setTimeout(() => { say(`stopping after ${timeoutS}s`); void booted.shutdown() }, timeoutS * 1000)
-          void booted.guest.exited.finally(() => clearTimeout(timer))
+          void booted.exited.finally(() => clearTimeout(timer))
         }
       } catch (err) {
         failed = true
@@ -208,9 +207,10 @@ export const imageCommands: Command[] = [
         process.off('SIGINT', onSignal)
         process.off('SIGTERM', onSignal)
       }
-      const exit = await booted.guest.exited
-      say(describeGuestExit(exit))
-      return failed || (exit.reason !== 'app-exited' && manifest.init !== null) ? 1 : 0
+      const exit = await booted.exited
+      say(`${exit.reason}: ${exit.detail}`)
+      // Stopped by --http or --timeout, or ended on its own: either is a guest that ran its app.
+      return failed || (exit.reason !== 'app-exited' && exit.reason !== 'stopped' && manifest.init !== null) ? 1 : 0
     }
   }
 ]

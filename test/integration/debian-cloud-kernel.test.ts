@@ -66,7 +66,7 @@ describe('kernel.source "debian-cloud": Debian\'s packaged cloud kernel', { skip
 
     const booted = await BootedImage.start({ config: ctx.config, store: ctx.store, manifest, forwards: [{ hostPort: 0, guestPort: 8080 }] })
     const lines: string[] = []
-    booted.guest.on('line', (l: string) => lines.push(l))
+    booted.on('line', (l: string) => lines.push(l))
     try {
       const answer = await httpGetWithRetry(booted.forwards[0]?.hostPort ?? 0, '/', 120_000)
       assert.equal(answer.status, 200)

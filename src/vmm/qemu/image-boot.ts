@@ -125,6 +125,9 @@ export class BootedImage extends EventEmitter {
 
   /** Stops the guest as the daemon does (the init stops the app, then harsher steps). */
   async shutdown (graceMs = 5000): Promise<VmExit> {
+    // The control socket takes one client at a time: ours must not keep the stop's request out.
+    this.#control?.close()
+    this.#control = undefined
     await this.vm.stop({ graceMs })
     return await this.exited
   }
