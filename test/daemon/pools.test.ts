@@ -40,6 +40,10 @@ describe('warm pools of prespawned VMs', () => {
     assert.equal(claim.vm.state, 'running')
     assert.deepEqual(claim.vm.pool, { name: 'web', claimed: true })
     assert.ok(claim.timings.totalMs >= claim.timings.resumeMs)
+    // The instance's own start (prespawned: spawned paused), then the claim's steps.
+    assert.equal(claim.vm.startTimings?.plan, 'prespawned')
+    assert.deepEqual(claim.vm.startTimings?.steps.map((s) => s.name), ['resolve-image', 'check-resources', 'attach-network', 'spawn', 'record', 'claim-wait', 'resume', 'hand-out'])
+    assert.ok((claim.vm.startTimings?.claimMs ?? -1) >= 0)
     assert.match(await helloAt(claim.vm.ipAddress ?? ''), /Hello from uigniter!/)
     const refilled = await daemon.waitForPool('web', (p) => p.ready === 2 && p.claimed === 1)
     assert.equal(refilled.hits, 1)
