@@ -1,14 +1,14 @@
 import { Type } from '@sinclair/typebox'
 import type { FastifyInstance } from 'fastify'
 import { ImageManifestSchema } from '../core/image.js'
-import type { ImageStore } from '../guest/image-store.js'
+import type { ImageRepository } from '../core/ports/image-repository.js'
 import { ErrorBodySchema } from './errors.js'
 
 const RefParams = Type.Object({ ref: Type.String({ minLength: 1, description: 'name[:tag], URL-encoded (a / in a name is %2F)' }) })
 const errors = { 400: ErrorBodySchema, 404: ErrorBodySchema, 500: ErrorBodySchema }
 
 /** /v1/images: list, inspect, delete. Images are built with the CLI (`uigniter image build`). */
-export function imageRoutes (images: ImageStore) {
+export function imageRoutes (images: ImageRepository) {
   return async function imageRoutesPlugin (app: FastifyInstance): Promise<void> {
     app.get('/v1/images', {
       schema: { tags: ['images'], summary: 'List images', response: { 200: Type.Array(ImageManifestSchema), ...errors } }

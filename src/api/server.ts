@@ -2,7 +2,7 @@ import swagger from '@fastify/swagger'
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify'
 import { UigniterError } from '../core/errors.js'
 import type { Logger } from '../core/logger.js'
-import type { ImageStore } from '../guest/image-store.js'
+import type { ImageRepository } from '../core/ports/image-repository.js'
 import type { VmManager } from '../vm/vm-manager.js'
 import type { PoolManager } from '../pool/pool-manager.js'
 import type { TemplateManager } from '../snapshot/template-manager.js'
@@ -22,7 +22,7 @@ export interface ApiOptions {
   pools: PoolManager
   templates: TemplateManager
   services: ServiceManager
-  images: ImageStore
+  images: ImageRepository
   /** The daemon's metrics registry; the gateway registers its own metrics in it too. */
   metrics: Registry
   info: DaemonInfo
