@@ -51,7 +51,7 @@ describe('templates and clones through the daemon', () => {
       assert.equal(vm.startPath, 'clone')
       assert.equal(vm.template, 'node')
       assert.equal(vm.image, 'node-http:latest')
-      assert.deepEqual(vm.startTimings?.steps.map((s) => s.name), ['resolve-template', 'check-request', 'attach-network', 'spawn', 'restore', 'identity', 'record'], 'the clone lists every step of its start')
+      assert.deepEqual(vm.startTimings?.steps.map((s) => s.name), ['resolve-template', 'check-request', 'attach-network', 'spawn', 'restore', 'identity', 'after-clone', 'record'], 'the clone lists every step of its start (node-http has the Node preload\'s signal hook)')
       assert.ok((stepMs(vm.startTimings, 'identity') ?? 0) > 0 && (stepMs(vm.startTimings, 'restore') ?? 0) > 0, 'each step has its duration')
       const answer = JSON.parse(await helloAt(vm.ipAddress ?? '', 10_000)) as NodeAnswer
       assert.deepEqual([answer.host, answer.ip, answer.mac], [vm.name, vm.ipAddress, vm.macAddress], 'the guest took the identity its VM record shows')
