@@ -77,12 +77,8 @@ export class VmManager extends EventEmitter {
    * rules, addresses) that no live VM owns are removed.
    */
   async recover (): Promise<{ adopted: number, died: number }> {
-    let adopted = 0
     let died = 0
-    const network = this.#deps.network
-    const liveIds = new Set(this.#deps.store.listVms({ state: LIVE }).map((vm) => vm.id))
-    // Before any port is published again, so that a dead VM's forward cannot clash with a live one's.
-    if (network !== undefined) await network.cleanupOrphans([...liveIds])
+    const adopted: Array<{ vm: Vm, guest: GuestVm, clock: StepClock }> = []
     for (const vm of this.#deps.store.listVms({ state: LIVE })) {
       const clock = new StepClock('adopted')
       let found: Awaited<ReturnType<VmmDriver['adopt']>>
@@ -101,18 +97,23 @@ export class VmManager extends EventEmitter {
         this.#finish(vm, { ...found.exit, reason: found.exit.reason === 'app-exited' || found.exit.reason === 'exec-failed' ? found.exit.reason : 'died-while-daemon-down' })
         continue
       }
-      adopted++
+      adopted.push({ vm, guest: found, clock })
+    }
+    const liveIds = new Set(adopted.map((a) => a.vm.id))
+    // Taps and forwards of the VMs that died go first, so that no dead VM's forward clashes with a live one's.
+    await this.#deps.network?.cleanupOrphans([...liveIds])
+    for (const { vm, guest, clock } of adopted) {
       await this.#publishPorts(vm, clock)
-      // The start's own steps stay on the record; the adoption's are logged.
+      await clock.run('record', () => { this.#watch(vm.id, guest) })
+      // The record keeps the VM's own start; the adoption's steps are logged.
       this.#deps.log.info({ vm: vm.id, steps: clock.timings().steps }, 'adopted a running VM')
-      this.#watch(vm.id, found)
     }
     for (const ip of this.#deps.store.ipAllocations.list()) {
       // A template's address stays while the template does (TemplateManager frees it with the template).
       if (ip.owner.startsWith('template:')) continue
       if (!liveIds.has(ip.owner)) this.#deps.store.ipAllocations.release(ip.ip)
     }
-    return { adopted, died }
+    return { adopted: adopted.length, died }
   }
 
   /** The image's manifest; throws UIG_ERR_IMAGE_NOT_FOUND unless the image exists. */
