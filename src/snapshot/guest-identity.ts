@@ -1,5 +1,4 @@
 import { randomBytes } from 'node:crypto'
-import { setTimeout as sleep } from 'node:timers/promises'
 import { UigniterError } from '../core/errors.js'
 import { encodeParam } from '../vmm/qemu/command-line.js'
 import { ControlChannel } from '../vmm/qemu/control-channel.js'
@@ -25,6 +24,18 @@ export function checkIdentityEnv (env: Record<string, string>): void {
   if (names.length > MAX_IDENTITY_ENV) throw new UigniterError('UIG_ERR_CLONE_REQUEST', `a clone takes at most ${MAX_IDENTITY_ENV} environment variables, not ${names.length}`)
 }
 
+/** What the guest said of the identity step. */
+export interface IdentityTaken {
+  /** The init's own time for the step (checks, RNG, clock, hostname, network), in ms; undefined from an init before version 3. */
+  guestMs: number | undefined
+}
+
+/** The first init that announces its wait for an identity and times the step (src/guest/init/uigniter-init.c). */
+export const ANNOUNCING_INIT_VERSION = 3
+
+/** Larger is not a time the init measured: an hour, in µs. */
+const MAX_TOOK_US = 3_600_000_000
+
 /**
  * Gives the guest its identity over the control channel: address, MAC,
  * hostname, a fresh RNG seed from the host and the host's clock, and the
@@ -34,15 +45,16 @@ export function checkIdentityEnv (env: Record<string, string>): void {
  * `then` runs on the same channel once the identity took (the after-clone
  * signal hook), its errors thrown as they are.
  */
-export async function sendIdentity (controlSocket: string, identity: GuestIdentity, timeoutMs: number, then?: (channel: ControlChannel) => Promise<void>): Promise<void> {
+export async function sendIdentity (controlSocket: string, identity: GuestIdentity, timeoutMs: number, then?: (channel: ControlChannel) => Promise<void>): Promise<IdentityTaken> {
   checkIdentityEnv(identity.env ?? {})
   const envArgs = Object.entries(identity.env ?? {}).map(([key, value]) => `env=${key}=${encodeParam(value)}`)
   const deadline = Date.now() + timeoutMs
   let channel: ControlChannel | undefined
+  let reply: Record<string, unknown>
   try {
     channel = await ControlChannel.connect(controlSocket, timeoutMs)
     const { address, prefix, gateway } = identity.guestNetwork
-    await channel.request(['identity', ...envArgs].join(' '), {
+    reply = await channel.request(['identity', ...envArgs].join(' '), {
       ip: `${address}/${prefix}`,
       ...(gateway !== undefined ? { gw: gateway } : {}),
       mac: identity.mac,
@@ -59,28 +71,39 @@ export async function sendIdentity (controlSocket: string, identity: GuestIdenti
   } finally {
     channel.close()
   }
+  // The guest's word, so only a plausible number counts.
+  const tookUs = reply.took_us
+  return { guestMs: typeof tookUs === 'number' && Number.isInteger(tookUs) && tookUs >= 0 && tookUs < MAX_TOOK_US ? tookUs / 1000 : undefined }
 }
 
 /**
- * Waits until the init holds the app back for an identity: it answers
- * `status` with `"app":"waiting"`, which also proves it serves the control
- * channel. The channel is closed again, so that the next host connection
- * (a clone's, or a claim's) is news to the guest.
+ * Waits until the init holds the app back for an identity: the init
+ * announces it to every host connection (`{"event":"waiting"}`), which also
+ * proves it serves the control channel; nothing is polled. The channel is
+ * closed again, so that the next host connection (a clone's, or a claim's)
+ * is news to the guest. `initVersion` (the image's, from its manifest): an
+ * init older than ANNOUNCING_INIT_VERSION announces nothing, and is asked
+ * once instead.
  */
-export async function waitForIdentityWait (controlSocket: string, timeoutMs: number): Promise<void> {
+export async function waitForIdentityWait (controlSocket: string, timeoutMs: number, initVersion = ANNOUNCING_INIT_VERSION): Promise<void> {
   const deadline = Date.now() + timeoutMs
   const channel = await ControlChannel.connect(controlSocket, timeoutMs)
   try {
-    for (;;) {
-      const reply = await channel.request('status', {}, Math.max(1, deadline - Date.now()))
-      if (reply.app === 'waiting') return
-      if (reply.app !== 'running' || Date.now() > deadline) {
-        throw new UigniterError('UIG_ERR_TEMPLATE_FAILED', `the guest init does not wait for an identity (its app is ${String(reply.app)}): the image's init is older than uigniter.wait support; rebuild the image`)
-      }
-      await sleep(20)
+    if (initVersion >= ANNOUNCING_INIT_VERSION) {
+      await channel.waitForEvent((e) => e.event === 'waiting' && e.for === 'identity', Math.max(1, deadline - Date.now()), 'its wait for an identity')
+        .catch((err: unknown) => {
+          throw new UigniterError('UIG_ERR_TEMPLATE_FAILED', channel.closed
+            ? `the control channel closed before the guest init announced its wait for an identity (the VM stopped?): ${(err as Error).message}`
+            : `the guest init did not announce its wait for an identity within ${timeoutMs} ms; an image whose init is older than version ${ANNOUNCING_INIT_VERSION} never does: rebuild the image`, { cause: err })
+        })
+      return
+    }
+    // The old init answers only from its event loop, which it enters already waiting: one question suffices.
+    const reply = await channel.request('status', {}, Math.max(1, deadline - Date.now()))
+    if (reply.app !== 'waiting') {
+      throw new UigniterError('UIG_ERR_TEMPLATE_FAILED', `the guest init does not wait for an identity (its app is ${String(reply.app).slice(0, 40)}): the image's init is older than uigniter.wait support; rebuild the image`)
     }
   } finally {
     channel.close()
   }
 }
-

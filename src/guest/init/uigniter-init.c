@@ -17,7 +17,9 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/if_packet.h>
 #include <linux/random.h>
+#include <net/ethernet.h>
 #include <net/if_arp.h>
 #include <net/if.h>
 #include <net/route.h>
@@ -43,7 +45,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define INIT_VERSION 2
+#define INIT_VERSION 3
 /* The app's end of the after-clone ack pipe (see cmd_after_clone); its number is in UIGNITER_ACK_FD. */
 #define ACK_FD 3
 #define APP_CONFIG "/uigniter/config"
@@ -587,19 +589,168 @@ static void write_resolv_conf(char *dns)
 		close(fd);
 }
 
+/*
+ * Kept open from boot, so that a clone resumes with them: under TCG every
+ * code path a clone runs for the first time costs its translation (making
+ * a socket, opening /dev/urandom), and closing a packet socket waits for an
+ * RCU grace period (synchronize_net), tens of milliseconds.
+ */
+static struct {
+	int sock;    /* AF_INET datagram socket: interface ioctls, the gateway's datagram */
+	int packet;  /* AF_PACKET, send-only: ARP announcements; -1 without CONFIG_PACKET */
+	int ifindex; /* eth0's; 0 when there is none */
+} net = { .sock = -1, .packet = -1 };
+
+/*
+ * No IPv6 on eth0: the bridge network is IPv4 only (the host turns IPv6 off
+ * on the bridge), and with it on, every boot sends duplicate-address,
+ * router and multicast-listener messages that the bridge floods to every
+ * VM, and every clone would keep its template's link-local address (one
+ * derived from the template's MAC).  Loopback keeps ::1, so apps may still
+ * listen on "::".
+ */
+static void disable_ipv6(const char *ifname)
+{
+	char path[64];
+	snprintf(path, sizeof(path), "/proc/sys/net/ipv6/conf/%s/disable_ipv6", ifname);
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	/* A kernel without IPv6 has no such file, and nothing to turn off. */
+	if (fd < 0)
+		return;
+	if (write_all(fd, "1", 1) < 0)
+		warnmsg("%s: %s", path, strerror(errno));
+	close(fd);
+}
+
+/* The gateway's MAC from the ARP cache; false when there is no complete entry. */
+static bool arp_lookup(int s, in_addr_t ip, unsigned char mac[6])
+{
+	struct arpreq r;
+
+	memset(&r, 0, sizeof(r));
+	set_inaddr(&r.arp_pa, ip);
+	snprintf(r.arp_dev, sizeof(r.arp_dev), "eth0");
+	if (ioctl(s, SIOCGARP, &r) < 0 || !(r.arp_flags & ATF_COM))
+		return false;
+	memcpy(mac, r.arp_ha.sa_data, 6);
+	return true;
+}
+
+/* A complete, not permanent entry: the kernel still revalidates it as usual. */
+static int arp_store(int s, in_addr_t ip, const unsigned char mac[6])
+{
+	struct arpreq r;
+
+	memset(&r, 0, sizeof(r));
+	set_inaddr(&r.arp_pa, ip);
+	r.arp_ha.sa_family = ARPHRD_ETHER;
+	memcpy(r.arp_ha.sa_data, mac, 6);
+	r.arp_flags = ATF_COM;
+	snprintf(r.arp_dev, sizeof(r.arp_dev), "eth0");
+	return ioctl(s, SIOCSARP, &r);
+}
+
+/*
+ * Drops every ARP entry of eth0 (a new address with the same MAC; a new MAC
+ * makes the kernel drop them itself).  /proc/net/arp lines are
+ * "IP HWTYPE FLAGS MAC MASK DEVICE".
+ */
+static void arp_flush(int s)
+{
+	char *table = read_file("/proc/net/arp", 1 << 20, NULL);
+	char *save = NULL;
+
+	if (!table)
+		return;
+	/* The first line is the header. */
+	strtok_r(table, "\n", &save);
+	for (char *line; (line = strtok_r(NULL, "\n", &save)) != NULL;) {
+		char ip[INET_ADDRSTRLEN], dev[IFNAMSIZ];
+		struct in_addr a;
+		struct arpreq r;
+
+		if (sscanf(line, "%15s %*s %*s %*s %*s %15s", ip, dev) != 2 ||
+		    strcmp(dev, "eth0") != 0 || inet_pton(AF_INET, ip, &a) != 1)
+			continue;
+		memset(&r, 0, sizeof(r));
+		set_inaddr(&r.arp_pa, a.s_addr);
+		snprintf(r.arp_dev, sizeof(r.arp_dev), "eth0");
+		ioctl(s, SIOCDARP, &r);
+	}
+	free(table);
+}
+
+/*
+ * One ARP request for `tip`, sent as (sha, sip) to `dest`: the broadcast
+ * address, or a neighbour's own MAC.  Sent unicast to the gateway, it
+ * teaches the host the new address's MAC (a request for the host's own
+ * address creates the host's entry), the bridge the port the MAC is on,
+ * and brings the gateway's answer, without a frame for every other VM on
+ * the bridge to wake up for.
+ */
+static int send_arp_request(const unsigned char sha[6], in_addr_t sip, in_addr_t tip,
+			    const unsigned char dest[6])
+{
+	struct __attribute__((packed)) {
+		struct arphdr h;
+		unsigned char sha[6], sip[4], tha[6], tip[4];
+	} req = { .h = { .ar_hrd = htons(ARPHRD_ETHER), .ar_pro = htons(ETH_P_IP),
+			 .ar_hln = 6, .ar_pln = 4, .ar_op = htons(ARPOP_REQUEST) } };
+	struct sockaddr_ll to = { .sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_ARP),
+				  .sll_halen = 6 };
+	int rc = -1;
+
+	memcpy(req.sha, sha, 6);
+	memcpy(req.sip, &sip, 4);
+	memcpy(req.tip, &tip, 4);
+	memcpy(to.sll_addr, dest, 6);
+	to.sll_ifindex = net.ifindex;
+	if (net.packet >= 0 && net.ifindex > 0 &&
+	    sendto(net.packet, &req, sizeof(req), 0, (struct sockaddr *)&to, sizeof(to)) == (ssize_t)sizeof(req))
+		rc = 0;
+	return rc;
+}
+
+/*
+ * Has the kernel resolve the gateway now, with one datagram to its discard
+ * port (the host's firewall drops it): the ARP reply then fills the cache,
+ * which a template's snapshot carries to every clone (see set_eth0).
+ * `wait_ms`: poll the cache until the entry is complete, at most that long.
+ */
+static void resolve_gateway(in_addr_t gw, int wait_ms)
+{
+	struct sockaddr_in to = { .sin_family = AF_INET, .sin_port = htons(9), .sin_addr.s_addr = gw };
+	unsigned char mac[6];
+
+	if (net.sock < 0)
+		return;
+	/* Queued behind the ARP request: sendto() does not wait for the answer. */
+	sendto(net.sock, "", 0, MSG_DONTWAIT, (struct sockaddr *)&to, sizeof(to));
+	/* A deadline, not a count: with a jiffies clocksource each sleep takes a whole tick. */
+	for (long long until = boottime_ms() + wait_ms; boottime_ms() < until && !arp_lookup(net.sock, gw, mac);)
+		nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
+}
+
 static void setup_network(const struct params *p)
 {
-	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	int s = net.sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 	if (s < 0) {
 		warnmsg("socket: %s", strerror(errno));
 	} else {
 		in_addr_t addr, mask;
+		struct in_addr gw;
 		if_up(s, "lo", htonl(INADDR_LOOPBACK), htonl(0xff000000u));
+		disable_ipv6("eth0");
+		net.ifindex = (int)if_nametoindex("eth0");
+		/* Protocol 0: a socket that only sends, and is handed no frame meanwhile. */
+		if (net.ifindex > 0)
+			net.packet = socket(AF_PACKET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 		if (p->ip && !parse_cidr(p->ip, &addr, &mask))
 			warnmsg("uigniter.ip: invalid '%s', want ADDR/PREFIX", p->ip);
-		else if (p->ip && if_up(s, "eth0", addr, mask) == 0 && p->gw)
-			add_default_route(s, "eth0", p->gw);
-		close(s);
+		else if (p->ip && if_up(s, "eth0", addr, mask) == 0 && p->gw &&
+			 add_default_route(s, "eth0", p->gw) == 0 && inet_pton(AF_INET, p->gw, &gw) == 1)
+			/* A template's boot (it waits for an identity) waits for the answer, so that its snapshot holds it. */
+			resolve_gateway(gw.s_addr, p->wait && strcmp(p->wait, "identity") == 0 ? 100 : 0);
 	}
 	if (p->dns) {
 		char *copy = strdup(p->dns);
@@ -874,14 +1025,17 @@ static void signal_app(int sig)
 
 /*
  * Protocol: the host sends "VERB [key=value ...]\n"; every non-blank line
- * gets exactly one JSON object on one line in reply.  The guest volunteers a
- * single message, {"event":"exit",...}, just before the VM ends.
+ * gets exactly one JSON object on one line in reply.  The guest volunteers
+ * two messages: {"event":"waiting","for":"identity","version":N} to each
+ * host connection while the app waits for an identity (so the host need
+ * not ask), and {"event":"exit",...} just before the VM ends.
  */
 static struct {
 	int fd;          /* -1: this VM has no control port */
 	bool idle;       /* host end closed: left out of poll() until SIGIO */
 	bool connected;  /* the host end was open at the last poll() */
 	bool discarding; /* inside an over-long line, skipping to its '\n' */
+	bool announce;   /* tell the host we wait for an identity, once it is connected */
 	size_t in_len, out_len;
 	char in[CTL_LINE_MAX + 1];
 	char out[CTL_OUT_CAP];
@@ -1068,11 +1222,16 @@ static void cmd_shutdown(const struct ctl_args *a)
 	}
 }
 
+/* XX:XX:XX:XX:XX:XX exactly (by hand: scanf is a lot of code for a clone to translate). */
 static bool parse_mac(const char *s, unsigned char mac[6])
 {
-	char end;
-	return sscanf(s, "%2hhx:%2hhx:%2hhx:%2hhx:%2hhx:%2hhx%c", &mac[0], &mac[1], &mac[2],
-		      &mac[3], &mac[4], &mac[5], &end) == 6 && strlen(s) == 17;
+	for (int i = 0; i < 6; i++, s += 3) {
+		int hi = hexval(s[0]), lo = hi < 0 ? -1 : hexval(s[1]);
+		if (lo < 0 || s[2] != (i == 5 ? '\0' : ':'))
+			return false;
+		mac[i] = (unsigned char)(hi << 4 | lo);
+	}
+	return true;
 }
 
 /* 64 hex digits: the 32 bytes the host drew for this clone alone. */
@@ -1089,6 +1248,8 @@ static bool parse_seed(const char *s, unsigned char seed[32])
 	return true;
 }
 
+static int urandom_fd = -1;
+
 /*
  * Mixes the host's seed into the input pool and reseeds the CRNG at once:
  * crediting alone would not rekey an already-initialised CRNG until its next
@@ -1101,57 +1262,139 @@ static int reseed_rng(const unsigned char seed[32])
 		unsigned char buf[32];
 	} req = { .info = { .entropy_count = 256, .buf_size = 32 } };
 	memcpy(req.info.buf, seed, 32);
-	int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
-	if (fd < 0)
+	/* Opened at boot (a clone resumes with it); once more if that failed. */
+	if (urandom_fd < 0 && (urandom_fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC)) < 0)
 		return -1;
-	int rc = ioctl(fd, RNDADDENTROPY, &req.info);
+	int rc = ioctl(urandom_fd, RNDADDENTROPY, &req.info);
 	if (rc == 0)
-		rc = ioctl(fd, RNDRESEEDCRNG);
-	int err = errno;
-	close(fd);
-	errno = err;
+		rc = ioctl(urandom_fd, RNDRESEEDCRNG);
 	return rc;
 }
 
+static bool get_inaddr(int s, unsigned long req, struct ifreq *ifr, in_addr_t *out)
+{
+	if (ioctl(s, req, ifr) < 0)
+		return false;
+	struct sockaddr_in sin;
+	memcpy(&sin, &ifr->ifr_addr, sizeof(sin));
+	*out = sin.sin_addr.s_addr;
+	return true;
+}
+
+/* What set_eth0 leaves for announce_eth0, which runs once the host has its reply. */
+static struct {
+	bool pending;
+	bool to_gateway; /* unicast to the gateway, whose MAC is known */
+	unsigned char mac[6], gw_mac[6];
+	in_addr_t addr, gw;
+} announcement;
+
 /*
- * A new MAC needs the link down (virtio-net accepts it live, but the
- * neighbours and routes learnt under the old identity must go); taking the
- * link down drops the default route, so it is added again.
+ * Gives eth0 the clone's MAC and address without taking the link down:
+ * virtio-net changes its MAC live (VIRTIO_NET_F_CTRL_MAC_ADDR, which QEMU
+ * offers), and a link taken down and up again costs the clone its queues'
+ * buffers and the kernel's link-watch delay (up to a second before the
+ * device sends anything).  A new MAC makes the kernel drop the device's
+ * neighbours (NETDEV_CHANGEADDR), so nothing learnt under the template's
+ * identity survives, save the gateway's entry, which is put back: the
+ * bridge's MAC does not change, and asking the whole bridge for it again
+ * would wake every VM on it.  A new address drops the default route, which
+ * is added again.  What did not change is left alone.  The new pair is
+ * announced afterwards (announce_eth0).
  */
 static int set_eth0(in_addr_t addr, in_addr_t mask, const unsigned char mac[6], const char *gw,
 		    const char **step)
 {
 	struct ifreq ifr;
-	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0), rc = -1;
+	struct in_addr gw_a = { 0 };
+	unsigned char gw_mac[6];
+	in_addr_t old_addr = 0, old_mask = 0;
+	int s = net.sock;
 
 	*step = "socket";
-	if (s < 0)
+	if (s < 0 && (s = net.sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0)) < 0)
 		return -1;
+	/* Checked by the caller. */
+	if (gw)
+		inet_pton(AF_INET, gw, &gw_a);
 	memset(&ifr, 0, sizeof(ifr));
 	snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "eth0");
-	*step = "link down";
+	*step = "flags";
 	if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0)
-		goto out;
-	ifr.ifr_flags &= ~IFF_UP;
-	if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
-		goto out;
+		return -1;
+	bool was_up = ifr.ifr_flags & IFF_UP;
 	*step = "mac";
-	ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
-	memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
-	if (ioctl(s, SIOCSIFHWADDR, &ifr) < 0)
-		goto out;
-	*step = "address";
-	if (if_up(s, "eth0", addr, mask) < 0)
-		goto out;
+	if (ioctl(s, SIOCGIFHWADDR, &ifr) < 0)
+		return -1;
+	bool new_mac = memcmp(ifr.ifr_hwaddr.sa_data, mac, 6) != 0;
+	/* No address yet (EADDRNOTAVAIL): a guest booted without one. */
+	bool new_addr = !get_inaddr(s, SIOCGIFADDR, &ifr, &old_addr) ||
+			!get_inaddr(s, SIOCGIFNETMASK, &ifr, &old_mask) ||
+			old_addr != addr || old_mask != mask;
+	if (!new_mac && !new_addr && was_up)
+		return 0;
+	bool known_gw = gw && arp_lookup(s, gw_a.s_addr, gw_mac);
+
+	if (new_mac) {
+		ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+		memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
+		if (ioctl(s, SIOCSIFHWADDR, &ifr) < 0)
+			return -1;
+	} else {
+		arp_flush(s);
+	}
+	if (new_addr) {
+		/* SIOCSIFADDR gives the address its class's mask, so the netmask comes after it. */
+		*step = "address";
+		set_inaddr(&ifr.ifr_addr, addr);
+		if (ioctl(s, SIOCSIFADDR, &ifr) < 0)
+			return -1;
+		set_inaddr(&ifr.ifr_netmask, mask);
+		if (ioctl(s, SIOCSIFNETMASK, &ifr) < 0)
+			return -1;
+	}
+	if (!was_up) {
+		*step = "link up";
+		if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0)
+			return -1;
+		ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+		if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
+			return -1;
+	}
 	*step = "route";
 	if (gw && add_default_route(s, "eth0", gw) < 0)
-		goto out;
-	rc = 0;
-out:;
-	int err = errno;
-	close(s);
-	errno = err;
-	return rc;
+		return -1;
+	*step = "neighbours";
+	if (known_gw && arp_store(s, gw_a.s_addr, gw_mac) < 0)
+		return -1;
+	announcement.pending = true;
+	announcement.to_gateway = known_gw;
+	memcpy(announcement.mac, mac, 6);
+	memcpy(announcement.gw_mac, gw_mac, 6);
+	announcement.addr = addr;
+	announcement.gw = gw ? gw_a.s_addr : 0;
+	return 0;
+}
+
+/*
+ * Best effort, as ARP itself is: without it the host still finds the clone
+ * by asking for it.  To the gateway when its MAC is known (see
+ * send_arp_request); else the kernel asks everyone for the gateway; with no
+ * gateway, a gratuitous request for our own address goes to everyone.
+ */
+static void announce_eth0(void)
+{
+	static const unsigned char broadcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
+
+	if (!announcement.pending)
+		return;
+	announcement.pending = false;
+	if (announcement.to_gateway)
+		send_arp_request(announcement.mac, announcement.addr, announcement.gw, announcement.gw_mac);
+	else if (announcement.gw)
+		resolve_gateway(announcement.gw, 0);
+	else
+		send_arp_request(announcement.mac, announcement.addr, announcement.addr, broadcast);
 }
 
 /*
@@ -1170,6 +1413,7 @@ static void cmd_identity(const struct ctl_args *a)
 	struct in_addr gw_a;
 	char *end;
 	size_t nenv = 0;
+	long long began_us = monotonic_us();
 
 #define REFUSE(msg) do { ctl_reply("{\"ok\":false,\"error\":\"" msg "\"}"); return; } while (0)
 	if (!ip || !parse_cidr(ip, &addr, &mask))
@@ -1226,8 +1470,13 @@ static void cmd_identity(const struct ctl_args *a)
 		}
 	}
 #undef REFUSE
-	marker("IDENTITY hostname=%s", host);
-	ctl_reply("{\"ok\":true}");
+	/* The guest's own time for the whole step, so that the host can tell it from the channel's. */
+	long long took_us = monotonic_us() - began_us;
+	ctl_reply("{\"ok\":true,\"took_us\":%lld}", took_us);
+	/* After the reply: the host waits for the reply alone, and the serial console is slow. */
+	ctl_flush();
+	announce_eth0();
+	marker("IDENTITY hostname=%s took_us=%lld", host, took_us);
 	if (identity.waiting)
 		identity.ready = true;
 	return;
@@ -1384,7 +1633,8 @@ static void ctl_process(void)
 
 static short ctl_poll_events(void)
 {
-	short ev = ctl.out_len ? POLLOUT : 0;
+	/* A pending announcement waits for the port to be writable, which it is once a host is connected. */
+	short ev = ctl.out_len || ctl.announce ? POLLOUT : 0;
 	if (ctl.in_len < sizeof(ctl.in) && ctl_reply_room())
 		ev |= POLLIN;
 	return ev;
@@ -1410,7 +1660,15 @@ static void ctl_service(short revents)
 		ctl.in_len = ctl.out_len = 0;
 		ctl.discarding = false;
 	}
+	/* Each host connection hears it (see the SIGIO handling): one that came after the first would wait in vain. */
+	if (!hup && !ctl.connected && identity.waiting)
+		ctl.announce = true;
 	ctl.connected = !hup;
+	if (ctl.announce && ctl.connected && ctl_reply_room()) {
+		ctl.announce = false;
+		if (identity.waiting)
+			ctl_reply("{\"event\":\"waiting\",\"for\":\"identity\",\"version\":%d}", INIT_VERSION);
+	}
 	do {
 		in_before = ctl.in_len;
 		out_before = ctl.out_len;
@@ -1565,8 +1823,14 @@ static void event_loop(int sig_fd)
 			while (read(sig_fd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
 				if (si.ssi_signo == SIGCHLD)
 					reap_children();
-				else if (si.ssi_signo == SIGIO)
+				else if (si.ssi_signo == SIGIO) {
 					ctl.idle = false;
+					/*
+					 * Perhaps a host connected: it sends nothing until it
+					 * hears us, so the announcement must ask for POLLOUT.
+					 */
+					ctl.announce |= identity.waiting;
+				}
 			}
 		}
 		if (pfd[1].revents) {
@@ -1622,6 +1886,8 @@ int main(void)
 	mount_others();
 	load_modules();
 	setup_network(&params);
+	/* For reseed_rng, which a clone runs first thing. */
+	urandom_fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
 	mount_shares(&params);
 
 	int sig_fd = setup_signals();
@@ -1640,6 +1906,7 @@ int main(void)
 		if (ctl.fd >= 0) {
 			identity.waiting = true;
 			identity.app = &app;
+			ctl.announce = true;
 			marker("WAITING for=identity");
 			event_loop(sig_fd);
 		}

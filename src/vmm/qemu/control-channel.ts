@@ -17,7 +17,8 @@ export const MAX_CONTROL_LINE = 64 * 1024
  * The host side of the control channel: a virtio-console port that QEMU
  * exposes as a unix socket. The host sends `VERB key=value...` lines; the
  * guest init answers each with one JSON line, in order, and also sends
- * unsolicited `{"event": ...}` lines (emitted as 'event').
+ * unsolicited `{"event": ...}` lines (emitted as 'event', and awaited with
+ * waitForEvent): `waiting` while its app waits for an identity, `exit`.
  */
 export class ControlChannel extends EventEmitter {
   readonly #socket: Socket
@@ -69,6 +70,42 @@ export class ControlChannel extends EventEmitter {
       this.#pending.push({ verb: name, resolve, reject, timer })
       this.#socket.write(line + '\n')
     })
+  }
+
+  /**
+   * Resolves with the first event (from now on) that `match` accepts;
+   * rejects when the channel closes first or after `timeoutMs`, with
+   * `describe` naming what was awaited.
+   */
+  async waitForEvent (match: (event: ControlEvent) => boolean, timeoutMs: number, describe = 'the event'): Promise<ControlEvent> {
+    if (this.#socket.destroyed) throw new UigniterError('UIG_ERR_CONTROL_CHANNEL', `the control channel is closed; ${describe} cannot arrive`)
+    return await new Promise((resolve, reject) => {
+      const done = (): void => {
+        clearTimeout(timer)
+        this.off('event', onEvent)
+        this.#socket.off('close', onClose)
+      }
+      const onEvent = (event: ControlEvent): void => {
+        if (!match(event)) return
+        done()
+        resolve(event)
+      }
+      const onClose = (): void => {
+        done()
+        reject(new UigniterError('UIG_ERR_CONTROL_CHANNEL', `the control channel closed before ${describe} (the VM stopped?)`))
+      }
+      const timer = setTimeout(() => {
+        done()
+        reject(new UigniterError('UIG_ERR_CONTROL_CHANNEL', `the guest did not send ${describe} within ${timeoutMs} ms`))
+      }, timeoutMs)
+      this.on('event', onEvent)
+      this.#socket.once('close', onClose)
+    })
+  }
+
+  /** True once either side ended the connection. */
+  get closed (): boolean {
+    return this.#socket.destroyed
   }
 
   close (): void {
