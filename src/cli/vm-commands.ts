@@ -193,7 +193,7 @@ export const vmCommands: Command[] = [
           continue
         }
         console.log(`${vm.name}: ${t.plan} start, ${t.totalMs} ms${t.claimMs !== undefined ? ` (claimed in ${t.claimMs} ms)` : ''}`)
-        printTable(['STEP', 'MS'], t.steps.map((step) => [step.name, step.ms.toFixed(1)]))
+        printTable(['STEP', 'MS', 'GUEST MS'], t.steps.map((step) => [step.name, step.ms.toFixed(1), step.guestMs?.toFixed(1) ?? '']))
       }
       return 0
     }

@@ -74,6 +74,12 @@ export class StepClock {
     }
   }
 
+  /** Adds the guest's own time to the last run of a step (the init reports how long its part took). */
+  noteGuestMs (name: StepName, guestMs: number | undefined): void {
+    const step = this.#steps.findLast((s) => s.name === name)
+    if (step !== undefined && guestMs !== undefined) step.guestMs = round(guestMs)
+  }
+
   /** The steps so far and the time since the clock started. */
   timings (): StartTimings {
     return { plan: this.plan, steps: [...this.#steps], totalMs: round(performance.now() - this.#started) }

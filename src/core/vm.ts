@@ -62,7 +62,8 @@ export type StartPath = Static<typeof StartPathSchema>
 
 export const StartStepSchema = Type.Object({
   name: Type.String({ description: 'The step (core/start-steps.ts): resolve-image, check-resources, attach-network, spawn, boot, restore, identity, after-clone, warm-up, publish-ports, record, adopt; a pool claim adds claim-wait, resume, identity, hand-out' }),
-  ms: Type.Number({ description: 'How long the step took, in milliseconds' })
+  ms: Type.Number({ description: 'How long the step took, in milliseconds, as the host saw it' }),
+  guestMs: Type.Optional(Type.Number({ description: 'identity: the part of the step the guest init spent, by its own clock' }))
 }, { additionalProperties: false })
 export type StartStep = Static<typeof StartStepSchema>
 

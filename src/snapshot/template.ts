@@ -251,10 +251,11 @@ export class Template {
         // The signal hook goes over the identity's channel, right after it: one connection, no second handshake.
         const endIdentity = clock.begin('identity')
         try {
-          await sendIdentity(controlSocketOf(vm), { guestNetwork: options.guestNetwork, mac, hostname: options.hostname, env: options.env ?? {} }, identityTimeout, async (channel) => {
+          const taken = await sendIdentity(controlSocketOf(vm), { guestNetwork: options.guestNetwork, mac, hostname: options.hostname, env: options.env ?? {} }, identityTimeout, async (channel) => {
             endIdentity()
             if (hook?.kind === 'signal') await clock.run('after-clone', async () => { await signalHook(channel, hook) })
           })
+          clock.noteGuestMs('identity', taken.guestMs)
         } finally {
           endIdentity()
         }

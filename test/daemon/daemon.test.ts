@@ -239,7 +239,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     const steps = await runCli(['inspect', '--steps', 'mc-b'], { env: daemon.env })
     assert.equal(steps.code, 0, steps.stderr)
     assert.match(steps.stdout, /^mc-b: cold start, [\d.]+ ms$/m)
-    const listed = [...steps.stdout.matchAll(/^([a-z-]+)\s+([\d.]+)$/gm)].map((m) => m[1])
+    const listed = [...steps.stdout.matchAll(/^([a-z-]+)\s+([\d.]+)\s*([\d.]*)$/gm)].map((m) => m[1])
     for (const step of ['resolve-image', 'check-resources', 'attach-network', 'spawn', 'record']) assert.ok(listed.includes(step), `inspect --steps lists ${step}: ${steps.stdout}`)
     const missing = await runCli(['stop', 'nope'], { env: daemon.env })
     assert.equal(missing.code, 1)
