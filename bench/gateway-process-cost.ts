@@ -20,12 +20,12 @@
 import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { mkdtemp, rm } from 'node:fs/promises'
-import { request } from 'node:http'
 import { cpus, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { createInterface } from 'node:readline'
 import { fileURLToPath, pathToFileURL } from 'node:url'
 import { parseArgs } from 'node:util'
+import { waitForAppAnswer } from '../src/core/app-probe.js'
 import { freePort } from '../src/core/free-port.js'
 import { DaemonProcess } from '../test/helpers/daemon-process.js'
 import { packageRoot } from '../test/helpers/fixtures.js'
@@ -113,19 +113,6 @@ async function load (url: string, host: string | undefined, connections: number,
   return { rps: r['2xx'] / r.duration, p50: r.latency.p50, p99: r.latency.p99, non2xx: r.non2xx, errors: r.errors + r.timeouts }
 }
 
-/** The status of a GET through a gateway with this Host (fetch cannot set Host), 0 when it failed. */
-async function statusOf (port: number, host: string): Promise<number> {
-  return await new Promise((resolve) => {
-    const req = request({ host: '127.0.0.1', port, path: '/', headers: { host }, agent: false, timeout: 2000 }, (res) => {
-      res.resume()
-      res.on('end', () => resolve(res.statusCode ?? 0))
-    })
-    req.on('timeout', () => req.destroy())
-    req.on('error', () => resolve(0))
-    req.end()
-  })
-}
-
 // ---------------------------------------------------------------- the run
 
 async function main (): Promise<void> {
@@ -174,12 +161,8 @@ async function main (): Promise<void> {
       cleanups.push(async () => await d.removeEverything())
       await daemon.api.call('PUT', '/v1/services/up', { name: 'up', replicas: { min: 0 }, ports: [{ port: upstreamPort, protocol: 'http' }], endpoints: [{ host: '127.0.0.1' }] })
       // Routed once the controller told the gateway.
-      for (let i = 0; ; i++) {
-        const r = await statusOf(daemon.gatewayPort, 'up')
-        if (r === 200) break
-        if (i > 100) throw new Error('the daemon\'s gateway never routed to the upstream')
-        await new Promise((resolve) => setTimeout(resolve, 100))
-      }
+      await waitForAppAnswer({ host: '127.0.0.1', port: daemon.gatewayPort, httpPath: '/', hostHeader: 'up' }, 10_000)
+        .catch((err: unknown) => { throw new Error(`the daemon's gateway never routed to the upstream: ${(err as Error).message}`) })
       paths.splice(2, 0, { name: 'gateway inside the daemon (today)', url: `http://127.0.0.1:${daemon.gatewayPort}/`, host: 'up' })
     }
 

@@ -1,8 +1,8 @@
 import { spawn, type ChildProcess } from 'node:child_process'
 import { readFileSync } from 'node:fs'
 import { access, constants, mkdir, readFile, writeFile } from 'node:fs/promises'
-import { connect } from 'node:net'
 import { join } from 'node:path'
+import { waitForAppAnswer } from '../../src/core/app-probe.js'
 
 /**
  * nginx as a child process for the benchmarks: Debian's nginx, its
@@ -72,7 +72,7 @@ export class NginxProcess {
 
   /**
    * Writes `config` (whose server listens on 127.0.0.1:port) to `dir`, starts
-   * nginx on it and waits until the port accepts connections.
+   * nginx on it and waits until it answers HTTP.
    */
   static async start (name: string, dir: string, port: number, config: string, timeoutMs = 10_000): Promise<NginxProcess> {
     await access(NGINX, constants.X_OK).catch(() => {
@@ -85,17 +85,15 @@ export class NginxProcess {
     await writeFile(conf, `pid ${join(dir, 'nginx.pid')};\nerror_log ${join(dir, 'logs', 'error.log')} warn;\n${config}`)
     const child = spawn(NGINX, ['-c', conf, '-p', dir, '-e', join(dir, 'logs', 'error.log'), '-g', 'daemon off;'], { stdio: ['ignore', 'ignore', 'pipe'] })
     const nginx = new NginxProcess(name, port, dir, child)
-    const deadline = Date.now() + timeoutMs
-    for (;;) {
-      if (child.exitCode !== null || child.signalCode !== null) {
-        throw new Error(`nginx (${name}) exited at start: ${await nginx.errors()}`)
-      }
-      if (await accepts(port)) return nginx
-      if (Date.now() > deadline) {
-        await nginx.close()
-        throw new Error(`nginx (${name}) did not listen on 127.0.0.1:${port} within ${timeoutMs} ms: ${await nginx.errors()}`)
-      }
-      await new Promise((resolve) => setTimeout(resolve, 20))
+    const exited = (): boolean => child.exitCode !== null || child.signalCode !== null
+    try {
+      // Any answer: a proxy whose upstream is not up yet answers 502, and is up all the same.
+      await waitForAppAnswer({ host: '127.0.0.1', port, httpPath: '/', anyStatus: true }, timeoutMs, () => exited() ? 'exited' : undefined, { intervalMs: 20 })
+      return nginx
+    } catch {
+      if (exited()) throw new Error(`nginx (${name}) exited at start: ${await nginx.errors()}`)
+      await nginx.close()
+      throw new Error(`nginx (${name}) did not answer on 127.0.0.1:${port} within ${timeoutMs} ms: ${await nginx.errors()}`)
     }
   }
 
@@ -151,15 +149,4 @@ function killQuietly (pid: number, signal: NodeJS.Signals): void {
 
 function readChildrenSync (pid: number): number[] {
   return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter((s) => s !== '').map(Number)
-}
-
-/** Whether 127.0.0.1:port accepts a TCP connection. */
-export async function accepts (port: number, host = '127.0.0.1'): Promise<boolean> {
-  return await new Promise((resolve) => {
-    const socket = connect({ host, port })
-    socket.setTimeout(500)
-    socket.once('connect', () => { socket.destroy(); resolve(true) })
-    socket.once('timeout', () => { socket.destroy(); resolve(false) })
-    socket.once('error', () => resolve(false))
-  })
 }

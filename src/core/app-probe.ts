@@ -10,6 +10,8 @@ export interface AppProbe {
   httpPath?: string
   /** Any HTTP answer will do (warming an app up, not checking its health). */
   anyStatus?: boolean
+  /** HTTP: the Host header (default `host`), for what routes by it (the gateway). */
+  hostHeader?: string
   /** TCP: the app speaks first (a greeting); only bytes from it are an answer, an open connection alone is not. */
   speaksFirst?: boolean
 }
@@ -122,7 +124,7 @@ export async function askApp (probe: AppProbe, timeouts: number | AttemptTimeout
     socket.once('close', () => { if (phase === 'asking') fail(); else finish() })
     socket.once('connect', () => {
       socket.setTimeout(answerMs)
-      if (http) socket.write(`GET ${probe.httpPath} HTTP/1.1\r\nHost: ${probe.host}\r\nConnection: close\r\n\r\n`)
+      if (http) socket.write(`GET ${probe.httpPath} HTTP/1.1\r\nHost: ${probe.hostHeader ?? probe.host}\r\nConnection: close\r\n\r\n`)
       else if (probe.speaksFirst !== true) timer = setTimeout(answered, TCP_SETTLE_MS)
     })
     socket.on('data', (chunk: Buffer) => {

@@ -68,6 +68,8 @@ test('HTTP: the answer carries the status and the body, with Content-Length, chu
     if (req.url === '/length') {
       res.writeHead(200, { 'content-length': 5 })
       res.end('hello')
+    } else if (req.url === '/host') {
+      res.end(req.headers.host)
     } else if (req.url === '/chunked') {
       res.writeHead(201, { 'transfer-encoding': 'chunked' })
       res.write('one,')
@@ -80,6 +82,8 @@ test('HTTP: the answer carries the status and the body, with Content-Length, chu
   const port = await listen(server)
   assert.deepEqual(await askApp({ host: '127.0.0.1', port, httpPath: '/length' }), { status: 200, body: 'hello' })
   assert.deepEqual(await askApp({ host: '127.0.0.1', port, httpPath: '/chunked' }), { status: 201, body: 'one,two' })
+  assert.equal((await askApp({ host: '127.0.0.1', port, httpPath: '/host' }))?.body, '127.0.0.1')
+  assert.equal((await askApp({ host: '127.0.0.1', port, httpPath: '/host', hostHeader: 'api' }))?.body, 'api', 'a Host to route by')
   assert.equal(await askApp({ host: '127.0.0.1', port, httpPath: '/x' }), undefined, '5xx: no answer for a health check')
   assert.deepEqual(await httpGetWithRetry(port, '/x', 2000), { status: 500, body: 'broken' }, 'any status for a GET that reads the answer')
   server.close()
