@@ -216,14 +216,17 @@ export class QemuDriver implements VmmDriver<QemuVm> {
     })
     this.#vms.set(dir.dir, vm)
     log.info({ pid, argv, ...(record.jail !== undefined ? { jail: record.jail } : {}) }, 'QEMU started')
-    if (cpuAffinity !== undefined) {
-      try {
-        await vm.setCpuAffinity(cpuAffinity)
-      } catch (err) {
-        vm.kill()
-        await vm.exited
-        throw err
-      }
+    try {
+      // A clone must not announce the state it restores: QEMU would have the guest broadcast
+      // gratuitous ARPs of its template's address and MAC (self-announce, five rounds over
+      // about 1.5 s), each one flooded to every VM on the bridge, before and after the clone
+      // took its own identity, which it announces itself (src/guest/init).
+      if (launch.incoming === 'defer') await vm.monitor('migrate-set-parameters', { 'announce-rounds': 0 })
+      if (cpuAffinity !== undefined) await vm.setCpuAffinity(cpuAffinity)
+    } catch (err) {
+      vm.kill()
+      await vm.exited
+      throw err
     }
     return vm
   }
