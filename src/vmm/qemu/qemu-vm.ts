@@ -48,8 +48,6 @@ export interface QemuVmInit {
   childExit?: Promise<{ code: number | null, signal: NodeJS.Signals | null }>
   startedAtBootUs?: number
   stopTimeouts: StopTimeouts
-  rotateIntervalMs: number
-  livenessPollMs: number
   /**
    * The guest booted before this console was read: the log was rotated, or
    * the VM is a clone restored from a template's snapshot.
@@ -83,7 +81,6 @@ export class QemuVm extends EventEmitter implements GuestVm {
   readonly #facts = new ConsoleFacts()
   readonly #seen = new Map<ConsoleMarker['kind'], ConsoleMarker>()
   readonly #startedAtBootUs: number | undefined
-  readonly #timers: NodeJS.Timeout[] = []
   readonly #unfollow: () => void
   readonly #followers = new Set<{ stop: () => void, onEnd?: () => void }>()
   readonly #forget: (() => void) | undefined
@@ -127,13 +124,37 @@ export class QemuVm extends EventEmitter implements GuestVm {
       this.#status = status
       void this.#onGone()
     }).catch(() => {})
-    // The slow backstop, for an adopted QEMU whose monitor did not close (or was not ours to watch).
-    this.#every(init.livenessPollMs, async () => { if (!(await new HostProcess(this.pid).alive())) await this.#onGone() })
-    this.#every(init.rotateIntervalMs, async () => { await this.#console.rotateIfNeeded() })
+    // No timer of its own: the driver's sweep calls checkLiveness() and checkConsole() for every VM.
     // Every console byte, from the start: the markers tell how the app ended.
     this.#unfollow = this.#console.follow((text) => {
       for (const m of this.#facts.feed(text)) this.#onMarker(m)
     }, { tailBytes: Infinity })
+  }
+
+  /**
+   * The backstop for an end that sent no event: a QEMU that is not this
+   * process's child (adopted after a restart) and whose monitor closed
+   * without the process going (or never was ours to watch). A child's end
+   * arrives as its exit status, any end closes the monitor; neither is
+   * polled. True when it needs the check: the driver sweeps only those.
+   */
+  get needsLivenessCheck (): boolean {
+    return this.#childExit === undefined && !this.#gone && !this.#closed
+  }
+
+  async checkLiveness (): Promise<void> {
+    if (this.needsLivenessCheck && !(await new HostProcess(this.pid).alive())) await this.#onGone()
+  }
+
+  /**
+   * The backstop for the console's file watch (which wakes the followers
+   * and rotates the log on each write): reads what a missed change left, and
+   * rotates the log when it grew past its bound.
+   */
+  async checkConsole (): Promise<void> {
+    if (this.#gone || this.#closed) return
+    await this.#console.poll()
+    await this.#console.rotateIfNeeded()
   }
 
   /** QEMU's command line and the launch it came from, as recorded in launch.json. */
@@ -452,8 +473,6 @@ export class QemuVm extends EventEmitter implements GuestVm {
   }
 
   #release (): void {
-    for (const t of this.#timers) clearInterval(t)
-    this.#timers.length = 0
     this.#unfollow()
     for (const f of this.#followers) {
       f.stop()
@@ -463,17 +482,6 @@ export class QemuVm extends EventEmitter implements GuestVm {
     this.#console.close()
     this.#qmp.close()
     this.#forget?.()
-  }
-
-  #every (ms: number, fn: () => Promise<void>): void {
-    let busy = false
-    const timer = setInterval(() => {
-      if (busy) return
-      busy = true
-      fn().catch((err: unknown) => this.#log.warn({ err }, 'periodic VM check failed')).finally(() => { busy = false })
-    }, ms)
-    timer.unref()
-    this.#timers.push(timer)
   }
 }
 
