@@ -93,6 +93,8 @@ export class DhcpServer implements DhcpHosts {
   #restarts = 0
   #lastError: string | null = null
   #writes: Promise<void> = Promise.resolve()
+  /** A write queued and not begun: later changes join it, since it renders the table as it is when it begins. */
+  #queued: Promise<void> | undefined
   #reloadPending = false
 
   constructor (options: DhcpServerOptions) {
@@ -165,14 +167,22 @@ export class DhcpServer implements DhcpHosts {
     await rm(this.stateDir, { recursive: true, force: true })
   }
 
+  /**
+   * One write (and one SIGHUP) for every change made while the previous
+   * write ran: with VMs starting a few at a time, each start need not
+   * rewrite the table, nor have dnsmasq re-read it, on its own.
+   */
   async #enqueueWrite (): Promise<void> {
+    if (this.#queued !== undefined) return await this.#queued
     const write = this.#writes.then(async () => {
+      this.#queued = undefined
       if (this.#closed) return
       await this.#writeHosts()
       if (this.#state === 'running') this.#reload()
       // A server still starting may have read the old table: it re-reads once it is up.
       else if (this.#state === 'starting') this.#reloadPending = true
     })
+    this.#queued = write
     this.#writes = write.catch(() => {})
     await write
   }

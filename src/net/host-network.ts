@@ -7,7 +7,7 @@ import { detectFirewall } from './detect-firewall.js'
 import { DEFAULT_FIREWALL_TABLE, type Firewall, type PortPublish, type PublishedPort } from './firewall.js'
 import { Ipam, type IpAllocationStore } from './ipam.js'
 import { macForVm } from '../core/mac-address.js'
-import { NOT_ROOT_ADVICE, runNetTool } from './net-tool.js'
+import { NOT_ROOT_ADVICE } from './net-tool.js'
 import { DEFAULT_SUBNET, Subnet, parseIpv4 } from './subnet.js'
 import { DEFAULT_TAP_PREFIX, createTap, deleteTap, listTaps, tapNameFor } from './tap.js'
 import type { HostNetworking, PublishRequest, VmAttachment } from '../core/ports/host-networking.js'
@@ -61,6 +61,13 @@ export class HostNetwork implements HostNetworking {
   #firewall: Firewall | undefined
   #allowedHostPorts: number[]
   #dhcp: DhcpHosts | undefined
+  /**
+   * Owners attached with `dhcp: false` (guests that take their address from
+   * the kernel command line or the identity): left out of the DHCP table, so
+   * that starting and ending them does not rewrite it. Forgotten with the
+   * daemon, which then lists every owner, as before.
+   */
+  readonly #noDhcp = new Set<string>()
 
   constructor (options: HostNetworkOptions) {
     this.#options = options
@@ -114,9 +121,9 @@ export class HostNetwork implements HostNetworking {
     await this.#syncDhcp()
   }
 
-  /** What the DHCP server must answer: every allocated address in the subnet, with its owner's MAC. */
+  /** What the DHCP server must answer: every allocated address in the subnet, with its owner's MAC (bar owners attached without DHCP). */
   dhcpHosts (): DhcpHost[] {
-    return this.#options.store.list().filter((a) => this.subnet.contains(a.ip)).map((a) => ({ mac: macForVm(a.owner), ip: a.ip }))
+    return this.#options.store.list().filter((a) => this.subnet.contains(a.ip) && !this.#noDhcp.has(a.owner)).map((a) => ({ mac: macForVm(a.owner), ip: a.ip }))
   }
 
   async #syncDhcp (): Promise<void> {
@@ -131,24 +138,30 @@ export class HostNetwork implements HostNetworking {
 
   /**
    * Gives the VM its address (the one it has, if any) and a tap on the
-   * bridge. Idempotent, so a re-adopted VM gets the same answer. Throws
+   * bridge, and tells the bridge the address's MAC (an address that belonged
+   * to a VM with another MAC moments ago would otherwise be blackholed until
+   * the host's neighbour entry expired). Idempotent, so a re-adopted VM gets
+   * the same answer. One `ip` process. `dhcp: false` for a guest that takes
+   * its address otherwise (our init does, from its command line or its
+   * identity): then the DHCP table is not rewritten for it. Throws
    * UIG_ERR_NET_POOL_EXHAUSTED when the subnet is full.
    */
-  async attach (vmId: string): Promise<VmNetwork> {
-    const had = this.ipam.lookup(vmId)
-    const ip = this.ipam.allocate(vmId)
+  async attach (vmId: string, options: { dhcp?: boolean } = {}): Promise<VmNetwork> {
+    const { ip, isNew } = this.ipam.claim(vmId)
     const tap = tapNameFor(vmId, this.#tapPrefix)
+    const mac = macForVm(vmId)
     try {
-      await createTap(tap, this.bridge)
-      // The address may have belonged to a VM with another MAC moments ago: a stale
-      // neighbour entry would blackhole the host's traffic to it for up to a minute.
-      await runNetTool('ip', ['neigh', 'flush', 'to', ip, 'dev', this.bridge])
+      await createTap(tap, this.bridge, { ip, mac })
     } catch (err) {
-      if (had === undefined) this.ipam.release(vmId)
+      if (isNew) this.ipam.release(vmId)
       throw err
     }
-    await this.#syncDhcp()
-    return { tap, mac: macForVm(vmId), ip, prefix: this.subnet.prefix, gateway: this.subnet.gateway, dns: await this.nameservers() }
+    const listed = !this.#noDhcp.has(vmId)
+    if (options.dhcp === false) this.#noDhcp.add(vmId)
+    else this.#noDhcp.delete(vmId)
+    // A new owner without DHCP changes nothing in the table; one that was in it must leave it.
+    if (options.dhcp !== false || (listed && !isNew)) await this.#syncDhcp()
+    return { tap, mac, ip, prefix: this.subnet.prefix, gateway: this.subnet.gateway, dns: await this.nameservers() }
   }
 
   /**
@@ -160,7 +173,8 @@ export class HostNetwork implements HostNetworking {
     await deleteTap(tapNameFor(vmId, this.#tapPrefix))
     if (options.releaseIp ?? true) {
       this.ipam.release(vmId)
-      await this.#syncDhcp()
+      const listed = !this.#noDhcp.delete(vmId)
+      if (listed) await this.#syncDhcp()
     }
   }
 

@@ -45,18 +45,27 @@ export class Ipam {
    * Throws UIG_ERR_NET_POOL_EXHAUSTED when every address is taken.
    */
   allocate (owner: string): string {
+    return this.claim(owner).ip
+  }
+
+  /**
+   * allocate(), saying whether the address is new to the owner (a caller
+   * that fails later gives back only what it took), with one read of the
+   * store rather than a lookup and an allocation.
+   */
+  claim (owner: string): { ip: string, isNew: boolean } {
     if (owner === '') throw new TypeError('an IP allocation needs an owner')
     const allocations = this.#store.list()
     const own = allocations.filter((a) => a.owner === owner)
     const current = own.find((a) => this.subnet.contains(a.ip))
-    if (current !== undefined) return current.ip
+    if (current !== undefined) return { ip: current.ip, isNew: false }
     // An address from a subnet configured before is useless on today's bridge.
     for (const stale of own) this.#store.release(stale.ip)
 
     const taken = new Set(allocations.map((a) => a.ip))
     for (const ip of this.#candidates()) {
       // reserve() may still lose to another allocator that listed before us.
-      if (!taken.has(ip) && this.#store.reserve(ip, owner)) return ip
+      if (!taken.has(ip) && this.#store.reserve(ip, owner)) return { ip, isNew: true }
     }
     const inUse = this.#store.list().filter((a) => this.subnet.contains(a.ip)).length
     throw new UigniterError('UIG_ERR_NET_POOL_EXHAUSTED',

@@ -1,4 +1,5 @@
-import { UigniterError } from '../core/errors.js'
+import { spawn } from 'node:child_process'
+import { UigniterError, hasErrno } from '../core/errors.js'
 import { run } from '../core/exec.js'
 
 /** What to say when the host refuses: the two ways forward. */
@@ -35,6 +36,47 @@ export async function runNetTool (tool: 'ip' | 'nft', args: string[], options: {
     if (tolerated) return undefined
     throw err
   }
+}
+
+/** Where an `ip -batch` stopped: the command that failed (0-based) and what `ip` said. */
+export interface IpBatchFailure { index: number, command: string, message: string }
+
+/**
+ * Runs `ip` commands in one process (`ip -batch -`), in order, stopping at
+ * the first that fails, which it returns (undefined when all ran): one
+ * process per attach instead of one per command, which mattered because a
+ * spawn costs the daemon's main thread more the larger the daemon grows.
+ * "Operation not permitted" is UIG_ERR_HOST_NOT_ROOT whichever command it
+ * was. Commands are single lines of validated names and addresses.
+ *
+ * @example
+ * await runIpBatch(['tuntap add dev uig0 mode tap', 'link set dev uig0 master br0 up']) // undefined: both ran
+ */
+export async function runIpBatch (commands: string[]): Promise<IpBatchFailure | undefined> {
+  if (commands.length === 0) return undefined
+  for (const c of commands) if (/[\n\r]/.test(c)) throw new TypeError(`an ip batch command must be one line: ${JSON.stringify(c)}`)
+  const { code, stderr } = await new Promise<{ code: number | null, stderr: string }>((resolve, reject) => {
+    const child = spawn('ip', ['-batch', '-'], { stdio: ['pipe', 'ignore', 'pipe'] })
+    let err = ''
+    child.stderr.on('data', (c: Buffer) => { err += c.toString() })
+    child.on('error', (e) => {
+      reject(hasErrno(e, 'ENOENT') ? new UigniterError('UIG_ERR_HOST_MISSING_TOOL', '"ip" is not installed; run "npm run setup" (as root) to install uigniter\'s host packages', { cause: e }) : e)
+    })
+    child.on('close', (c) => resolve({ code: c, stderr: err }))
+    // EPIPE when ip stopped early at a failure: its stderr says which.
+    child.stdin.on('error', () => {})
+    child.stdin.end(commands.join('\n') + '\n')
+  })
+  if (code === 0) return undefined
+  // `ip -batch` ends with "Command failed -:N", N counting lines from 1.
+  const m = /Command failed -:(\d+)/.exec(stderr)
+  const index = m?.[1] !== undefined ? Number(m[1]) - 1 : commands.length - 1
+  const command = commands[index] ?? commands.join('; ')
+  const message = stderr.replace(/Command failed -:\d+\s*/g, '').trim().split('\n').slice(0, 6).join('; ') || `exited with ${code}`
+  if (/Operation not permitted|Permission denied/.test(stderr)) {
+    throw new UigniterError('UIG_ERR_HOST_NOT_ROOT', `"ip ${command}" was refused (${message}); ${NOT_ROOT_ADVICE}`)
+  }
+  return { index, command, message }
 }
 
 /** Runs `ip -j ...` and parses its JSON; `[]` when `ip` prints nothing (e.g. no matching links). */

@@ -32,6 +32,14 @@ export class NftFirewall implements Firewall {
   readonly backend = 'nftables'
   readonly table: string
   #queue: Promise<unknown> = Promise.resolve()
+  /**
+   * How many port forwards each VM has, as of the last listing and this
+   * instance's changes since; undefined until the first listing. It lets
+   * unpublishAll() skip the `nft` process for a VM with none, which is every
+   * VM that publishes nothing: one process less per VM that ends. It holds
+   * because the table is this instance's alone (a daemon has one firewall).
+   */
+  #known: Map<string, number> | undefined
 
   constructor (options: { table: string }) {
     if (!TABLE_NAME.test(options.table)) throw new TypeError(`"${options.table}" is not a valid nftables table name`)
@@ -121,6 +129,7 @@ export class NftFirewall implements Firewall {
       }
       await assertPortFree(rule.hostAddress, rule.hostPort)
       await this.#apply([this.#addRule(vmId, rule)])
+      this.#known?.set(vmId, (this.#known.get(vmId) ?? 0) + 1)
     })
   }
 
@@ -132,13 +141,20 @@ export class NftFirewall implements Firewall {
   async unpublishAll (vmId: string): Promise<void> {
     // An owner that publish() refuses (a template's VM, "template:NAME") holds no rule: nothing to remove.
     if (!VM_ID.test(vmId)) return
-    await this.#remove((r) => r.vmId === vmId)
+    await this.#remove((r) => r.vmId === vmId, vmId)
   }
 
-  async #remove (which: (rule: PublishedPort) => boolean): Promise<void> {
+  /** `onlyOf`: the rules are all of this VM, so a VM known to have none needs no listing. */
+  async #remove (which: (rule: PublishedPort) => boolean, onlyOf?: string): Promise<void> {
     await this.#serial(async () => {
+      if (onlyOf !== undefined && this.#known !== undefined && !this.#known.has(onlyOf)) return
       const doomed = (await this.#listRules()).filter(which)
       await this.#apply(doomed.map((r) => this.#deleteRule(r.handle)))
+      for (const r of doomed) {
+        const left = (this.#known?.get(r.vmId) ?? 1) - 1
+        if (left > 0) this.#known?.set(r.vmId, left)
+        else this.#known?.delete(r.vmId)
+      }
     })
   }
 
@@ -167,12 +183,15 @@ export class NftFirewall implements Firewall {
         }
       }
       await this.#apply(lines)
+      // Listed afresh next time.
+      this.#known = undefined
     })
   }
 
   async destroy (): Promise<void> {
     await this.#serial(async () => {
       await runNetTool('nft', ['delete', 'table', 'ip', this.table], { tolerate: NO_SUCH })
+      this.#known = new Map()
     })
   }
 
@@ -197,6 +216,9 @@ export class NftFirewall implements Firewall {
       const [, vmId = '', hostAddress = '', hostPort = '', vmIp = '', guestPort = ''] = m
       rules.push({ vmId, hostAddress, hostPort: Number(hostPort), vmIp, guestPort: Number(guestPort), handle: item.rule.handle })
     }
+    const known = new Map<string, number>()
+    for (const r of rules) known.set(r.vmId, (known.get(r.vmId) ?? 0) + 1)
+    this.#known = known
     return rules
   }
 

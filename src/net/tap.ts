@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto'
 import { UigniterError } from '../core/errors.js'
-import { ipJson, runNetTool, type IpLink } from './net-tool.js'
+import { ipJson, runIpBatch, runNetTool, type IpLink } from './net-tool.js'
 
 /** Every tap uigniter creates starts with this, so that orphans can be found by name. */
 export const DEFAULT_TAP_PREFIX = 'uig'
@@ -26,24 +26,43 @@ export function tapNameFor (vmId: string, prefix = DEFAULT_TAP_PREFIX): string {
   return prefix + hash.slice(0, MAX_NAME - prefix.length)
 }
 
+/** What the host should know of the guest behind a tap before it sends anything: its address and MAC. */
+export interface TapNeighbour { ip: string, mac: string }
+
+const MAC = /^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$/i
+const IPV4 = /^\d{1,3}(?:\.\d{1,3}){3}$/
+
 /**
  * Creates tap `name` plugged into `bridge` and up, ready for QEMU to open
  * (`-netdev tap,ifname=NAME,script=no,downscript=no`). The tap is persistent:
  * it outlives QEMU, and deleteTap() removes it. Idempotent: an existing tap
- * is re-plugged and brought up.
+ * is re-plugged and brought up. With `neighbour`, the bridge's neighbour
+ * entry for the guest's address is set to its MAC (stale, so the kernel
+ * confirms it on first use): an address that belonged to another MAC moments
+ * ago reaches the new guest at once, and the host never has to ask the whole
+ * bridge (every VM on it) who has it.
+ * One `ip` process; a second (and a third) only when the device existed.
  */
-export async function createTap (name: string, bridge: string): Promise<void> {
-  if (name.length > MAX_NAME || !/^[A-Za-z0-9_.-]+$/.test(name)) {
-    throw new TypeError(`"${name}" is not a valid interface name`)
+export async function createTap (name: string, bridge: string, neighbour?: TapNeighbour): Promise<void> {
+  for (const dev of [name, bridge]) {
+    if (dev.length > MAX_NAME || !/^[A-Za-z0-9_.-]+$/.test(dev)) throw new TypeError(`"${dev}" is not a valid interface name`)
   }
+  if (neighbour !== undefined && (!MAC.test(neighbour.mac) || !IPV4.test(neighbour.ip))) throw new TypeError(`invalid neighbour ${neighbour.ip} at ${neighbour.mac}`)
+  const plug = [
+    `link set dev ${name} master ${bridge} up`,
+    ...(neighbour !== undefined ? [`neigh replace ${neighbour.ip} lladdr ${neighbour.mac} dev ${bridge} nud stale`] : [])
+  ]
+  const failed = await runIpBatch([`tuntap add dev ${name} mode tap`, ...plug])
+  if (failed === undefined) return
+  if (failed.index > 0) throw new UigniterError('UIG_ERR_NET_SETUP_FAILED', `"ip ${failed.command}" failed: ${failed.message}`)
+  if (!/File exists|Device or resource busy/.test(failed.message)) throw new UigniterError('UIG_ERR_NET_SETUP_FAILED', `"ip ${failed.command}" failed: ${failed.message}`)
+  // The name is taken: by our tap (a re-adopted VM; it may have fallen off the bridge), or by something else.
   const link = (await ipJson<IpLink>(['-d', 'link', 'show', 'dev', name], { tolerate: NO_DEVICE }))?.[0]
-  if (link === undefined) {
-    await runNetTool('ip', ['tuntap', 'add', 'dev', name, 'mode', 'tap'], { tolerate: /File exists|Device or resource busy/ })
-  } else if (link.linkinfo?.info_kind !== 'tun' || link.linkinfo.info_data?.type !== 'tap') {
+  if (link !== undefined && (link.linkinfo?.info_kind !== 'tun' || link.linkinfo.info_data?.type !== 'tap')) {
     throw new UigniterError('UIG_ERR_NET_SETUP_FAILED', `a device named ${name} exists and is not a tap; delete it (ip link del ${name})`)
   }
-  if (link?.master !== bridge) await runNetTool('ip', ['link', 'set', 'dev', name, 'master', bridge])
-  if (link?.flags?.includes('UP') !== true) await runNetTool('ip', ['link', 'set', 'dev', name, 'up'])
+  const again = await runIpBatch(link === undefined ? [`tuntap add dev ${name} mode tap`, ...plug] : plug)
+  if (again !== undefined) throw new UigniterError('UIG_ERR_NET_SETUP_FAILED', `"ip ${again.command}" failed: ${again.message}`)
 }
 
 /** Deletes tap `name`; no-op when it does not exist. */

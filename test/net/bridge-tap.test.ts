@@ -128,3 +128,36 @@ test('without root, ip\'s refusal and HostNetwork.setup() are UIG_ERR_HOST_NOT_R
   assert.match(errors[0]?.message ?? '', /"ip link add name .* was refused \(RTNETLINK answers: Operation not permitted\)/)
   assert.equal(await ipLink(name), undefined)
 })
+
+test('tap: with a neighbour, the bridge learns the guest\'s MAC for its address at once, replacing an older one; a device of the name that is no tap is refused', async (t) => {
+  const cleanup = new CleanupStack()
+  t.after(async () => await cleanup.run())
+  const prefix = testPrefix()
+  const bridge = `${prefix}br`
+  const [cidr = ''] = await freeSubnets(1)
+  const subnet = Subnet.parseForVms(cidr)
+  cleanup.push(async () => await deleteBridge(bridge))
+  await ensureBridge({ name: bridge, subnet })
+  const ip = [...subnet.hosts()][5] ?? ''
+  const neighbour = async (): Promise<string> => (await sh('ip', 'neigh', 'show', 'to', ip, 'dev', bridge)).trim()
+
+  const first = tapNameFor('vm-first', prefix)
+  cleanup.push(async () => await deleteTap(first))
+  await createTap(first, bridge, { ip, mac: '02:00:00:00:aa:01' })
+  assert.match(await neighbour(), /lladdr 02:00:00:00:aa:01 STALE/)
+  // The address goes to another VM: the host must not keep sending to the old MAC.
+  const second = tapNameFor('vm-second', prefix)
+  cleanup.push(async () => await deleteTap(second))
+  await createTap(second, bridge, { ip, mac: '02:00:00:00:aa:02' })
+  assert.match(await neighbour(), /lladdr 02:00:00:00:aa:02 STALE/)
+  // Again, for a tap that exists (a re-adopted VM): the same, through the slow path.
+  await createTap(second, bridge, { ip, mac: '02:00:00:00:aa:02' })
+  assert.equal((await ipLink(second))?.master, bridge)
+
+  const veth = tapNameFor('vm-veth', prefix)
+  await sh('ip', 'link', 'add', veth, 'type', 'veth', 'peer', 'name', `${prefix}vp`)
+  cleanup.push(async () => await sh('ip', 'link', 'del', veth))
+  await rejectsWith(createTap(veth, bridge), 'UIG_ERR_NET_SETUP_FAILED', 'is not a tap')
+  assert.equal((await ipLink(veth))?.master, undefined, 'the foreign device was left as it was')
+  await assert.rejects(createTap(first, bridge, { ip, mac: 'not a mac' }), TypeError)
+})
