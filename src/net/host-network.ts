@@ -68,6 +68,8 @@ export class HostNetwork implements HostNetworking {
    * daemon, which then lists every owner, as before.
    */
   readonly #noDhcp = new Set<string>()
+  /** Each owner's MAC, hashed once: the DHCP table lists every owner at every change. */
+  readonly #macs = new Map<string, string>()
 
   constructor (options: HostNetworkOptions) {
     this.#options = options
@@ -123,7 +125,18 @@ export class HostNetwork implements HostNetworking {
 
   /** What the DHCP server must answer: every allocated address in the subnet, with its owner's MAC (bar owners attached without DHCP). */
   dhcpHosts (): DhcpHost[] {
-    return this.#options.store.list().filter((a) => this.subnet.contains(a.ip) && !this.#noDhcp.has(a.owner)).map((a) => ({ mac: macForVm(a.owner), ip: a.ip }))
+    return this.#options.store.list().filter((a) => this.subnet.contains(a.ip) && !this.#noDhcp.has(a.owner)).map((a) => ({ mac: this.#macOf(a.owner), ip: a.ip }))
+  }
+
+  #macOf (owner: string): string {
+    let mac = this.#macs.get(owner)
+    if (mac === undefined) {
+      mac = macForVm(owner)
+      // Bounded by the owners alive: detach forgets them; a guard for the ones it never sees.
+      if (this.#macs.size > 65_536) this.#macs.clear()
+      this.#macs.set(owner, mac)
+    }
+    return mac
   }
 
   async #syncDhcp (): Promise<void> {
@@ -149,7 +162,7 @@ export class HostNetwork implements HostNetworking {
   async attach (vmId: string, options: { dhcp?: boolean } = {}): Promise<VmNetwork> {
     const { ip, isNew } = this.ipam.claim(vmId)
     const tap = tapNameFor(vmId, this.#tapPrefix)
-    const mac = macForVm(vmId)
+    const mac = this.#macOf(vmId)
     try {
       await createTap(tap, this.bridge, { ip, mac })
     } catch (err) {
@@ -173,6 +186,7 @@ export class HostNetwork implements HostNetworking {
     await deleteTap(tapNameFor(vmId, this.#tapPrefix))
     if (options.releaseIp ?? true) {
       this.ipam.release(vmId)
+      this.#macs.delete(vmId)
       const listed = !this.#noDhcp.delete(vmId)
       if (listed) await this.#syncDhcp()
     }

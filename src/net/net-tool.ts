@@ -53,10 +53,23 @@ export interface IpBatchFailure { index: number, command: string, message: strin
  * await runIpBatch(['tuntap add dev uig0 mode tap', 'link set dev uig0 master br0 up']) // undefined: both ran
  */
 export async function runIpBatch (commands: string[]): Promise<IpBatchFailure | undefined> {
-  if (commands.length === 0) return undefined
+  return (await ipBatch(commands, false))[0]
+}
+
+/**
+ * runIpBatch that goes on past failures (`ip -force -batch -`) and returns
+ * every one, in order: for commands that do not depend on each other, such
+ * as the deletions of many taps.
+ */
+export async function runIpBatchAll (commands: string[]): Promise<IpBatchFailure[]> {
+  return await ipBatch(commands, true)
+}
+
+async function ipBatch (commands: string[], force: boolean): Promise<IpBatchFailure[]> {
+  if (commands.length === 0) return []
   for (const c of commands) if (/[\n\r]/.test(c)) throw new TypeError(`an ip batch command must be one line: ${JSON.stringify(c)}`)
   const { code, stderr } = await new Promise<{ code: number | null, stderr: string }>((resolve, reject) => {
-    const child = spawn('ip', ['-batch', '-'], { stdio: ['pipe', 'ignore', 'pipe'] })
+    const child = spawn('ip', [...(force ? ['-force'] : []), '-batch', '-'], { stdio: ['pipe', 'ignore', 'pipe'] })
     let err = ''
     child.stderr.on('data', (c: Buffer) => { err += c.toString() })
     child.on('error', (e) => {
@@ -67,16 +80,24 @@ export async function runIpBatch (commands: string[]): Promise<IpBatchFailure | 
     child.stdin.on('error', () => {})
     child.stdin.end(commands.join('\n') + '\n')
   })
-  if (code === 0) return undefined
-  // `ip -batch` ends with "Command failed -:N", N counting lines from 1.
-  const m = /Command failed -:(\d+)/.exec(stderr)
-  const index = m?.[1] !== undefined ? Number(m[1]) - 1 : commands.length - 1
-  const command = commands[index] ?? commands.join('; ')
-  const message = stderr.replace(/Command failed -:\d+\s*/g, '').trim().split('\n').slice(0, 6).join('; ') || `exited with ${code}`
-  if (/Operation not permitted|Permission denied/.test(stderr)) {
-    throw new UigniterError('UIG_ERR_HOST_NOT_ROOT', `"ip ${command}" was refused (${message}); ${NOT_ROOT_ADVICE}`)
+  if (code === 0) return []
+  // Each failure is what ip said, then "Command failed -:N", N counting lines from 1.
+  const failures: IpBatchFailure[] = []
+  let said: string[] = []
+  for (const line of stderr.split('\n')) {
+    const m = /^Command failed -:(\d+)/.exec(line)
+    if (m?.[1] === undefined) {
+      if (line.trim() !== '') said.push(line.trim())
+      continue
+    }
+    const index = Number(m[1]) - 1
+    failures.push({ index, command: commands[index] ?? '?', message: said.slice(0, 6).join('; ') || `exited with ${code}` })
+    said = []
   }
-  return { index, command, message }
+  if (failures.length === 0) failures.push({ index: commands.length - 1, command: commands.join('; '), message: said.slice(0, 6).join('; ') || `exited with ${code}` })
+  const refused = failures.find((f) => /Operation not permitted|Permission denied/.test(f.message))
+  if (refused !== undefined) throw new UigniterError('UIG_ERR_HOST_NOT_ROOT', `"ip ${refused.command}" was refused (${refused.message}); ${NOT_ROOT_ADVICE}`)
+  return failures
 }
 
 /** Runs `ip -j ...` and parses its JSON; `[]` when `ip` prints nothing (e.g. no matching links). */

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto'
 import { UigniterError } from '../core/errors.js'
-import { ipJson, runIpBatch, runNetTool, type IpLink } from './net-tool.js'
+import { ipJson, runIpBatch, runIpBatchAll, type IpLink } from './net-tool.js'
 
 /** Every tap uigniter creates starts with this, so that orphans can be found by name. */
 export const DEFAULT_TAP_PREFIX = 'uig'
@@ -65,9 +65,42 @@ export async function createTap (name: string, bridge: string, neighbour?: TapNe
   if (again !== undefined) throw new UigniterError('UIG_ERR_NET_SETUP_FAILED', `"ip ${again.command}" failed: ${again.message}`)
 }
 
-/** Deletes tap `name`; no-op when it does not exist. */
+/** Deletions asked for while the last batch ran, each with its outcome. */
+let queuedDeletes: Map<string, Array<(err?: Error) => void>> | undefined
+let deleting: Promise<void> = Promise.resolve()
+
+/**
+ * Deletes tap `name`; no-op when it does not exist. Deletions asked for
+ * while an earlier one runs go together, in one `ip` process, when it is
+ * done: VMs that end together cost one process, not one each.
+ */
 export async function deleteTap (name: string): Promise<void> {
-  await runNetTool('ip', ['link', 'del', 'dev', name], { tolerate: NO_DEVICE })
+  if (name.length > MAX_NAME || !/^[A-Za-z0-9_.-]+$/.test(name)) throw new TypeError(`"${name}" is not a valid interface name`)
+  await new Promise<void>((resolve, reject) => {
+    const done = (err?: Error): void => { if (err === undefined) resolve(); else reject(err) }
+    if (queuedDeletes !== undefined) {
+      queuedDeletes.set(name, [...(queuedDeletes.get(name) ?? []), done])
+      return
+    }
+    const batch = new Map([[name, [done]]])
+    queuedDeletes = batch
+    deleting = deleting.then(async () => {
+      queuedDeletes = undefined
+      const names = [...batch.keys()]
+      let failures: Awaited<ReturnType<typeof runIpBatchAll>> = []
+      try {
+        failures = await runIpBatchAll(names.map((n) => `link del dev ${n}`))
+      } catch (err) {
+        for (const waiters of batch.values()) for (const w of waiters) w(err as Error)
+        return
+      }
+      names.forEach((n, i) => {
+        const failed = failures.find((f) => f.index === i)
+        const err = failed === undefined || NO_DEVICE.test(failed.message) ? undefined : new UigniterError('UIG_ERR_NET_SETUP_FAILED', `"ip ${failed.command}" failed: ${failed.message}`)
+        for (const w of batch.get(n) ?? []) w(err)
+      })
+    })
+  })
 }
 
 /**

@@ -161,3 +161,21 @@ test('tap: with a neighbour, the bridge learns the guest\'s MAC for its address 
   assert.equal((await ipLink(veth))?.master, undefined, 'the foreign device was left as it was')
   await assert.rejects(createTap(first, bridge, { ip, mac: 'not a mac' }), TypeError)
 })
+
+test('tap: deletions asked for together all happen, those of taps that are not there included', async (t) => {
+  const cleanup = new CleanupStack()
+  t.after(async () => await cleanup.run())
+  const prefix = testPrefix()
+  const bridge = `${prefix}br`
+  const [cidr = ''] = await freeSubnets(1)
+  cleanup.push(async () => await deleteBridge(bridge))
+  await ensureBridge({ name: bridge, subnet: Subnet.parseForVms(cidr) })
+  const names = Array.from({ length: 6 }, (_, i) => tapNameFor(`vm-${i}`, prefix))
+  for (const name of names) {
+    cleanup.push(async () => await deleteTap(name))
+    await createTap(name, bridge)
+  }
+  await Promise.all([...names, tapNameFor('never-made', prefix), names[0] ?? ''].map(async (name) => { await deleteTap(name) }))
+  assert.deepEqual(await listTaps(prefix), [])
+  await assert.rejects(deleteTap('bad name'), TypeError)
+})
