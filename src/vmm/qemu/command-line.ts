@@ -2,6 +2,7 @@ import { posix } from 'node:path'
 import { cmdlineValues, substituteCmdline } from '../../core/cmdline-placeholders.js'
 import { UigniterError } from '../../core/errors.js'
 import type { GuestLaunch } from '../../core/ports/vmm-driver.js'
+import { hostTscKhz } from './host-tsc.js'
 import { jailArgs } from './jail.js'
 
 /**
@@ -184,7 +185,7 @@ export function kernelCommandLine (spec: LaunchSpec): string {
   // Its placeholders ({ip}, {gateway}, ...) take this VM's values (docs/images.md).
   if (manifest.init === null) return substituteCmdline(manifest.cmdline, cmdlineValues(spec.guestNetwork, spec.hostname))
   // reboot=t panic=-1: any end of the guest (app exit, panic) ends QEMU at once.
-  const parts = ['console=ttyS0', 'reboot=t', 'panic=-1', 'quiet']
+  const parts = ['console=ttyS0', 'reboot=t', 'panic=-1', 'quiet', ...fastBootParams(spec)]
   if (manifest.cmdline !== '') parts.push(manifest.cmdline)
   const net = spec.guestNetwork
   if (net !== undefined) {
@@ -213,6 +214,40 @@ export function kernelCommandLine (spec: LaunchSpec): string {
   parts.push(...(spec.extraCmdline ?? []))
   return parts.join(' ')
 }
+
+/**
+ * What a guest on QEMU can skip at boot (issue 11; measured in docs/guest.md,
+ * "Boot time"):
+ * - `no_timer_check`: the kernel's test that the timer interrupt works waits
+ *   4 ticks (40 ms at HZ=100); QEMU's does work.
+ * Under TCG:
+ * - `tsc_early_khz=` and `tsc=reliable`: the guest's TSC is the host's (QEMU
+ *   reads the host's TSC), so its frequency is known (host-tsc.ts) and it is
+ *   invariant. Calibrated against the emulated PIT instead, it fails when the
+ *   vCPU thread is preempted, and the clocksource watchdog, comparing it with
+ *   the jiffy on a busy host, can mark it unstable; either way the guest keeps
+ *   a 10 ms clock and ticks all the time. Without the watchdog's wake-ups an
+ *   idle hello also takes a third of the host CPU it took (0.38 → 0.12 % of
+ *   a core).
+ * - `uigniter.apic_timer_hz=1000000000` (our kernel, src/guest/kernel/source-edits.ts):
+ *   QEMU's local APIC timer counts at 1 GHz; measuring it takes two loops of
+ *   HZ/10 ticks, over 200 ms, and TCG has no TSC-deadline timer to skip them.
+ * - `noreplace-smp`: a one-CPU boot patches the lock prefix out of some 4,000
+ *   instructions, each a write to code TCG may have translated (a no-op with
+ *   more CPUs, which keep their locks anyway).
+ */
+function fastBootParams (spec: LaunchSpec): string[] {
+  const params = ['no_timer_check']
+  if (spec.accel !== 'tcg') return params
+  const tscKhz = hostTscKhz()
+  if (tscKhz !== undefined) params.push(`tsc_early_khz=${tscKhz}`, 'tsc=reliable')
+  if (spec.manifest.kernel.source === 'build') params.push(`uigniter.apic_timer_hz=${QEMU_APIC_TIMER_HZ}`)
+  params.push('noreplace-smp')
+  return params
+}
+
+/** The input clock of QEMU's emulated local APIC timer (measured by the kernel's own calibration here: 988 MHz under load). */
+const QEMU_APIC_TIMER_HZ = 1_000_000_000
 
 /** The 9p mount tag of the i-th share. */
 function shareTag (i: number): string {
