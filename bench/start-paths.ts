@@ -18,7 +18,7 @@
  * run's from UIGNITER_BENCH_DENSITY* (see densityOptionsFromEnv), e.g.
  * UIGNITER_BENCH_DENSITY=200 for a quick run.
  * Progress goes to stderr, results (markdown) to stdout.
- *   node dist/bench/start-paths.js [--n 5] [--images hello,node-http] [--concurrent 20] [--all-pools] [--skip-density]
+ *   node dist/bench/start-paths.js [--n 5] [--images hello,node-http] [--concurrent 20] [--all-pools] [--skip-density] [--skip-boot-phases]
  */
 import { readFile } from 'node:fs/promises'
 import { cpus, totalmem } from 'node:os'
@@ -30,6 +30,7 @@ import type { TemplateInfo } from '../src/core/template.js'
 import type { Vm } from '../src/core/vm.js'
 import { DaemonProcess } from '../test/helpers/daemon-process.js'
 import { createTestContext, exampleSpec, packageRoot } from '../test/helpers/fixtures.js'
+import { BOOT_TARGET_MS, formatBootPhases, measureBootPhases, type BootPhases } from './boot-phases.js'
 import { benchDensity, densityMarkdown, densityOptionsFromEnv, densityTargets, type DensityResult } from './density.js'
 import { mapLimit, percentile, untilServing } from './lib/measure.js'
 
@@ -39,7 +40,8 @@ const { values } = parseArgs({
     images: { type: 'string', default: 'hello,node-http' },
     concurrent: { type: 'string', default: '20' },
     'all-pools': { type: 'boolean', default: false },
-    'skip-density': { type: 'boolean', default: false }
+    'skip-density': { type: 'boolean', default: false },
+    'skip-boot-phases': { type: 'boolean', default: false }
   }
 })
 const positive = (flag: string, text: string): number => {
@@ -288,11 +290,18 @@ try {
         .catch((err: unknown) => { densityError = message(err); progress(`density failed: ${densityError}`); return undefined })
     }
   }
-  // ---- boot phases: the lead adds the call to the boot-phases benchmark (bench/boot-phases.ts) here.
 } finally {
   progress('cleaning up')
   await cleanUp()
   progress(`done in ${((performance.now() - began) / 1000).toFixed(0)} s`)
+}
+
+// Last, with the daemon and its clones gone from the host: cold boots one after another, phase by phase.
+let phases: BootPhases | undefined
+let phasesError: string | undefined
+if (!values['skip-boot-phases']) {
+  progress('boot phases: cold boots of hello, outside the daemon')
+  phases = await measureBootPhases({ runs: 5, progress }).catch((err: unknown) => { phasesError = message(err); progress(`boot phases failed: ${phasesError}`); return undefined })
 }
 
 // ---------------------------------------------------------------- the report
@@ -357,7 +366,10 @@ if (dens !== undefined) say(densityMarkdown(dens, densityOptions))
 else say(values['skip-density'] ? 'skipped (--skip-density)' : `not measured${densityError !== undefined ? `: ${densityError}` : ' (no hello template)'}`)
 targets.push(...densityTargets(dens))
 
-// ---- boot phases: the lead adds its section and its target rows here (formatBootPhases from bench/boot-phases.ts).
+say('\n## Cold boot of hello, phase by phase\n')
+if (phases !== undefined) say(formatBootPhases(phases))
+else say(values['skip-boot-phases'] ? 'skipped (--skip-boot-phases)' : `not measured${phasesError !== undefined ? `: ${phasesError}` : ''}`)
+targets.push([`cold boot of hello serves within ${BOOT_TARGET_MS} ms (p50)`, phases !== undefined ? `${Math.round(phases.p50.servingMs)} ms` : '—', phases?.met])
 
 say('\n## Targets (issue 11)\n')
 say('| target | figure | met |')
