@@ -58,6 +58,13 @@ export interface DensityCheckpoint {
   hostMsPerStart: number
   daemonMsPerStart: number
   qemuMsPerStart: number
+  /**
+   * What the starts themselves cost: the QEMUs' and the daemon's CPU per
+   * start less what the clones alive before the step, and the daemon, spend
+   * idle over as long (at the last checkpoint's idle rates). The figure that
+   * must stay flat as the live count grows.
+   */
+  startWorkMsPerStart: number
   /** With every clone idle: % of one core. */
   idlePerClonePct: number
   idleDaemonPct: number
@@ -150,6 +157,7 @@ export async function benchDensity (api: ApiClient, o: DensityOptions): Promise<
         hostMsPerStart: coreMs(hostTicks) / started,
         daemonMsPerStart: coreMs(daemonTicks) / started,
         qemuMsPerStart: coreMs(q1 - q0) / started,
+        startWorkMsPerStart: (coreMs(q1 - q0 + daemonTicks) - idleCoreMs(result.checkpoints.at(-1), pidsBefore.length, creationS)) / started,
         idlePerClonePct: idle.clonesPct / Math.max(1, idle.clones),
         idleDaemonPct: idle.daemonPct,
         idleHostPct: idle.hostPct * cores,
@@ -159,7 +167,7 @@ export async function benchDensity (api: ApiClient, o: DensityOptions): Promise<
       result.checkpoints.push(cp)
       if (result.sustained === undefined && vms.length - started >= o.sustainedAt) result.sustained = cp
       o.progress(`density: ${cp.live} alive: ${cp.ratePerS.toFixed(1)} starts/s, serve p50 ${cp.serveMsP50.toFixed(0)} ms, per start host ${cp.hostMsPerStart.toFixed(0)} ms CPU ` +
-        `(daemon ${cp.daemonMsPerStart.toFixed(1)}, QEMUs ${cp.qemuMsPerStart.toFixed(0)}); idle ${cp.idlePerClonePct.toFixed(3)} % of a core per clone, daemon ${cp.idleDaemonPct.toFixed(2)} %; ` +
+        `(daemon ${cp.daemonMsPerStart.toFixed(1)}, QEMUs ${cp.qemuMsPerStart.toFixed(0)}, the starts' own ${cp.startWorkMsPerStart.toFixed(0)}); idle ${cp.idlePerClonePct.toFixed(3)} % of a core per clone, daemon ${cp.idleDaemonPct.toFixed(2)} %; ` +
         `${cp.memAvailableDropMiBPerClone.toFixed(1)} MiB MemAvailable and ${cp.privateMiBPerClone.toFixed(1)} MiB private per clone`)
     }
     result.stop = stop ?? (vms.length >= o.target ? `${o.target} alive` : 'no clone started')
@@ -172,6 +180,12 @@ export async function benchDensity (api: ApiClient, o: DensityOptions): Promise<
     result.deleteS = (performance.now() - t) / 1000
   }
   return result
+}
+
+/** Core-ms that `clones` idle clones and the daemon spend over `seconds`, at a checkpoint's idle rates (none before the first). */
+function idleCoreMs (at: DensityCheckpoint | undefined, clones: number, seconds: number): number {
+  if (at === undefined) return 0
+  return (at.idlePerClonePct * clones + at.idleDaemonPct) / 100 * seconds * 1000
 }
 
 /** After a settle, the CPU of every clone, the daemon and the host over the quiet window, in % of one core. */
@@ -245,13 +259,14 @@ export function densityMarkdown (r: DensityResult, o: Pick<DensityOptions, 'targ
   const f = (x: number, d = 1): string => Number.isNaN(x) ? '—' : x.toFixed(d)
   const lines = [
     `Clones of hello up to ${o.target} alive, ${o.concurrency} starts at a time, measured every ${o.step}; budget ${o.budgetS} s. ` +
-      'Per start: CPU while the step\'s clones were created, in core-ms (the host: every process, other load included; the daemon with the `ip`/`nft` it ran; all clones\' QEMUs). ' +
+      'Per start: CPU while the step\'s clones were created, in core-ms (the host: every process, other load included; the daemon with the `ip`/`nft` it ran; all clones\' QEMUs; ' +
+      'the starts\' own: QEMUs and daemon less what the clones alive before the step and the daemon spend idle over as long). ' +
       `Idle: a ${o.idleS} s window with every clone idle. Memory: the drop in MemAvailable since the run began, and the private memory plus page tables of a sample of QEMUs.\n`,
-    '| alive | starts/s | serve p50 / p99 ms | host ms/start | daemon ms/start | QEMU ms/start | idle % of a core per clone | daemon idle % | host busy % (of one core) | MemAvailable MiB/clone | private MiB/clone |',
-    '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+    '| alive | starts/s | serve p50 / p99 ms | host ms/start | daemon ms/start | QEMU ms/start | the starts\' own ms/start | idle % of a core per clone | daemon idle % | host busy % (of one core) | MemAvailable MiB/clone | private MiB/clone |',
+    '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
   ]
   for (const c of r.checkpoints) {
-    lines.push(`| ${c.live} | ${f(c.ratePerS)} | ${f(c.serveMsP50, 0)} / ${f(c.serveMsP99, 0)} | ${f(c.hostMsPerStart, 0)} | ${f(c.daemonMsPerStart)} | ${f(c.qemuMsPerStart, 0)} | ${f(c.idlePerClonePct, 3)} | ${f(c.idleDaemonPct, 2)} | ${f(c.idleHostPct, 0)} | ${f(c.memAvailableDropMiBPerClone)} | ${f(c.privateMiBPerClone)} |`)
+    lines.push(`| ${c.live} | ${f(c.ratePerS)} | ${f(c.serveMsP50, 0)} / ${f(c.serveMsP99, 0)} | ${f(c.hostMsPerStart, 0)} | ${f(c.daemonMsPerStart)} | ${f(c.qemuMsPerStart, 0)} | ${f(c.startWorkMsPerStart, 0)} | ${f(c.idlePerClonePct, 3)} | ${f(c.idleDaemonPct, 2)} | ${f(c.idleHostPct, 0)} | ${f(c.memAvailableDropMiBPerClone)} | ${f(c.privateMiBPerClone)} |`)
   }
   lines.push('', `Stopped: ${r.stop}, ${r.live} alive after ${f(r.fillS, 0)} s; ${r.failures.length} failed starts${r.failures.length > 0 ? ` (first: ${r.failures[0] ?? ''})` : ''}; deleting them all took ${f(r.deleteS, 0)} s.`)
   return lines.join('\n')
@@ -266,7 +281,7 @@ export function densityTargets (r: DensityResult | undefined): Array<[string, st
     [`creation rate ≥ ${DENSITY_TARGETS.sustainedPerS}/s while 500 are alive`, s !== undefined ? `${s.ratePerS.toFixed(1)}/s from ${s.live - s.started} alive` : '— (the run did not get there)', s === undefined ? undefined : s.live - s.started >= 500 && s.ratePerS >= DENSITY_TARGETS.sustainedPerS],
     [`≤ ${DENSITY_TARGETS.memoryMiB} MiB of host memory per idle hello clone (MemAvailable drop)`, last !== undefined ? `${last.memAvailableDropMiBPerClone.toFixed(1)} MiB with ${last.live} alive (private ${last.privateMiBPerClone.toFixed(1)} MiB)` : '—', last === undefined ? undefined : last.memAvailableDropMiBPerClone <= DENSITY_TARGETS.memoryMiB],
     [`≤ ${DENSITY_TARGETS.idlePct} % of a core per idle clone with ${DENSITY_TARGETS.live} alive`, last !== undefined ? `${last.idlePerClonePct.toFixed(3)} % with ${last.live} alive` : '—', last === undefined ? undefined : last.live >= DENSITY_TARGETS.live && last.idlePerClonePct <= DENSITY_TARGETS.idlePct],
-    ['host work per start flat as the live count grows (host ms/start, last step over first)', r !== undefined && r.checkpoints.length >= 2 ? `${(last?.hostMsPerStart ?? NaN).toFixed(0)} / ${(r.checkpoints[0]?.hostMsPerStart ?? NaN).toFixed(0)} ms = ${((last?.hostMsPerStart ?? NaN) / (r.checkpoints[0]?.hostMsPerStart ?? NaN)).toFixed(2)}×` : '—', r === undefined || r.checkpoints.length < 2 ? undefined : (last?.hostMsPerStart ?? Infinity) <= 1.25 * (r.checkpoints[0]?.hostMsPerStart ?? 0)]
+    ['host work per start flat as the live count grows (the starts\' own core-ms, last step over first; within 25 %)', r !== undefined && r.checkpoints.length >= 2 ? `${(last?.startWorkMsPerStart ?? NaN).toFixed(0)} / ${(r.checkpoints[0]?.startWorkMsPerStart ?? NaN).toFixed(0)} ms = ${((last?.startWorkMsPerStart ?? NaN) / (r.checkpoints[0]?.startWorkMsPerStart ?? NaN)).toFixed(2)}×` : '—', r === undefined || r.checkpoints.length < 2 ? undefined : (last?.startWorkMsPerStart ?? Infinity) <= 1.25 * (r.checkpoints[0]?.startWorkMsPerStart ?? 0)]
   ]
 }
 
