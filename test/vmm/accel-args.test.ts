@@ -3,10 +3,14 @@ import { test } from 'node:test'
 import type { ImageManifest } from '../../src/core/image.js'
 import { buildQemuArgs, cloneTranslationBufferMiB, type LaunchSpec } from '../../src/vmm/qemu/command-line.js'
 
-const manifest = {
-  name: 'app', tag: 'latest', digest: 'sha256:' + '0'.repeat(64), format: 'squashfs', cmdline: '', vcpus: 1, memoryMiB: 64, ports: [],
-  machine: { type: 'microvm', transport: 'mmio' }, init: { version: 3, digest: 'sha256:' + '1'.repeat(64) }
-} as unknown as ImageManifest
+const digest = `sha256:${'a'.repeat(64)}`
+const manifest: ImageManifest = {
+  schemaVersion: 1, name: 'app', tag: 'latest', digest, size: 1, format: 'squashfs',
+  kernel: { source: 'build', version: 'k', blob: { digest, size: 1 } },
+  rootfs: { digest, size: 1 }, init: { version: 3, digest }, cmdline: 'root=/dev/vda ro rootfstype=squashfs init=/uigniter/init',
+  entrypoint: ['/usr/bin/app'], env: {}, workdir: '/', vcpus: 1, memoryMiB: 64, ports: [],
+  machine: { type: 'microvm', transport: 'mmio' }, createdAt: new Date(0).toISOString()
+}
 
 const spec = (over: Partial<LaunchSpec>): LaunchSpec => ({
   manifest, kernelPath: '/k', rootfsPath: '/disk', accel: 'tcg', vcpus: 1, memoryMiB: 64,
