@@ -17,7 +17,7 @@ import { RootfsTree } from './rootfs-tree.js'
 
 /** Images whose files add up to more than this become a shared read-only disk (design.md fact 7). */
 export const INITRAMFS_LIMIT = 24 * 1024 * 1024
-export const INIT_VERSION = 2
+export const INIT_VERSION = 3
 
 /**
  * Validates a build spec (from CLI flags or a spec file) and fills defaults.

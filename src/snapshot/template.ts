@@ -156,7 +156,7 @@ export class Template {
       vm = started
       await started.waitForMarker('init', timeoutMs)
       const left = (): number => Math.max(1000, timeoutMs - (Date.now() - t0))
-      if (ready === 'init') await waitForIdentityWait(controlSocketOf(started), left())
+      if (ready === 'init') await waitForIdentityWait(controlSocketOf(started), left(), options.launch.manifest.init?.version)
       else if (options.probe !== undefined) {
         let ended: string | undefined
         void started.exited.then((exit) => { ended = `the template VM ended: ${exit.reason}: ${exit.detail}` })

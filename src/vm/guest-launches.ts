@@ -59,7 +59,8 @@ export class GuestLaunches {
       shares: options.shares ?? [],
       ...(options.overlaySizeMiB !== undefined ? { overlaySizeMiB: options.overlaySizeMiB } : {})
     }
-    const { network, guestNetwork, attachment } = await this.attach(owner, options.network, options.publish ?? [])
+    // Only a guest without our init (a unikernel) asks DHCP for its address; ours is told it.
+    const { network, guestNetwork, attachment } = await this.attach(owner, options.network, options.publish ?? [], { dhcp: manifest.init === null })
     return { launch: { ...base, network, ...(guestNetwork !== undefined ? { guestNetwork } : {}) }, attachment }
   }
 
@@ -67,10 +68,10 @@ export class GuestLaunches {
    * Only the network: what a clone needs, whose guest is already made.
    * `bridge` becomes `user` on a host without taps.
    */
-  async attach (owner: string, asked: NetworkKind, publish: Publish[]): Promise<{ network: LaunchNetwork, guestNetwork?: GuestNetwork, attachment: Attachment }> {
+  async attach (owner: string, asked: NetworkKind, publish: Publish[], options: { dhcp: boolean } = { dhcp: false }): Promise<{ network: LaunchNetwork, guestNetwork?: GuestNetwork, attachment: Attachment }> {
     const kind = this.networkFor(asked)
     if (kind === 'bridge' && this.#network !== undefined) {
-      const attached = await this.#network.attach(owner)
+      const attached = await this.#network.attach(owner, options)
       return {
         network: { mode: 'tap', tap: attached.tap, mac: attached.mac },
         guestNetwork: { address: attached.ip, prefix: attached.prefix, gateway: attached.gateway, dns: attached.dns },

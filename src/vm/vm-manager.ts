@@ -181,7 +181,7 @@ export class VmManager extends EventEmitter {
       if (plan === 'booted') {
         // A booted pool instance is ready once its init holds the app back; until then a claim would wait for the boot.
         await clock.run('boot', async () => {
-          await waitForIdentityWait(controlSocketOf(guest), 60_000).catch(async (err: unknown) => {
+          await waitForIdentityWait(controlSocketOf(guest), 60_000, manifest.init?.version).catch(async (err: unknown) => {
             guest.kill()
             await guest.exited
             throw err

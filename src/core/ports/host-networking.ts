@@ -24,8 +24,12 @@ export interface PublishRequest {
 }
 
 export interface HostNetworking {
-  /** A tap, a MAC and an address for `owner` (a VM id, or `template:NAME`). */
-  attach: (owner: string) => Promise<VmAttachment>
+  /**
+   * A tap, a MAC and an address for `owner` (a VM id, or `template:NAME`).
+   * `dhcp: false` keeps the owner out of the bridge's DHCP table: a guest
+   * with our init takes its address on its command line or in its identity.
+   */
+  attach: (owner: string, options?: { dhcp?: boolean }) => Promise<VmAttachment>
   /** Frees the owner's tap, published ports and, unless `releaseIp: false`, its address. Idempotent. */
   detach: (owner: string, options?: { releaseIp?: boolean }) => Promise<void>
   /** Forwards host ports to the owner's address; publishing the same forward again is a no-op. */
