@@ -9,6 +9,7 @@ import { run } from '../core/exec.js'
 import { writeFileAtomic } from '../core/fs-atomic.js'
 import { Progress } from '../core/progress.js'
 import type { GuestKernel, KernelSource } from './kernel-source.js'
+import { applySourceEdits, sourceEditsFingerprint } from './kernel/source-edits.js'
 import { removeStaleWorkDirs } from './kernel-work-dirs.js'
 
 const FRAGMENT_PATH = join(packageRoot, 'src/guest/kernel/config-fragment')
@@ -42,10 +43,10 @@ export class KernelCache implements KernelSource {
     this.#dir = join(cacheDir, 'kernels')
   }
 
-  /** `6.1.192-2-<12 hex of the fragment hash>`. */
+  /** `6.1.192-2-<12 hex of the hash of the fragment and the source edits>`. */
   async key (): Promise<string> {
     const version = await sourceVersion()
-    const hash = createHash('sha256').update(RECIPE_VERSION).update(readFileSync(FRAGMENT_PATH)).digest('hex').slice(0, 12)
+    const hash = createHash('sha256').update(RECIPE_VERSION).update(readFileSync(FRAGMENT_PATH)).update(sourceEditsFingerprint()).digest('hex').slice(0, 12)
     return `${version}-${hash}`
   }
 
@@ -85,6 +86,7 @@ export class KernelCache implements KernelSource {
       progress.update('unpacking linux-source-6.1')
       await run('tar', ['-xf', SOURCE_TARBALL, '-C', work, '--strip-components=1'], { onFail: buildFailure('unpacking the kernel source') })
       const src = work
+      await applySourceEdits(src)
       progress.update('configuring')
       await run('make', ['-C', src, 'tinyconfig'], { onFail: buildFailure('make tinyconfig') })
       await run(join(src, 'scripts/kconfig/merge_config.sh'), ['-m', '-O', src, join(src, '.config'), FRAGMENT_PATH],
