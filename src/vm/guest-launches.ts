@@ -59,8 +59,8 @@ export class GuestLaunches {
       shares: options.shares ?? [],
       ...(options.overlaySizeMiB !== undefined ? { overlaySizeMiB: options.overlaySizeMiB } : {})
     }
-    // Only a guest without our init (a unikernel) asks DHCP for its address; ours is told it.
-    const { network, guestNetwork, attachment } = await this.attach(owner, options.network, options.publish ?? [], { dhcp: manifest.init === null })
+    // Any booted guest may ask DHCP for its address (a unikernel, or an app of ours that runs a DHCP client).
+    const { network, guestNetwork, attachment } = await this.attach(owner, options.network, options.publish ?? [], { dhcp: true })
     return { launch: { ...base, network, ...(guestNetwork !== undefined ? { guestNetwork } : {}) }, attachment }
   }
 
@@ -68,7 +68,7 @@ export class GuestLaunches {
    * Only the network: what a clone needs, whose guest is already made.
    * `bridge` becomes `user` on a host without taps.
    */
-  async attach (owner: string, asked: NetworkKind, publish: Publish[], options: { dhcp: boolean } = { dhcp: false }): Promise<{ network: LaunchNetwork, guestNetwork?: GuestNetwork, attachment: Attachment }> {
+  async attach (owner: string, asked: NetworkKind, publish: Publish[], options: { dhcp: boolean } = { dhcp: true }): Promise<{ network: LaunchNetwork, guestNetwork?: GuestNetwork, attachment: Attachment }> {
     const kind = this.networkFor(asked)
     if (kind === 'bridge' && this.#network !== undefined) {
       const attached = await this.#network.attach(owner, options)

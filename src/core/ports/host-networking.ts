@@ -26,8 +26,8 @@ export interface PublishRequest {
 export interface HostNetworking {
   /**
    * A tap, a MAC and an address for `owner` (a VM id, or `template:NAME`).
-   * `dhcp: false` keeps the owner out of the bridge's DHCP table: a guest
-   * with our init takes its address on its command line or in its identity.
+   * `dhcp: false` keeps the owner out of the bridge's DHCP table, for a guest
+   * that is known to take its address otherwise.
    */
   attach: (owner: string, options?: { dhcp?: boolean }) => Promise<VmAttachment>
   /** Frees the owner's tap, published ports and, unless `releaseIp: false`, its address. Idempotent. */
