@@ -83,7 +83,16 @@ export const errorCodes = {
   UIG_ERR_GATEWAY_HOLD_LIMIT: { statusCode: 503, title: 'The service is starting and the gateway already holds as many requests as its hold limit allows' },
   UIG_ERR_GATEWAY_UPGRADE_UNSUPPORTED: { statusCode: 501, title: 'The gateway does not proxy protocol upgrades (WebSocket) on its HTTP port' },
   UIG_ERR_GATEWAY_UPSTREAM: { statusCode: 502, title: 'The endpoint failed before it answered, and the request could not be retried elsewhere' },
-  UIG_ERR_GATEWAY_UPSTREAM_MALFORMED: { statusCode: 502, title: 'The endpoint answered with a malformed HTTP response, which the gateway does not forward' }
+  UIG_ERR_GATEWAY_UPSTREAM_MALFORMED: { statusCode: 502, title: 'The endpoint answered with a malformed HTTP response, which the gateway does not forward' },
+  UIG_ERR_CLUSTER_UNAVAILABLE: { statusCode: 503, title: 'The cluster store (etcd) cannot be reached, so the change was not made' },
+  UIG_ERR_CLUSTER_NOT_ENABLED: { statusCode: 409, title: 'This daemon runs a single host, not a cluster node' },
+  UIG_ERR_CLUSTER_UNSCHEDULABLE: { statusCode: 503, title: 'No node can take the replica or VM: every node was filtered out' },
+  UIG_ERR_CLUSTER_NO_LEADER: { statusCode: 503, title: 'The cluster has no leader yet, so the change cannot be made' },
+  UIG_ERR_CLUSTER_SUBNET_EXHAUSTED: { statusCode: 503, title: 'Every node subnet of the cluster range is taken' },
+  UIG_ERR_NODE_NOT_FOUND: { statusCode: 404, title: 'No node has that name' },
+  UIG_ERR_NODE_UNREACHABLE: { statusCode: 502, title: 'A peer node\'s API did not answer' },
+  UIG_ERR_IMAGE_FETCH_FAILED: { statusCode: 502, title: 'An image could not be fetched from a peer node' },
+  UIG_ERR_IMAGE_DIGEST_MISMATCH: { statusCode: 502, title: 'A fetched image manifest or blob does not match its digest; it was discarded' }
 } as const satisfies Record<string, { statusCode: number; title: string }>
 
 export type ErrorCode = keyof typeof errorCodes
