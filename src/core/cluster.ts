@@ -12,6 +12,16 @@ export const NODE_NAME = /^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$/
 
 export interface Resources { vcpus: number, memoryMiB: number }
 
+export interface ClusterImage {
+  /** name:tag */
+  ref: string
+  digest: string
+  vcpus: number
+  memoryMiB: number
+  /** False for a unikernel (no uigniter init: no clones). */
+  init: boolean
+}
+
 /** What a node publishes about itself (under its lease, so it vanishes with the node). */
 export interface NodeStatus {
   name: string
@@ -27,8 +37,8 @@ export interface NodeStatus {
   /** What its VMs take now (reserved by running and starting VMs). */
   allocated: Resources
   vms: number
-  /** Image digests it holds. */
-  images: string[]
+  /** The images it holds: what the leader needs to resolve a service's image without asking the node. */
+  images: ClusterImage[]
   /** Clone templates it holds, by name. */
   templates: string[]
   version: string
