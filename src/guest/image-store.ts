@@ -15,6 +15,28 @@ export async function digestFile (path: string): Promise<string> {
   return `sha256:${hash.digest('hex')}`
 }
 
+const DIGEST_RE = /^sha256:[0-9a-f]{64}$/
+
+/** True for `sha256:` and 64 lowercase hex digits, the only digests the store names files after. */
+export function isDigest (value: string): boolean {
+  return DIGEST_RE.test(value)
+}
+
+// The digest is of what boots (image-builder.ts hashes the same fields), so the
+// same build under another name or at another time has the same digest.
+const UNDIGESTED_FIELDS = new Set(['schemaVersion', 'name', 'tag', 'digest', 'size', 'createdAt'])
+
+/**
+ * The digest a manifest's content gives: sha256 of the JSON of every field but
+ * name, tag, time, size and the digest itself. Key order counts (the builder
+ * hashes JSON.stringify), so it holds for a manifest parsed from its stored
+ * bytes, not for one rebuilt field by field.
+ */
+export function manifestContentDigest (manifest: ImageManifest): string {
+  const content = Object.fromEntries(Object.entries(manifest).filter(([key]) => !UNDIGESTED_FIELDS.has(key)))
+  return `sha256:${createHash('sha256').update(JSON.stringify(content)).digest('hex')}`
+}
+
 /**
  * The content-addressed image store under `<dataDir>/images`:
  * - `blobs/sha256/<hex>`: kernels, initramfs archives, disks (immutable);
@@ -95,6 +117,43 @@ export class ImageStore implements ImageRepository {
     const hex = manifest.digest.replace(/^sha256:/, '')
     await writeFileAtomic(join(this.root, 'manifests', `${hex}.json`), JSON.stringify(manifest, null, 2) + '\n')
     await writeFileAtomic(this.#refPath(manifest.name, manifest.tag), manifest.digest + '\n')
+  }
+
+  /**
+   * Writes the manifest without pointing any ref at it (an image fetched by
+   * digest alone). Untagged, the next gc removes it.
+   */
+  async putManifest (manifest: ImageManifest): Promise<void> {
+    await writeFileAtomic(this.#manifestPath(manifest.digest), JSON.stringify(manifest, null, 2) + '\n')
+  }
+
+  async hasBlob (digest: string): Promise<boolean> {
+    try {
+      return (await stat(this.blobPath(digest))).isFile()
+    } catch (err) {
+      if (hasErrno(err, 'ENOENT')) return false
+      throw err
+    }
+  }
+
+  /** The manifest's stored bytes exactly (a peer hashes them), or undefined when the store lacks it. */
+  async manifestBytes (digest: string): Promise<Buffer | undefined> {
+    try {
+      return await readFile(this.#manifestPath(digest))
+    } catch (err) {
+      if (hasErrno(err, 'ENOENT')) return undefined
+      throw err
+    }
+  }
+
+  /** The manifest stored under `digest`, tagged or not, or undefined; throws UIG_ERR_IMAGE_STORE_CORRUPT. */
+  async getByDigest (digest: string): Promise<ImageManifest | undefined> {
+    if (await this.manifestBytes(digest) === undefined) return undefined
+    return await this.#readManifest(digest)
+  }
+
+  #manifestPath (digest: string): string {
+    return join(this.root, 'manifests', `${digest.replace(/^sha256:/, '')}.json`)
   }
 
   #refPath (name: string, tag: string): string {
