@@ -16,7 +16,10 @@ const errors = { 400: ErrorBodySchema, 404: ErrorBodySchema, 500: ErrorBodySchem
  * stored bytes, and blobs by digest, streamed. Receivers verify both digests,
  * so these routes hand out bytes as they are and check nothing further.
  */
-export const imageBlobRoutes: FastifyPluginAsync<{ images: ImageStore }> = async (app, { images }) => {
+/** Only what the routes read: the daemon passes its ImageStore. */
+export type ImageBlobSource = Pick<ImageStore, 'manifestBytes' | 'blobPath'>
+
+export const imageBlobRoutes: FastifyPluginAsync<{ images: ImageBlobSource }> = async (app, { images }) => {
   app.get<{ Params: { digest: string } }>('/v1/cluster/images/:digest', {
     schema: {
       tags: ['cluster'],
