@@ -1,4 +1,5 @@
 import { Type, type Static } from '@sinclair/typebox'
+import { PlacementRulesSchema } from './cluster.js'
 
 /**
  * Services: what an application declares (ServiceSpec, in an application
@@ -92,7 +93,8 @@ export const ServiceSpecSchema = Type.Object({
     maxRequests: Type.Integer({ minimum: 0, maximum: 100_000, default: 100, description: 'Requests (and TCP connections) held while no endpoint is ready; past it: 503' }),
     timeoutMs: Type.Integer({ minimum: 100, maximum: 600_000, default: 30_000, description: 'How long one is held before a 503' })
   }, { additionalProperties: false, default: {} }),
-  drainTimeoutMs: Type.Integer({ minimum: 0, maximum: 600_000, default: 10_000, description: 'How long a replica being stopped keeps its in-flight requests' })
+  drainTimeoutMs: Type.Integer({ minimum: 0, maximum: 600_000, default: 10_000, description: 'How long a replica being stopped keeps its in-flight requests' }),
+  placement: PlacementRulesSchema
 }, { additionalProperties: false })
 export type ServiceSpec = Static<typeof ServiceSpecSchema>
 
@@ -115,7 +117,8 @@ export const EndpointSchema = Type.Object({
   health: EndpointHealthSchema,
   weight: Type.Integer(),
   priority: Type.Integer(),
-  since: Type.String({ description: 'When it entered this health state' })
+  since: Type.String({ description: 'When it entered this health state' }),
+  node: Type.Optional(Type.String({ description: 'The cluster node it runs on (a cluster only)' }))
 }, { additionalProperties: false })
 export type Endpoint = Static<typeof EndpointSchema>
 

@@ -46,7 +46,7 @@ export type VmCreateRequest = Static<typeof VmCreateRequestSchema>
 export const VmExitSchema = Type.Object({
   reason: Type.Union([
     Type.Literal('app-exited'), Type.Literal('exec-failed'), Type.Literal('stopped'), Type.Literal('killed'),
-    Type.Literal('crashed'), Type.Literal('out-of-memory'), Type.Literal('died-while-daemon-down'), Type.Literal('boot-failed')
+    Type.Literal('crashed'), Type.Literal('out-of-memory'), Type.Literal('died-while-daemon-down'), Type.Literal('boot-failed'), Type.Literal('node-lost')
   ]),
   appExitCode: Type.Optional(Type.Integer()),
   appSignal: Type.Optional(Type.Integer()),
@@ -85,6 +85,7 @@ export type ServiceTag = Static<typeof ServiceTagSchema>
 
 export const VmSchema = Type.Object({
   id: Type.String(),
+  node: Type.Optional(Type.String({ description: 'The cluster node it runs on (a cluster only)' })),
   name: Type.String(),
   image: Type.String({ description: 'name:tag it was created from' }),
   imageDigest: Type.String(),

@@ -1,11 +1,11 @@
 import { randomBytes } from 'node:crypto'
+import { UigniterError } from '../core/errors.js'
 import { probeOnce } from '../core/app-probe.js'
 import type { Logger } from '../core/logger.js'
 import type { Endpoint, EndpointHealth, ServiceSpec, ServiceStatus } from '../core/service.js'
 import type { Vm } from '../core/vm.js'
 import type { StoredService } from '../core/ports/state-store.js'
 import { autoscaleSettings, scaleDecision } from './autoscaler.js'
-import type { ReplicaLauncher } from './replica-launcher.js'
 import type { ReplicaReaper } from './replica-reaper.js'
 import { changesReplicas } from './service-spec.js'
 
@@ -27,6 +27,16 @@ export interface ServiceGateway {
   whenIdle: (service: string, endpointId: string, timeoutMs: number) => Promise<boolean>
 }
 
+/** What starts replicas (ReplicaLauncher on one host; the cluster's placer on a leader). */
+export interface ReplicaStarter {
+  /** Makes ahead what the start path needs (a template); returns its name, or null. */
+  prepare: (spec: ServiceSpec, generation: number) => Promise<string | null>
+  /** Starts one replica; resolves once its VM runs. */
+  start: (spec: ServiceSpec, generation: number, replicaName: string) => Promise<Vm>
+  /** Removes what old generations needed, once nothing uses it. */
+  cleanup: (service: string, keep: number | null, pool: boolean) => Promise<void>
+}
+
 /** What the VM side must do for the controller (VmManager does it). */
 export interface ReplicaVms {
   get: (idOrName: string) => Vm
@@ -38,7 +48,7 @@ export interface ServiceEvent {
   type: 'service.applied' | 'service.deleted' | 'service.scaled' | 'service.rollout' |
     'service.replica-starting' | 'service.replica-started' | 'service.replica-start-failed' | 'service.replica-ready' |
     'service.replica-unhealthy' | 'service.replica-exited' | 'service.replica-draining' | 'service.replica-stopped' |
-    'service.replica-remove-failed'
+    'service.replica-remove-failed' | 'service.replica-pending'
   service: string
   generation: number
   vm?: string
@@ -50,7 +60,7 @@ export interface ServiceControllerDeps {
   vms: ReplicaVms
   /** Removes the VMs of replicas that are done, retrying until they are gone. */
   reaper: ReplicaReaper
-  launcher: ReplicaLauncher
+  launcher: ReplicaStarter
   gateway: ServiceGateway
   log: Logger
   onEvent: (event: ServiceEvent) => void
@@ -68,6 +78,8 @@ interface Replica {
   fails: number
   checking: boolean
   nextCheckAt: number
+  /** To be moved elsewhere (its node drains): replaced as an old generation's replica is. */
+  evicted: boolean
 }
 
 /** Starting replicas are checked this often, so that they take traffic as soon as they answer. */
@@ -75,6 +87,8 @@ const STARTING_CHECK_MS = 100
 /** A replica that has not passed its health check by then is replaced. */
 const START_DEADLINE_MS = 120_000
 const MAX_PARALLEL_STARTS = 3
+/** A replica no node can take is tried again this often, besides at each change of capacity. */
+const PENDING_RETRY_MS = 3000
 
 /**
  * Keeps one service at what its spec declares: it starts replicas by the
@@ -163,12 +177,31 @@ export class ServiceController {
     return rollout
   }
 
+  /** Marks the replicas `evicted` picks to be replaced elsewhere; returns how many. */
+  evict (evicted: (vm: Vm) => boolean): number {
+    let n = 0
+    for (const r of this.#replicas.values()) {
+      if (r.evicted || r.health === 'draining' || !evicted(r.vm)) continue
+      r.evicted = true
+      n++
+      this.#event('service.replica-draining', `replica ${r.vm.name} will move off node ${r.vm.node ?? '?'}: a replacement starts first`, r.vm.name)
+    }
+    if (n > 0) this.kick()
+    return n
+  }
+
   /** A request waits in the gateway for a service with no endpoint. */
   wake (): void {
     this.kick()
   }
 
   /** Reconciles now, or again right after the reconcile under way. */
+  /** Capacity changed (a node joined, freed room, or was lost): a pending replica is tried again now. */
+  capacityChanged (): void {
+    if (this.#message?.startsWith('replica pending') === true) this.#backoffUntil = 0
+    this.kick()
+  }
+
   kick (): void {
     if (this.#closed) return
     // A reconcile can end in a kick (a replica failing its start deadline): run again after it, not inside it.
@@ -227,7 +260,8 @@ export class ServiceController {
       health: r.health,
       weight: this.spec.loadBalancing.replicaWeight,
       priority: 0,
-      since: new Date(r.since).toISOString()
+      since: new Date(r.since).toISOString(),
+      ...(r.vm.node !== undefined ? { node: r.vm.node } : {})
     }))
     const external = this.spec.endpoints.map((e): Endpoint => ({
       id: `external:${e.host}`, vm: null, host: e.host, generation: this.generation, health: 'healthy', weight: e.weight, priority: e.priority, since: new Date(0).toISOString()
@@ -264,8 +298,8 @@ export class ServiceController {
     }
     const want = Math.max(0, this.desired - this.#retired)
     const live = [...this.#replicas.values()].filter((r) => r.health === 'starting' || r.health === 'healthy')
-    const current = live.filter((r) => r.generation === this.generation)
-    const old = live.filter((r) => r.generation !== this.generation)
+    const current = live.filter((r) => r.generation === this.generation && !r.evicted)
+    const old = live.filter((r) => r.generation !== this.generation || r.evicted)
     const newLive = current.length + this.#starts.size
     // A rolling update surges by one: a new replica first, then an old one drained.
     let toStart = old.length > 0 ? Math.min(want - newLive, want + 1 - newLive - old.length) : want - newLive
@@ -278,7 +312,7 @@ export class ServiceController {
       (a.health === 'starting' ? 0 : 1) - (b.health === 'starting' ? 0 : 1) || b.since - a.since
     if (old.length > 0) {
       const excess = healthyNew + old.length - want
-      for (const r of old.sort(byRemovalOrder).slice(0, Math.max(0, excess))) this.#drain(r, `generation ${r.generation} replaced by ${this.generation}`)
+      for (const r of old.sort(byRemovalOrder).slice(0, Math.max(0, excess))) this.#drain(r, r.evicted ? 'moved off its node' : `generation ${r.generation} replaced by ${this.generation}`)
     } else {
       const excess = current.length - want
       for (const r of current.sort(byRemovalOrder).slice(0, Math.max(0, excess))) this.#drain(r, `scaled down to ${want}`)
@@ -344,6 +378,13 @@ export class ServiceController {
         this.#startFailures = 0
         this.#event('service.replica-started', `replica ${vm.name} runs (${vm.startPath}, ${Math.round(vm.startTimings?.totalMs ?? 0)} ms); checking its health`, vm.name)
       } catch (err) {
+        if (err instanceof UigniterError && err.code === 'UIG_ERR_CLUSTER_UNSCHEDULABLE') {
+          // Pending, not failed: it is tried again at each change of capacity (kickAll) and every few seconds.
+          this.#backoffUntil = Date.now() + PENDING_RETRY_MS
+          this.#message = `replica pending: ${err.message}`
+          this.#event('service.replica-pending', this.#message, name)
+          return
+        }
         this.#startFailures++
         const backoff = Math.min(30_000, 500 * 2 ** this.#startFailures)
         this.#backoffUntil = Date.now() + backoff
@@ -457,7 +498,7 @@ export class ServiceController {
   }
 
   #newReplica (vm: Vm, generation: number): Replica {
-    return { vm, generation, health: 'starting', since: Date.now(), passes: 0, fails: 0, checking: false, nextCheckAt: 0 }
+    return { vm, generation, health: 'starting', since: Date.now(), passes: 0, fails: 0, checking: false, nextCheckAt: 0, evicted: false }
   }
 
   #event (type: ServiceEvent['type'], message: string, vm?: string): void {

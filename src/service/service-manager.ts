@@ -2,18 +2,35 @@ import { EventEmitter } from 'node:events'
 import { UigniterError } from '../core/errors.js'
 import type { Logger } from '../core/logger.js'
 import type { Endpoint, ServiceSpec, ServiceStatus } from '../core/service.js'
-import type { Vm } from '../core/vm.js'
-import type { VmEvent, VmManager } from '../vm/vm-manager.js'
-import type { StateStore } from '../core/ports/state-store.js'
-import type { ReplicaLauncher } from './replica-launcher.js'
+import type { Vm, VmState } from '../core/vm.js'
+import type { StoredService } from '../core/ports/state-store.js'
 import { ReplicaReaper } from './replica-reaper.js'
-import { ServiceController, type ServiceEvent, type ServiceGateway } from './service-controller.js'
-import { checkGatewayPorts, parseAppFile, parseServiceSpec } from './service-spec.js'
+import { ServiceController, type ReplicaStarter, type ReplicaVms, type ServiceEvent, type ServiceGateway } from './service-controller.js'
+import { changesReplicas, checkGatewayPorts, parseAppFile, parseServiceSpec } from './service-spec.js'
+
+/**
+ * Where replicas run, as the services see it: the node's own VMs
+ * (VmManager), or, on a cluster's leader, the placements of every node
+ * (src/cluster/cluster-replicas.ts). It emits 'vm' ({ vm }) at each change.
+ */
+export interface ServiceVms extends ReplicaVms {
+  list: (filter: { state?: VmState[] }) => Vm[]
+  /** Throws UIG_ERR_IMAGE_NOT_FOUND; `init` null is a unikernel. */
+  checkImage: (ref: string) => Promise<{ init: unknown }>
+  on: (event: 'vm', listener: (event: { vm: Vm }) => void) => unknown
+}
+
+/** Where service specs persist: the node's SQLite, or the cluster store (whose writes can fail while it is unreachable). */
+export interface ServiceRecords {
+  putService: (record: StoredService) => void | Promise<void>
+  listServices: () => StoredService[] | Promise<StoredService[]>
+  deleteService: (name: string) => void | Promise<void>
+}
 
 export interface ServiceManagerDeps {
-  vms: VmManager
-  store: StateStore
-  launcher: ReplicaLauncher
+  vms: ServiceVms
+  store: ServiceRecords
+  launcher: ReplicaStarter
   gateway: ServiceGateway
   /** The gateway's HTTP port, which no service may take as its gatewayPort. */
   gatewayHttpPort: number
@@ -43,7 +60,7 @@ export class ServiceManager extends EventEmitter {
     super()
     this.#deps = deps
     this.#reaper = new ReplicaReaper(deps.vms, deps.log.child({ component: 'reaper' }))
-    deps.vms.on('vm', (event: VmEvent) => {
+    deps.vms.on('vm', (event) => {
       const { vm } = event
       if (vm.service === null || (vm.state !== 'exited' && vm.state !== 'failed')) return
       this.#controllers.get(vm.service.name)?.vmEnded(vm)
@@ -53,7 +70,7 @@ export class ServiceManager extends EventEmitter {
   /** After a daemon (re)start: each saved service, with its live replicas adopted back. */
   async restore (): Promise<void> {
     const live = this.#deps.vms.list({ state: ['starting', 'running', 'paused', 'stopping'] })
-    for (const stored of this.#deps.store.listServices()) {
+    for (const stored of await this.#deps.store.listServices()) {
       const adopted = live.filter((vm) => vm.service?.name === stored.spec.name && vm.state === 'running')
       const controller = this.#controller(stored.spec, stored.app, stored.generation, adopted)
       try {
@@ -113,6 +130,21 @@ export class ServiceManager extends EventEmitter {
     })
   }
 
+  /**
+   * Moves the replicas that `evicted` picks elsewhere, as a rollout does: a
+   * new replica first, then the evicted one drained. A node drain uses it.
+   */
+  evict (evicted: (vm: Vm) => boolean): number {
+    let n = 0
+    for (const c of this.#controllers.values()) n += c.evict(evicted)
+    return n
+  }
+
+  /** Reconciles every service now: capacity changed (a node joined, freed room or was lost). */
+  capacityChanged (): void {
+    for (const c of this.#controllers.values()) c.capacityChanged()
+  }
+
   get (name: string): ServiceStatus {
     return this.#get(name).status()
   }
@@ -148,18 +180,20 @@ export class ServiceManager extends EventEmitter {
     checkGatewayPorts([...others, spec], this.#deps.gatewayHttpPort)
     const existing = this.#controllers.get(spec.name)
     if (existing !== undefined) {
+      // Saved first: a store that refuses the write (a cluster store out of reach) leaves the service as it was.
+      await this.#deps.store.putService({ spec, app, generation: existing.generation + (changesReplicas(existing.spec, spec) ? 1 : 0) })
       const rollout = await existing.update(spec, app)
-      this.#deps.store.putService({ spec, app, generation: existing.generation })
       this.#emitService(existing, (rollout ? `updated: generation ${existing.generation} rolls out` : 'updated in place') + note)
       await this.#allowPorts()
       return existing.status()
     }
+    await this.#deps.store.putService({ spec, app, generation: 1 })
     const controller = this.#controller(spec, app, 1, [])
-    await controller.start().catch((err: unknown) => {
+    await controller.start().catch(async (err: unknown) => {
       this.#controllers.delete(spec.name)
+      await this.#deps.store.deleteService(spec.name)
       throw err
     })
-    this.#deps.store.putService({ spec, app, generation: controller.generation })
     this.#emitService(controller, `created${note}`)
     await this.#allowPorts()
     return controller.status()
@@ -168,7 +202,7 @@ export class ServiceManager extends EventEmitter {
   async #remove (name: string): Promise<ServiceStatus> {
     const controller = this.#get(name)
     const status = controller.status()
-    this.#deps.store.deleteService(name)
+    await this.#deps.store.deleteService(name)
     this.#controllers.delete(name)
     await controller.delete()
     this.emit('service', { type: 'service.deleted', service: name, generation: controller.generation, message: 'deleted: replicas stopped, routes removed', at: new Date().toISOString() } satisfies ServiceEvent)
