@@ -17,6 +17,21 @@ export interface FirewallBase {
   allowedHostPorts?: number[]
   /** Let DHCP requests from the bridge reach the host (the bridge's DHCP server); default no. */
   dhcp?: boolean
+  /**
+   * In a cluster: the range holding every node's VM subnet (this one's
+   * included). Traffic between the bridge and it is forwarded unmasqueraded,
+   * so a VM sees another node's VM by its own address; and VMs of other
+   * nodes, arriving from outside the bridge, reach this host's services no
+   * more than local VMs do (the allowed ports alone). Unset on a single host.
+   */
+  clusterRange?: Subnet
+  /**
+   * In a cluster: the other nodes' own addresses (where their APIs, gateways
+   * and etcd listen). VM traffic to them is not masqueraded, so their guards
+   * see a VM; and it is forwarded only to the allowed ports, so that NAT does
+   * not make a VM's connection to another node look like this host's.
+   */
+  clusterNodes?: string[]
 }
 
 /** One TCP port forward from the host to a VM. */

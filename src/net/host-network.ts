@@ -24,6 +24,12 @@ export interface HostNetworkOptions {
   store: IpAllocationStore
   /** TCP ports on the gateway address VMs may reach (e.g. the service gateway); default none. */
   allowedHostPorts?: number[]
+  /**
+   * In a cluster, the range holding every node's VM subnet, this one's
+   * included (e.g. `10.78.0.0/16`): VMs of other nodes are routed to
+   * unmasqueraded and kept from this host's services as local VMs are.
+   */
+  clusterRange?: string
   /** Taps are named this plus a hash of the VM id; default `uig`. Orphan cleanup deletes unknown taps with it. */
   tapPrefix?: string
   /** The firewall's table name; default `uigniter`. */
@@ -55,11 +61,13 @@ export type VmNetwork = VmAttachment
 export class HostNetwork implements HostNetworking {
   readonly bridge: string
   readonly subnet: Subnet
+  readonly clusterRange: Subnet | undefined
   readonly ipam: Ipam
   readonly #options: HostNetworkOptions
   readonly #tapPrefix: string
   #firewall: Firewall | undefined
   #allowedHostPorts: number[]
+  #clusterNodes: string[] = []
   #dhcp: DhcpHosts | undefined
   /**
    * Owners attached with `dhcp: false` (guests that take their address from
@@ -75,6 +83,10 @@ export class HostNetwork implements HostNetworking {
     this.#options = options
     this.bridge = options.bridge ?? DEFAULT_BRIDGE
     this.subnet = Subnet.parseForVms(options.subnet ?? DEFAULT_SUBNET)
+    this.clusterRange = options.clusterRange === undefined ? undefined : Subnet.parse(options.clusterRange)
+    if (this.clusterRange !== undefined && (this.clusterRange.prefix > this.subnet.prefix || !this.clusterRange.contains(this.subnet.network))) {
+      throw new UigniterError('UIG_ERR_NET_INVALID_SUBNET', `the cluster range ${this.clusterRange.cidr} must hold this node's subnet ${this.subnet.cidr}; give each node a subnet out of it`)
+    }
     this.ipam = new Ipam(this.subnet, options.store)
     this.#tapPrefix = options.tapPrefix ?? DEFAULT_TAP_PREFIX
     this.#firewall = options.firewall
@@ -92,7 +104,7 @@ export class HostNetwork implements HostNetworking {
     }
     await ensureBridge({ name: this.bridge, subnet: this.subnet })
     await this.#ensureBase()
-    this.#options.logger?.info({ bridge: this.bridge, subnet: this.subnet.cidr, nat: this.#options.nat, firewall: this.#firewall?.backend }, 'host network ready')
+    this.#options.logger?.info({ bridge: this.bridge, subnet: this.subnet.cidr, clusterRange: this.clusterRange?.cidr, nat: this.#options.nat, firewall: this.#firewall?.backend }, 'host network ready')
   }
 
   /**
@@ -106,9 +118,24 @@ export class HostNetwork implements HostNetworking {
     await this.#ensureBase()
   }
 
+  /**
+   * In a cluster: replaces the other nodes' own addresses, which VMs then
+   * reach unmasqueraded and on the allowed ports only (see FirewallBase's
+   * clusterNodes). Call it with the peers given to ClusterRoutes. Idempotent.
+   */
+  async setClusterNodes (addresses: string[]): Promise<void> {
+    const sorted = [...new Set(addresses)].sort()
+    if (sorted.join() === this.#clusterNodes.join()) return
+    for (const address of sorted) {
+      if (parseIpv4(address) === undefined) throw new UigniterError('UIG_ERR_NET_SETUP_FAILED', `cluster node address "${address}" is not an IPv4 address`)
+    }
+    this.#clusterNodes = sorted
+    await this.#ensureBase()
+  }
+
   async #ensureBase (): Promise<void> {
     this.#firewall ??= await detectFirewall({ table: this.#options.firewallTable ?? DEFAULT_FIREWALL_TABLE })
-    await this.#firewall.ensureBase({ bridge: this.bridge, subnet: this.subnet, nat: this.#options.nat, allowedHostPorts: this.#allowedHostPorts, dhcp: this.#dhcp !== undefined })
+    await this.#firewall.ensureBase({ bridge: this.bridge, subnet: this.subnet, nat: this.#options.nat, allowedHostPorts: this.#allowedHostPorts, dhcp: this.#dhcp !== undefined, ...(this.clusterRange === undefined ? {} : { clusterRange: this.clusterRange, clusterNodes: this.#clusterNodes }) })
   }
 
   /**

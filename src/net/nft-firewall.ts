@@ -47,12 +47,23 @@ export class NftFirewall implements Firewall {
   }
 
   async ensureBase (base: FirewallBase): Promise<void> {
-    const { bridge, subnet, nat } = base
+    const { bridge, subnet, nat, clusterRange } = base
     if (!INTERFACE_NAME.test(bridge)) throw new TypeError(`"${bridge}" is not a valid interface name`)
+    if (clusterRange !== undefined && (clusterRange.prefix > subnet.prefix || !clusterRange.contains(subnet.network))) {
+      throw new UigniterError('UIG_ERR_NET_INVALID_SUBNET', `the cluster range ${clusterRange.cidr} must hold this node's VM subnet ${subnet.cidr}`)
+    }
     const ports = base.allowedHostPorts ?? []
     for (const port of ports) assertPort(port)
+    const nodes = [...new Set(base.clusterNodes ?? [])].sort()
+    for (const address of nodes) {
+      if (parseIpv4(address) === undefined) throw new UigniterError('UIG_ERR_NET_SETUP_FAILED', `cluster node address "${address}" is not an IPv4 address`)
+    }
+    const toNodes = nodes.length === 0 ? undefined : `ip daddr { ${nodes.join(', ')} }`
     const t = `ip ${this.table}`
     const br = `"${bridge}"`
+    const cluster = clusterRange?.cidr
+    // Other nodes' VMs come in from the underlay; "lo" carries the host's own packets, which may have the bridge's address.
+    const fromCluster = cluster === undefined ? '' : `iifname != ${br} iifname != "lo" ip saddr ${cluster}`
     const lines = [
       `add table ${t}`,
       `add chain ${t} publish`,
@@ -64,11 +75,14 @@ export class NftFirewall implements Firewall {
       ...(base.dhcp === true ? [`add rule ${t} guard iifname ${br} ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept`] : []),
       `add rule ${t} guard iifname ${br} ip saddr != ${subnet.cidr} drop`,
       `add rule ${t} guard iifname ${br} ip daddr 127.0.0.0/8 drop`,
+      ...(cluster === undefined ? [] : [`add rule ${t} guard ${fromCluster} ip daddr 127.0.0.0/8 drop`]),
       // Published ports, for traffic from elsewhere; never for traffic from
       // VMs, so that one VM cannot reach another's published ports via the host.
       `add chain ${t} prerouting { type nat hook prerouting priority dstnat; policy accept; }`,
       `flush chain ${t} prerouting`,
       `add rule ${t} prerouting iifname ${br} return`,
+      // Other nodes' VMs are VMs too.
+      ...(cluster === undefined ? [] : [`add rule ${t} prerouting ${fromCluster} return`]),
       `add rule ${t} prerouting fib daddr type local jump publish`,
       // ... and for traffic from the host itself, 127.0.0.1 included.
       `add chain ${t} output { type nat hook output priority -100; policy accept; }`,
@@ -80,7 +94,8 @@ export class NftFirewall implements Firewall {
       `add rule ${t} postrouting oifname ${br} ip saddr 127.0.0.0/8 masquerade`,
       // VM egress. Not the host's own packets from the gateway address: those
       // to its own addresses pass postrouting too, and would lose their source.
-      ...(nat ? [`add rule ${t} postrouting ip saddr ${subnet.cidr} oifname != ${br} fib saddr type != local masquerade`] : []),
+      // Not towards other nodes' VMs either: they see this VM's own address.
+      ...(nat ? [`add rule ${t} postrouting ip saddr ${subnet.cidr}${cluster === undefined ? '' : ` ip daddr != ${cluster}`}${toNodes === undefined ? '' : ` ip daddr != { ${nodes.join(', ')} }`} oifname != ${br} fib saddr type != local masquerade`] : []),
       // VMs reach no host service (the API, sshd, anything on the gateway or
       // the host's other addresses), except answers to the host's own
       // connections and the allowed ports.
@@ -91,13 +106,27 @@ export class NftFirewall implements Firewall {
       // The bridge's DHCP server (dnsmasq, bound to the bridge alone): discovers, requests and renewals.
       ...(base.dhcp === true ? [`add rule ${t} input iifname ${br} udp sport 68 udp dport 67 accept`] : []),
       `add rule ${t} input iifname ${br} drop`,
+      // The same for other nodes' VMs, on any address of this host (their way in is not the gateway address).
+      ...(cluster === undefined
+        ? []
+        : [`add rule ${t} input ${fromCluster} ct state established,related accept`,
+            ...(ports.length > 0 ? [`add rule ${t} input ${fromCluster} tcp dport { ${ports.join(', ')} } accept`] : []),
+            `add rule ${t} input ${fromCluster} drop`]),
       // Without NAT, VM traffic must not leave the host with private source
       // addresses; answers to forwarded published ports still may.
       `add chain ${t} forward { type filter hook forward priority filter; policy accept; }`,
       `flush chain ${t} forward`,
+      // Other nodes' own services are host services too: only the allowed ports, and answers to their connections.
+      ...(toNodes === undefined
+        ? []
+        : [`add rule ${t} forward iifname ${br} ${toNodes} ct state established,related accept`,
+            ...(ports.length > 0 ? [`add rule ${t} forward iifname ${br} ${toNodes} tcp dport { ${ports.join(', ')} } accept`] : []),
+            `add rule ${t} forward iifname ${br} ${toNodes} drop`]),
       ...(nat
         ? []
         : [`add rule ${t} forward iifname ${br} oifname != ${br} ct state established,related accept`,
+            // Other nodes' VMs are not "outside": their addresses are routed, not NATed.
+            ...(cluster === undefined ? [] : [`add rule ${t} forward iifname ${br} ip daddr ${cluster} accept`]),
             `add rule ${t} forward iifname ${br} oifname != ${br} drop`])
     ]
     await this.#serial(async () => {
