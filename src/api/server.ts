@@ -6,7 +6,7 @@ import type { ImageRepository } from '../core/ports/image-repository.js'
 import type { VmManager } from '../vm/vm-manager.js'
 import type { PoolManager } from '../pool/pool-manager.js'
 import type { TemplateManager } from '../snapshot/template-manager.js'
-import type { ServiceManager } from '../service/service-manager.js'
+import type { ServicesApi } from '../service/service-manager.js'
 import type { Registry } from 'prom-client'
 import { installErrorHandlers } from './errors.js'
 import { imageRoutes } from './image-routes.js'
@@ -15,13 +15,16 @@ import { poolRoutes } from './pool-routes.js'
 import { addDaemonMetrics, systemRoutes, type DaemonInfo } from './system-routes.js'
 import { serviceRoutes } from './service-routes.js'
 import { templateRoutes } from './template-routes.js'
-import { vmRoutes } from './vm-routes.js'
+import { vmRoutes, type PlaceVm } from './vm-routes.js'
+import { clusterRoutes, singleHostClusterRoutes } from './cluster-routes.js'
+import { imageBlobRoutes, type ImageBlobSource } from './image-blob-routes.js'
+import type { ClusterNode } from '../cluster/cluster-node.js'
 
 export interface ApiOptions {
   manager: VmManager
   pools: PoolManager
   templates: TemplateManager
-  services: ServiceManager
+  services: ServicesApi
   images: ImageRepository
   /** The daemon's metrics registry; the gateway registers its own metrics in it too. */
   metrics: Registry
@@ -29,6 +32,8 @@ export interface ApiOptions {
   log: Logger
   /** When set, TCP requests must carry `Authorization: Bearer <token>`; the unix socket is guarded by its file mode. */
   token?: string
+  /** A cluster node: its routes, its images served to peers, and where new VMs go. */
+  cluster?: { node: ClusterNode, blobs: ImageBlobSource, placeVm: PlaceVm }
 }
 
 /**
@@ -64,9 +69,15 @@ export async function buildApi (options: ApiOptions): Promise<FastifyInstance> {
     })
   }
   addDaemonMetrics(options.metrics, options.manager, options.pools)
+  if (options.cluster !== undefined) {
+    await app.register(clusterRoutes(options.cluster.node, options.token))
+    await app.register(imageBlobRoutes, { images: options.cluster.blobs })
+  } else {
+    await app.register(singleHostClusterRoutes())
+  }
   await app.register(systemRoutes(options, options.metrics))
   await app.register(imageRoutes(options.images))
-  await app.register(vmRoutes(options.manager))
+  await app.register(vmRoutes(options.manager, options.cluster?.placeVm))
   await app.register(poolRoutes(options.pools))
   await app.register(templateRoutes(options.templates))
   await app.register(serviceRoutes(options.services))

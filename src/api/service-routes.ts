@@ -2,7 +2,7 @@ import { Type } from '@sinclair/typebox'
 import type { FastifyInstance } from 'fastify'
 import { UigniterError } from '../core/errors.js'
 import { AppFileSchema, EndpointSchema, ServiceSpecSchema, ServiceStatusSchema } from '../core/service.js'
-import type { RegistryEntry, ServiceManager } from '../service/service-manager.js'
+import type { RegistryEntry, ServicesApi } from '../service/service-manager.js'
 import { ErrorBodySchema } from './errors.js'
 
 const NameParams = Type.Object({ name: Type.String({ minLength: 1 }) })
@@ -27,7 +27,7 @@ function namedAsPath (body: unknown, field: 'name' | 'app', name: string, what: 
  * (UIG_ERR_SERVICE_SPEC_INVALID naming the field); the schemas here document
  * the bodies.
  */
-export function serviceRoutes (services: ServiceManager) {
+export function serviceRoutes (services: ServicesApi) {
   return async function serviceRoutesPlugin (app: FastifyInstance): Promise<void> {
     app.get<{ Querystring: { app?: string } }>('/v1/services', {
       schema: {

@@ -5,7 +5,7 @@ import type { VmEvent, VmManager } from '../vm/vm-manager.js'
 import type { TemplateEvent, TemplateManager } from '../snapshot/template-manager.js'
 import type { PoolEvent, PoolManager } from '../pool/pool-manager.js'
 import type { ServiceEvent } from '../service/service-controller.js'
-import type { ServiceManager } from '../service/service-manager.js'
+import type { ServicesApi } from '../service/service-manager.js'
 
 export interface DaemonInfo {
   version: string
@@ -84,7 +84,7 @@ export function addDaemonMetrics (registry: Registry, manager: VmManager, pools:
 }
 
 /** Health, info, metrics, OpenAPI and the server-sent event stream. */
-export function systemRoutes (parts: { manager: VmManager, templates: TemplateManager, services: ServiceManager, pools: PoolManager, info: DaemonInfo }, metrics: Registry) {
+export function systemRoutes (parts: { manager: VmManager, templates: TemplateManager, services: ServicesApi, pools: PoolManager, info: DaemonInfo }, metrics: Registry) {
   const { manager, templates, services, pools, info } = parts
   return async function system (app: FastifyInstance): Promise<void> {
     app.get('/healthz', {

@@ -1,19 +1,32 @@
 import { Type } from '@sinclair/typebox'
 import type { FastifyInstance } from 'fastify'
 import { UigniterError } from '../core/errors.js'
-import { VmCreateRequestSchema, VmSchema, VmStateSchema, type VmCreateRequest, type VmState } from '../core/vm.js'
+import { VmCreateRequestSchema, VmSchema, VmStateSchema, type Vm, type VmCreateRequest, type VmState } from '../core/vm.js'
 import type { VmManager } from '../vm/vm-manager.js'
 import { ErrorBodySchema } from './errors.js'
 
 const IdParams = Type.Object({ id: Type.String({ minLength: 1, description: 'VM id or name' }) })
 const errors = { 400: ErrorBodySchema, 404: ErrorBodySchema, 409: ErrorBodySchema, 500: ErrorBodySchema }
 
+/**
+ * Where a new VM runs, in a cluster: it returns the VM when another node
+ * created it, or undefined to create it here. A single host has none, and
+ * refuses a request that names a node.
+ */
+export type PlaceVm = (request: VmCreateRequest) => Promise<Vm | undefined>
+
 /** /v1/vms: create-and-start, list, get, stop, kill, pause, resume, delete, logs. */
-export function vmRoutes (manager: VmManager) {
+export function vmRoutes (manager: VmManager, placeVm?: PlaceVm) {
   return async function vms (app: FastifyInstance): Promise<void> {
     app.post<{ Body: VmCreateRequest }>('/v1/vms', {
       schema: { tags: ['vms'], summary: 'Create a VM and start it: boot an image, or clone a template (startPath says which)', body: VmCreateRequestSchema, response: { 201: VmSchema, ...errors, 502: ErrorBodySchema, 507: ErrorBodySchema } }
-    }, async (request, reply) => reply.code(201).send(await manager.create(request.body)))
+    }, async (request, reply) => {
+      if (placeVm === undefined && request.body.node !== undefined) {
+        throw new UigniterError('UIG_ERR_CLUSTER_NOT_ENABLED', `this daemon runs a single host, so it cannot place a VM on node "${request.body.node}"; drop --node`)
+      }
+      const elsewhere = placeVm !== undefined ? await placeVm(request.body) : undefined
+      return reply.code(201).send(elsewhere ?? await manager.create(request.body))
+    })
 
     app.get<{ Querystring: { state?: string, image?: string, name?: string, all?: boolean } }>('/v1/vms', {
       schema: {

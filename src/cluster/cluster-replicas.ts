@@ -73,6 +73,11 @@ export class ClusterReplicas extends EventEmitter implements ServiceVms, Replica
     this.#starts.clear()
   }
 
+  /** True while a start of this replica waits for its node's report. */
+  isStarting (replica: string): boolean {
+    return this.#starts.has(replica)
+  }
+
   // ------------------------------------------------------------ ServiceVms
 
   list (filter: { state?: VmState[] }): Vm[] {
@@ -119,13 +124,13 @@ export class ClusterReplicas extends EventEmitter implements ServiceVms, Replica
   async checkImage (ref: string): Promise<{ init: unknown }> {
     const image = this.#image(ref)
     if (image === undefined) throw new UigniterError('UIG_ERR_IMAGE_NOT_FOUND', `no node of the cluster holds image "${ref}"; build it on one node (uigniter image build), the others fetch it from there`)
-    return { init: image.init ? {} : null }
+    return await Promise.resolve({ init: image.init ? {} : null })
   }
 
   // ------------------------------------------------------------ ReplicaStarter
 
   /** Templates are per node: each node makes its own when it is given its first clone of a generation. */
-  async prepare (): Promise<string | null> { return null }
+  async prepare (): Promise<string | null> { return await Promise.resolve(null) }
 
   async cleanup (): Promise<void> {}
 

@@ -208,6 +208,11 @@ export class NodeAgent {
     return [{ put: keys.node(this.name), value: text, leased: true }]
   }
 
+  /** A write of the API's (a cordon): its failure is the caller's, UIG_ERR_CLUSTER_UNAVAILABLE when etcd is out of reach. */
+  async write (ops: TxnOp[]): Promise<void> {
+    await this.#deps.store.txn(ops)
+  }
+
   async #write (ops: TxnOp[]): Promise<void> {
     try {
       await this.#deps.store.txn(ops)

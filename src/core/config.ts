@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs'
-import { homedir } from 'node:os'
+import { homedir, hostname } from 'node:os'
 import { join } from 'node:path'
 import { Type, type Static } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
@@ -43,6 +43,20 @@ export const ConfigSchema = Type.Object({
     memoryOverheadMiB: Type.Integer({ minimum: 0, maximum: 65_536, description: 'Added to a VM\'s memory for its cgroup\'s limit: what QEMU needs beyond the guest\'s RAM' }),
     pidsMax: Type.Integer({ minimum: 16, maximum: 65_536, description: 'Threads a jailed QEMU may have (its cgroup\'s pids.max)' })
   }, { additionalProperties: false }),
+  cluster: Type.Object({
+    etcd: Type.Array(Type.String({ pattern: '^https?://[^\\s/]+$' }), { maxItems: 9, description: 'etcd client URLs (http://host:2379). Empty: a single host, no cluster. Env: UIGNITER_ETCD (comma-separated)' }),
+    node: Type.String({ pattern: '^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$', description: 'This node\'s name in the cluster; default: the host name. Env: UIGNITER_NODE' }),
+    address: Type.String({ description: 'This node\'s address on the network the nodes share: the next hop to its VMs, and where its API is reached (api.listen\'s port). Env: UIGNITER_NODE_ADDRESS' }),
+    labels: Type.Record(Type.String({ pattern: '^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62}[A-Za-z0-9])?$' }), Type.String({ maxLength: 63, pattern: '^[A-Za-z0-9._-]*$' }), { description: 'Labels for placement rules (nodeSelector). Env: UIGNITER_NODE_LABELS (k=v,k=v)' }),
+    subnetRange: Type.String({ description: 'Every node takes its VM subnet (a /24) out of this range; network.subnet (UIGNITER_SUBNET) may name the one it wants' }),
+    leaseTtlS: Type.Integer({ minimum: 2, maximum: 60, description: 'A node that stops renewing its lease this long is lost, and its replicas placed elsewhere' }),
+    scoring: Type.Union([Type.Literal('least-allocated'), Type.Literal('most-allocated')], { description: 'least-allocated spreads replicas over the emptiest nodes; most-allocated packs them' }),
+    preferLocalEndpoints: Type.Boolean({ description: 'The gateway routes to endpoints on its own node when it has healthy ones there' }),
+    capacity: Type.Object({
+      vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 100_000, description: 'Default: 4 per host CPU (idle guests cost little). Env: UIGNITER_NODE_VCPUS' })),
+      memoryMiB: Type.Optional(Type.Integer({ minimum: 64, maximum: 100_000_000, description: 'Default: host memory less 1 GiB. Env: UIGNITER_NODE_MEMORY_MIB' }))
+    }, { additionalProperties: false })
+  }, { additionalProperties: false }),
   gateway: Type.Object({
     address: Type.String({ minLength: 1, description: 'Host address the service gateway listens on, for its HTTP port and every service\'s TCP port; guests reach it on the bridge\'s gateway address. Env: UIGNITER_GATEWAY_ADDRESS' }),
     httpPort: Type.Integer({ minimum: 1, maximum: 65535, description: 'The gateway\'s HTTP port: routes by Host header or /svc/NAME/ prefix. Env: UIGNITER_GATEWAY_HTTP_PORT' })
@@ -50,6 +64,9 @@ export const ConfigSchema = Type.Object({
 }, { additionalProperties: false })
 
 export type Config = Readonly<Static<typeof ConfigSchema>>
+
+/** The single host's VM subnet; a cluster node that keeps it takes a subnet from the cluster range instead. */
+export const DEFAULT_SUBNET = '10.77.0.0/24'
 
 function defaults (): Static<typeof ConfigSchema> {
   const root = process.getuid?.() === 0
@@ -59,11 +76,12 @@ function defaults (): Static<typeof ConfigSchema> {
     kernel: { source: 'build' },
     accel: 'auto',
     api: { listen: '127.0.0.1:7377', socket: root ? '/run/uigniter/uigniter.sock' : join(homedir(), '.local/share/uigniter/uigniter.sock') },
-    network: { mode: root ? 'bridge' : 'user', bridge: 'uigniter0', subnet: '10.77.0.0/24', nat: true },
+    network: { mode: root ? 'bridge' : 'user', bridge: 'uigniter0', subnet: DEFAULT_SUBNET, nat: true },
     clones: { identityTimeoutMs: 5000 },
     // 96 MiB: QEMU's own peak beyond guest RAM measured here (TCG, our guests) was under 70 MiB (docs/jail.md).
     jail: { enabled: 'auto', uidBase: 640_000, uidCount: 10_000, gid: 640_000, memoryOverheadMiB: 96, pidsMax: 256 },
-    gateway: { address: '0.0.0.0', httpPort: 7380 }
+    gateway: { address: '0.0.0.0', httpPort: 7380 },
+    cluster: { etcd: [], node: defaultNodeName(), address: '', labels: {}, subnetRange: '10.78.0.0/16', leaseTtlS: 5, scoring: 'least-allocated', preferLocalEndpoints: false, capacity: {} }
   }
 }
 
@@ -122,10 +140,37 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env): Config {
     const port = /^\d+$/.test(env.UIGNITER_GATEWAY_HTTP_PORT) ? Number(env.UIGNITER_GATEWAY_HTTP_PORT) : env.UIGNITER_GATEWAY_HTTP_PORT
     merged.gateway = { ...(merged.gateway as object), httpPort: port }
   }
+  const cluster = { ...(merged.cluster as object) } as Record<string, unknown>
+  if (env.UIGNITER_ETCD !== undefined) cluster.etcd = env.UIGNITER_ETCD.split(',').map((u) => u.trim()).filter((u) => u !== '')
+  if (env.UIGNITER_NODE !== undefined) cluster.node = env.UIGNITER_NODE
+  if (env.UIGNITER_NODE_ADDRESS !== undefined) cluster.address = env.UIGNITER_NODE_ADDRESS
+  if (env.UIGNITER_NODE_LABELS !== undefined) cluster.labels = parseLabels(env.UIGNITER_NODE_LABELS)
+  const capacity = { ...(cluster.capacity as object) } as Record<string, unknown>
+  if (env.UIGNITER_NODE_VCPUS !== undefined) capacity.vcpus = /^\d+$/.test(env.UIGNITER_NODE_VCPUS) ? Number(env.UIGNITER_NODE_VCPUS) : env.UIGNITER_NODE_VCPUS
+  if (env.UIGNITER_NODE_MEMORY_MIB !== undefined) capacity.memoryMiB = /^\d+$/.test(env.UIGNITER_NODE_MEMORY_MIB) ? Number(env.UIGNITER_NODE_MEMORY_MIB) : env.UIGNITER_NODE_MEMORY_MIB
+  cluster.capacity = capacity
+  merged.cluster = cluster
   if (!Value.Check(ConfigSchema, merged)) {
     throw new UigniterError('UIG_ERR_CONFIG_INVALID', `configuration (${file} and UIGNITER_* variables) is invalid: ${describeSchemaErrors(ConfigSchema, merged)}`)
   }
   return Object.freeze(merged)
+}
+
+/** `k=v,k=v`; a malformed pair is a config error naming it. */
+function parseLabels (text: string): Record<string, string> {
+  const labels: Record<string, string> = {}
+  for (const pair of text.split(',').map((p) => p.trim()).filter((p) => p !== '')) {
+    const eq = pair.indexOf('=')
+    if (eq <= 0) throw new UigniterError('UIG_ERR_CONFIG_INVALID', `UIGNITER_NODE_LABELS: "${pair}" is not key=value`)
+    labels[pair.slice(0, eq)] = pair.slice(eq + 1)
+  }
+  return labels
+}
+
+/** The host name, made a valid node name (lower case, letters, digits and dashes). */
+function defaultNodeName (): string {
+  const name = hostname().toLowerCase().replace(/[^a-z0-9-]/g, '-').replace(/^-+|-+$/g, '').slice(0, 32)
+  return /^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$/.test(name) ? name : 'node'
 }
 
 function isPlainObject (v: unknown): v is Record<string, unknown> {

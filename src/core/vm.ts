@@ -31,6 +31,7 @@ export const VmCreateRequestSchema = Type.Object({
   name: Type.Optional(Type.String({ pattern: '^[a-z0-9][a-z0-9_.-]{0,62}$', description: 'Unique; generated when absent' })),
   image: Type.Optional(Type.String({ minLength: 1, description: 'name[:tag]; give this or template' })),
   template: Type.Optional(Type.String({ minLength: 1, description: 'Clone this template instead of booting an image (start path `clone`)' })),
+  node: Type.Optional(Type.String({ pattern: '^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$', description: 'A cluster only: the node to run it on; without it the scheduler chooses' })),
   args: Type.Optional(Type.Array(Type.String(), { description: 'Replace the image\'s app arguments' })),
   env: Type.Record(Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' }), Type.String(), { additionalProperties: false, default: {} }),
   vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),

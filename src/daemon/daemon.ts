@@ -26,6 +26,12 @@ import { ReplicaLauncher } from '../service/replica-launcher.js'
 import { ServiceManager } from '../service/service-manager.js'
 import { GuestLaunches } from '../vm/guest-launches.js'
 import { VmManager } from '../vm/vm-manager.js'
+import { EtcdClusterStore } from '../store/etcd-cluster-store.js'
+import { claimNodeSubnet } from '../cluster/node-subnet.js'
+import type { ClusterNode } from '../cluster/cluster-node.js'
+import type { ServicesApi } from '../service/service-manager.js'
+import { DEFAULT_SUBNET } from '../core/config.js'
+import { checkClusterConfig, wireClusterNode } from './cluster-wiring.js'
 
 /** QEMU's user-mode networking shows the host to a guest at this address. */
 const USER_MODE_HOST = '10.0.2.2'
@@ -55,6 +61,20 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
     throw new UigniterError('UIG_ERR_CONFIG_INVALID', `another daemon already serves ${config.api.socket}`)
   }
   await mkdir(config.dataDir, { recursive: true })
+  // A cluster node first joins the store, to learn its VM subnet before the bridge is made with it.
+  const inCluster = config.cluster.etcd.length > 0
+  if (inCluster) checkClusterConfig(config)
+  const clusterStore = inCluster ? new EtcdClusterStore({ endpoints: config.cluster.etcd, leaseTtlS: config.cluster.leaseTtlS, log: log.child({ component: 'etcd' }) }) : undefined
+  const subnet = clusterStore === undefined
+    ? config.network.subnet
+    : await claimNodeSubnet({
+      store: clusterStore,
+      node: config.cluster.node,
+      range: config.cluster.subnetRange,
+      ...(config.network.subnet !== DEFAULT_SUBNET ? { wanted: config.network.subnet } : {}),
+      dataDir: config.dataDir,
+      log: log.child({ component: 'cluster' })
+    })
   const store = new SqliteStore(join(config.dataDir, 'uigniter.db'))
   const images = new ImageStore(config.dataDir)
   const accel = await probeAccel(config, log)
@@ -67,7 +87,8 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
     // One nftables table per bridge, so that two daemons (say, a test's and the host's) never rewrite each other's rules.
     network = new HostNetwork({
       bridge: config.network.bridge,
-      subnet: config.network.subnet,
+      subnet,
+      ...(inCluster ? { clusterRange: config.cluster.subnetRange } : {}),
       nat: config.network.nat,
       store: store.ipAllocations,
       firewallTable: `uigniter_${config.network.bridge}`,
@@ -80,7 +101,7 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
     dhcp = new DhcpServer({ bridge: config.network.bridge, subnet: network.subnet, nameservers: async () => await bridgeNetwork.nameservers(), logger: log.child({ component: 'dhcp' }) })
     await network.useDhcp(dhcp)
     await dhcp.start().catch((err: unknown) => { log.error({ err }, 'the DHCP server on the bridge did not start; retrying in the background') })
-    networkInfo = { mode: 'bridge', bridge: config.network.bridge, subnet: config.network.subnet }
+    networkInfo = { mode: 'bridge', bridge: config.network.bridge, subnet }
   } else {
     const reason = config.network.mode === 'user' ? 'network.mode is "user"' : 'not root: taps need root, so VMs use QEMU user-mode networking'
     log.warn(reason)
@@ -106,30 +127,48 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
     httpPort: config.gateway.httpPort,
     log: log.child({ component: 'gateway' }),
     metrics,
-    // Only configured services wake, and services are configured by the manager below.
-    wake: (service) => { services.wake(service) }
+    // Only configured services wake, and services are configured by the manager below (or the cluster's leader).
+    wake: (service) => {
+      if (cluster !== undefined) cluster.services.wake(service)
+      else local?.wake(service)
+    }
   })
   await gateway.listen().catch((err: unknown) => {
     throw new UigniterError('UIG_ERR_CONFIG_INVALID', `the service gateway cannot listen on ${config.gateway.address}:${config.gateway.httpPort} (${(err as Error).message}); set gateway.httpPort (UIGNITER_GATEWAY_HTTP_PORT) to a free port`, { cause: err })
   })
   // Guests reach the host on the bridge's gateway address, or on QEMU's user-mode host address.
   const gatewayHost = network !== undefined ? network.subnet.gateway : USER_MODE_HOST
-  const services = new ServiceManager({
+  const launcher = new ReplicaLauncher({
     vms: manager,
-    store,
-    launcher: new ReplicaLauncher({
-      vms: manager,
-      pools,
-      templates,
-      gatewayEnv: { UIGNITER_GATEWAY_HOST: gatewayHost, UIGNITER_GATEWAY_HTTP_PORT: String(gateway.httpPort) },
-      log: log.child({ component: 'services' })
-    }),
-    gateway,
-    gatewayHttpPort: gateway.httpPort,
-    allowGatewayPorts: async (ports) => { await network?.allowHostPorts(ports) },
+    pools,
+    templates,
+    gatewayEnv: { UIGNITER_GATEWAY_HOST: gatewayHost, UIGNITER_GATEWAY_HTTP_PORT: String(gateway.httpPort) },
     log: log.child({ component: 'services' })
   })
-  await services.restore()
+  // One host: its own service controllers. A cluster node: the leader's, wherever it runs; this node's agent runs what it is given.
+  let local: ServiceManager | undefined
+  let cluster: ClusterNode | undefined
+  let clusterApi: NonNullable<Parameters<typeof buildApi>[0]['cluster']> | undefined
+  if (clusterStore === undefined) {
+    local = new ServiceManager({
+      vms: manager,
+      store,
+      launcher,
+      gateway,
+      gatewayHttpPort: gateway.httpPort,
+      allowGatewayPorts: async (ports) => { await network?.allowHostPorts(ports) },
+      log: log.child({ component: 'services' })
+    })
+    await local.restore()
+  } else {
+    const wired = wireClusterNode({ config, store: clusterStore, subnet, accel: accel.accel === 'kvm' ? 'kvm' : 'tcg', version: VERSION, manager, images, templates, launcher, gateway, network, log })
+    cluster = wired.node
+    await network?.allowHostPorts([gateway.httpPort])
+    await cluster.start()
+    clusterApi = { node: cluster, blobs: images, placeVm: wired.placeVm }
+    log.info({ node: config.cluster.node, subnet }, 'joined the cluster')
+  }
+  const services: ServicesApi = local ?? (cluster as ClusterNode).services
 
   const info: DaemonInfo = {
     version: VERSION,
@@ -141,7 +180,7 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
     startedAt: new Date().toISOString(),
     recovered
   }
-  const app = await buildApi({ manager, pools, templates, services, images, info, log, metrics, token: config.api.token })
+  const app = await buildApi({ manager, pools, templates, services, images, info, log, metrics, token: config.api.token, ...(clusterApi !== undefined ? { cluster: clusterApi } : {}) })
   await mkdir(dirname(config.api.socket), { recursive: true })
   await rm(config.api.socket, { force: true })
   await app.listen({ path: config.api.socket })
@@ -162,7 +201,8 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
       tcp.closeAllConnections()
       await new Promise((resolve) => tcp.close(resolve))
       await app.close()
-      services.close()
+      local?.close()
+      await cluster?.close()
       await gateway.close()
       pools.close()
       await manager.close()

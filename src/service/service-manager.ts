@@ -40,6 +40,13 @@ export interface ServiceManagerDeps {
   tickMs?: number
 }
 
+/** What the API reads and changes of the services: a ServiceManager, or a cluster node's (src/cluster/cluster-services.ts). */
+export type ServicesApi = Pick<ServiceManager, 'list' | 'get' | 'apply' | 'applyApp' | 'remove' | 'removeApp' | 'registry'> & {
+  // The listener takes the event (ServiceEvent, RegistryEntry); typed loosely, as EventEmitter's own, so that both emitters fit.
+  on: (event: 'service' | 'registry', listener: (event: ServiceEvent & RegistryEntry) => void) => unknown
+  off: (event: 'service' | 'registry', listener: (event: ServiceEvent & RegistryEntry) => void) => unknown
+}
+
 /** The registry's answer for one service: where it runs and how healthy each endpoint is. */
 export interface RegistryEntry { service: string, endpoints: Endpoint[] }
 

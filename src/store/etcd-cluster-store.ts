@@ -167,6 +167,8 @@ export class EtcdClusterStore implements ClusterStore {
   async close (): Promise<void> {
     this.#closed = true
     clearTimeout(this.#leaseTimer)
+    // Revoked, not left to expire: the others see this node go at once, not a TTL later.
+    if (this.#leaseAlive) await this.#lease?.revoke({ deadline: new Date(Date.now() + 1000) }).catch(() => {})
     this.#client.close()
   }
 
