@@ -48,12 +48,19 @@ interface Plan {
   /** Required affinity on the service itself, while no node runs one yet: the first replica goes anywhere. */
   selfAffinityOpen: boolean
   antiRequired: string[]
-  preferAffinity: Array<{ service: string, weight: number }>
-  preferAnti: Array<{ service: string, weight: number }>
+  preferAffinity: Preferred[]
+  preferAnti: Preferred[]
   preferTotal: number
   preferAntiTotal: number
   leastAllocated: boolean
+  spreadOn: boolean
+  vcpus: number
+  memoryMiB: number
+  template: string | undefined
+  imageDigest: string | undefined
 }
+
+interface Preferred { service: string, weight: number }
 
 /** Replica counts of the request's service per node (-1: filtered), reused across calls. */
 let counts = new Int32Array(1024)
@@ -104,21 +111,21 @@ export function schedule (request: ScheduleRequest, nodes: readonly SchedulerNod
   for (let i = 0; i < nodes.length; i++) {
     const c = counts[i] as number
     if (c < 0) continue
-    const score = scoreInto(nodes[i] as SchedulerNode, plan, c, min, max)
-    if (score > bestScore) {
+    const total = score(nodes[i] as SchedulerNode, plan, c, min, max, false)
+    if (total > bestScore) {
       best = i
-      bestScore = score
+      bestScore = total
       ties = 1
-    } else if (score === bestScore) {
+    } else if (total === bestScore) {
       // Reservoir sampling: each of k tied nodes ends up chosen with chance 1/k, in one pass.
       ties++
       if (random() * ties < 1) best = i
     }
   }
   const chosen = nodes[best] as SchedulerNode
-  const score = scoreInto(chosen, plan, counts[best] as number, min, max)
+  const total = score(chosen, plan, counts[best] as number, min, max, true)
   const named = namedParts(plan)
-  return { placed: true, node: chosen.name, score, parts: named, filtered, message: decisionMessage(request.replica, { node: chosen.name, score, parts: named }, filtered) }
+  return { placed: true, node: chosen.name, score: total, parts: named, filtered, message: decisionMessage(request.replica, { node: chosen.name, score: total, parts: named }, filtered) }
 }
 
 function compile (request: ScheduleRequest, nodes: readonly SchedulerNode[], scoring: Scoring): Plan {
@@ -145,7 +152,12 @@ function compile (request: ScheduleRequest, nodes: readonly SchedulerNode[], sco
     preferAnti,
     preferTotal: preferAffinity.reduce((s, p) => s + p.weight, 0),
     preferAntiTotal: preferAnti.reduce((s, p) => s + p.weight, 0),
-    leastAllocated: scoring === 'least-allocated'
+    leastAllocated: scoring === 'least-allocated',
+    spreadOn: rules.spread !== false && service !== null,
+    vcpus: request.resources.vcpus,
+    memoryMiB: request.resources.memoryMiB,
+    template: request.template,
+    imageDigest: request.imageDigest
   }
 }
 
@@ -195,29 +207,40 @@ function replicasOf (n: number, service: string): string {
   return n === 1 ? `a replica of ${service}` : `${groupDigits(n)} replicas of ${service}`
 }
 
-/** Fills `parts` for a feasible node and returns their sum (0..100). */
-function scoreInto (node: SchedulerNode, plan: Plan, count: number, min: number, max: number): number {
-  const { request } = plan
-  parts.fill(0)
-  if (request.rules.spread !== false && plan.service !== null) {
-    parts[PART_SPREAD] = max === min ? SCORE_WEIGHTS.spread : Math.round(SCORE_WEIGHTS.spread * (max - count) / (max - min))
-  }
-  const cpuFree = freeShare(node.capacity.vcpus, node.allocated.vcpus + request.resources.vcpus)
-  const memFree = freeShare(node.capacity.memoryMiB, node.allocated.memoryMiB + request.resources.memoryMiB)
-  const free = (cpuFree + memFree) / 2
-  parts[PART_RESOURCES] = Math.round(SCORE_WEIGHTS.resources * (plan.leastAllocated ? free : 1 - free))
+/**
+ * The node's total (0..100). Locals only, for the loop over every feasible
+ * node; with `record`, the parts also go into `parts` (for the winner).
+ */
+function score (node: SchedulerNode, plan: Plan, count: number, min: number, max: number, record: boolean): number {
+  let spread = 0
+  if (plan.spreadOn) spread = max === min ? SCORE_WEIGHTS.spread : Math.round(SCORE_WEIGHTS.spread * (max - count) / (max - min))
+  const free = (freeShare(node.capacity.vcpus, node.allocated.vcpus + plan.vcpus) +
+    freeShare(node.capacity.memoryMiB, node.allocated.memoryMiB + plan.memoryMiB)) / 2
+  const resources = Math.round(SCORE_WEIGHTS.resources * (plan.leastAllocated ? free : 1 - free))
+  let affinity = 0
   const range = plan.preferTotal + plan.preferAntiTotal
   if (range > 0) {
     let raw = plan.preferAntiTotal
-    for (const p of plan.preferAffinity) if ((node.replicas.get(p.service) ?? 0) > 0) raw += p.weight
-    for (const p of plan.preferAnti) if ((node.replicas.get(p.service) ?? 0) > 0) raw -= p.weight
-    parts[PART_AFFINITY] = Math.round(SCORE_WEIGHTS.affinity * raw / range)
+    for (let k = 0; k < plan.preferAffinity.length; k++) {
+      const p = plan.preferAffinity[k] as Preferred
+      if ((node.replicas.get(p.service) ?? 0) > 0) raw += p.weight
+    }
+    for (let k = 0; k < plan.preferAnti.length; k++) {
+      const p = plan.preferAnti[k] as Preferred
+      if ((node.replicas.get(p.service) ?? 0) > 0) raw -= p.weight
+    }
+    affinity = Math.round(SCORE_WEIGHTS.affinity * raw / range)
   }
-  if (request.template !== undefined && node.templates.has(request.template)) parts[PART_TEMPLATE] = SCORE_WEIGHTS.template
-  if (request.imageDigest !== undefined && node.images.has(request.imageDigest)) parts[PART_IMAGE] = SCORE_WEIGHTS.image
-  let total = 0
-  for (let k = 0; k < parts.length; k++) total += parts[k] as number
-  return total
+  const template = plan.template !== undefined && node.templates.has(plan.template) ? SCORE_WEIGHTS.template : 0
+  const image = plan.imageDigest !== undefined && node.images.has(plan.imageDigest) ? SCORE_WEIGHTS.image : 0
+  if (record) {
+    parts[PART_SPREAD] = spread
+    parts[PART_RESOURCES] = resources
+    parts[PART_AFFINITY] = affinity
+    parts[PART_TEMPLATE] = template
+    parts[PART_IMAGE] = image
+  }
+  return spread + resources + affinity + template + image
 }
 
 /** The share of a capacity left after `used`, in [0, 1]; a zero capacity has none. */
@@ -227,14 +250,13 @@ function freeShare (capacity: number, used: number): number {
   return share < 0 ? 0 : share > 1 ? 1 : share
 }
 
-/** The parts that apply to this request (zeros included), from the last scoreInto. */
+/** The parts that apply to this request (zeros included), from the last recorded score. */
 function namedParts (plan: Plan): Record<string, number> {
-  const { request } = plan
   const out: Record<string, number> = {}
-  if (request.rules.spread !== false && plan.service !== null) out.spread = parts[PART_SPREAD] as number
+  if (plan.spreadOn) out.spread = parts[PART_SPREAD] as number
   out[plan.leastAllocated ? 'free' : 'packed'] = parts[PART_RESOURCES] as number
   if (plan.preferTotal + plan.preferAntiTotal > 0) out.affinity = parts[PART_AFFINITY] as number
-  if (request.template !== undefined) out.template = parts[PART_TEMPLATE] as number
-  if (request.imageDigest !== undefined) out.image = parts[PART_IMAGE] as number
+  if (plan.template !== undefined) out.template = parts[PART_TEMPLATE] as number
+  if (plan.imageDigest !== undefined) out.image = parts[PART_IMAGE] as number
   return out
 }
