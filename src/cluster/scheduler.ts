@@ -62,7 +62,11 @@ interface Plan {
 
 interface Preferred { service: string, weight: number }
 
-/** Replica counts of the request's service per node (-1: filtered), reused across calls. */
+/**
+ * Replica counts of the request's service per node (-1: filtered), reused
+ * across calls. Module scratch is safe: a call runs to completion without
+ * yielding, and nothing of it outlives the call.
+ */
 let counts = new Int32Array(1024)
 
 const PART_SPREAD = 0
