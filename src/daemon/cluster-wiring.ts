@@ -89,7 +89,12 @@ export function wireClusterNode (w: ClusterWiring): { node: ClusterNode, placeVm
     },
     gateway: w.gateway,
     allowGatewayPorts: async (ports) => { await w.network?.allowHostPorts(ports) },
-    syncRoutes: routes !== undefined ? async (peers) => { await routes.sync(peers) } : null,
+    syncRoutes: routes !== undefined
+      ? async (peers) => {
+        await routes.sync(peers)
+        await w.network?.setClusterNodes(peers.map((p) => p.via))
+      }
+      : null,
     token,
     scoring: config.cluster.scoring,
     preferLocalEndpoints: config.cluster.preferLocalEndpoints,
