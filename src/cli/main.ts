@@ -2,12 +2,13 @@ import { UigniterError } from '../core/errors.js'
 import { helpText, parseCommandArgs, type Command } from './args.js'
 import { imageCommands } from './image-commands.js'
 import { kernelCommands } from './kernel-commands.js'
+import { nodeCommands } from './node-commands.js'
 import { poolCommands } from './pool-commands.js'
 import { serviceCommands } from './service-commands.js'
 import { templateCommands } from './template-commands.js'
 import { vmCommands } from './vm-commands.js'
 
-const cliCommands: Command[] = [...vmCommands, ...imageCommands, ...poolCommands, ...templateCommands, ...serviceCommands, ...kernelCommands]
+const cliCommands: Command[] = [...vmCommands, ...imageCommands, ...poolCommands, ...templateCommands, ...serviceCommands, ...nodeCommands, ...kernelCommands]
 /** The CLI's commands plus the executable's (runCli). */
 let commands: Command[] = cliCommands
 

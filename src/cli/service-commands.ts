@@ -215,15 +215,18 @@ export const serviceCommands: Command[] = [
     summary: 'Where each service runs: its endpoints and their health, as the gateway routes them.',
     usage: 'uigniter registry [SERVICE] [--json]',
     options: { json: { type: 'boolean' } },
-    help: [],
+    help: ['--json   print JSON', 'In a cluster, NODE is the node each endpoint runs on'],
     run: async (values, positionals) => {
       if (positionals.length > 1) throw new UigniterError('UIG_ERR_CLI_USAGE', 'usage: uigniter registry [SERVICE]')
       const query = positionals[0] !== undefined ? `?service=${enc(positionals[0])}` : ''
       const entries = await (await daemonClient()).call<RegistryEntry[]>('GET', `/v1/registry${query}`)
       if (values.json === true) console.log(JSON.stringify(entries, null, 2))
       else {
-        printTable(['SERVICE', 'ENDPOINT', 'VM', 'ADDRESS', 'GEN', 'HEALTH', 'WEIGHT', 'PRIORITY', 'SINCE'],
-          entries.flatMap((e) => e.endpoints.map((p) => [e.service, p.id, p.vm ?? '-', p.host, String(p.generation), p.health, String(p.weight), String(p.priority), p.since])))
+        // A cluster's endpoints say where they run; a single host's do not, and get no NODE column.
+        const withNode = entries.some((e) => e.endpoints.some((p) => p.node !== undefined))
+        const node = (cells: string[], value: string): string[] => withNode ? [...cells.slice(0, 3), value, ...cells.slice(3)] : cells
+        printTable(node(['SERVICE', 'ENDPOINT', 'VM', 'ADDRESS', 'GEN', 'HEALTH', 'WEIGHT', 'PRIORITY', 'SINCE'], 'NODE'),
+          entries.flatMap((e) => e.endpoints.map((p) => node([e.service, p.id, p.vm ?? '-', p.host, String(p.generation), p.health, String(p.weight), String(p.priority), p.since], p.node ?? '-'))))
       }
       return 0
     }

@@ -4,6 +4,7 @@ import type { ImageManifest } from '../core/image.js'
 import type { Vm } from '../core/vm.js'
 import { ApiClient, daemonClient } from './api-client.js'
 import { parseEnv, parseIntFlag, parseMiB, printTable, type Command } from './args.js'
+import { clusterNodes, parseNodeName } from './node-commands.js'
 
 function ports (vm: Vm): string {
   return vm.publish.map((p) => `${p.hostAddress}:${p.hostPort}->${p.guestPort}`).join(', ')
@@ -39,17 +40,20 @@ function eachVm (verb: string, action: (api: ApiClient, id: string, values: Reco
 }
 
 const enc = encodeURIComponent
+/** The states GET /v1/vms lists without all=true. */
+const LIVE = new Set<Vm['state']>(['starting', 'running', 'paused', 'stopping'])
 
 export const vmCommands: Command[] = [
   {
     name: 'run',
     summary: 'Create a VM from an image (or clone a template) and start it; without -d, follow its console until it ends.',
     positionalTail: true,
-    usage: 'uigniter run [-d] [--name NAME] [--cpus N] [--memory M] [-p HOST:GUEST]... [-e K=V]... [--network bridge|user|none] [--overlay SIZE] [-v HOST:GUEST[:rw]]... (IMAGE [ARGS...] | --template TEMPLATE)',
+    usage: 'uigniter run [-d] [--name NAME] [--node NODE] [--cpus N] [--memory M] [-p HOST:GUEST]... [-e K=V]... [--network bridge|user|none] [--overlay SIZE] [-v HOST:GUEST[:rw]]... (IMAGE [ARGS...] | --template TEMPLATE)',
     options: {
       detach: { type: 'boolean', short: 'd' },
       template: { type: 'string' },
       name: { type: 'string' },
+      node: { type: 'string' },
       cpus: { type: 'string' },
       memory: { type: 'string' },
       publish: { type: 'string', short: 'p', multiple: true },
@@ -62,6 +66,7 @@ export const vmCommands: Command[] = [
     help: [
       '-d, --detach          print the VM id and return',
       '--name NAME           a unique name (default: IMAGE-<id>)',
+      '--node NODE           a cluster only: run it on this node (default: the scheduler picks one)',
       '--cpus N, --memory M  resources (memory in MiB, or 512M, 1G); default: the image\'s',
       '-p, --publish H:G     publish host port H (on 127.0.0.1; or ADDR:H:G) to the VM\'s port G',
       '-e, --env K=V         environment for the app (repeatable)',
@@ -82,6 +87,7 @@ export const vmCommands: Command[] = [
         if (args.length > 0) body.args = args
       }
       if (values.name !== undefined) body.name = values.name
+      if (values.node !== undefined) body.node = parseNodeName(values.node as string, '--node')
       if (values.cpus !== undefined) body.vcpus = parseIntFlag(values.cpus as string, '--cpus', 1, 64)
       if (values.memory !== undefined) body.memoryMiB = parseMiB(values.memory as string, '--memory')
       if (values.network !== undefined) body.network = values.network
@@ -101,16 +107,27 @@ export const vmCommands: Command[] = [
   },
   {
     name: 'ps',
-    summary: 'List running VMs (-a: all).',
+    summary: 'List running VMs (-a: all); in a cluster, those of every node, with their node.',
     usage: 'uigniter ps [-a] [--json]',
     options: { all: { type: 'boolean', short: 'a' }, json: { type: 'boolean' } },
-    help: ['-a, --all   include VMs that ended', '--json      print JSON'],
+    help: ['-a, --all   include VMs that ended', '--json      print JSON', 'In a cluster, NODE says where each VM runs; nodes that do not answer are named on stderr'],
     run: async (values) => {
-      const vms = await (await daemonClient()).call<Vm[]>('GET', `/v1/vms${values.all === true ? '?all=true' : ''}`)
-      if (values.json === true) console.log(JSON.stringify(vms, null, 2))
-      else printTable(['ID', 'NAME', 'IMAGE', 'STATE', 'IP', 'PORTS', 'STARTED AS', 'CREATED'],
-        vms.map((vm) => [vm.id.slice(0, 12), vm.name, vm.image, exitText(vm), vm.exit === null ? vm.ipAddress ?? '-' : '-', ports(vm),
-          vm.template !== null ? `clone of ${vm.template}` : vm.startPath, ago(vm.createdAt)]))
+      const api = await daemonClient()
+      const nodes = await clusterNodes(api)
+      let vms: Vm[]
+      if (nodes === undefined) {
+        vms = await api.call<Vm[]>('GET', `/v1/vms${values.all === true ? '?all=true' : ''}`)
+      } else {
+        const cluster = await api.call<{ vms: Vm[], unreachable: string[] }>('GET', '/v1/cluster/vms')
+        if (cluster.unreachable.length > 0) process.stderr.write(`uigniter: warning: node${cluster.unreachable.length === 1 ? '' : 's'} ${cluster.unreachable.join(', ')} did not answer: ${cluster.unreachable.length === 1 ? 'its' : 'their'} VMs are not listed\n`)
+        // The cluster's list holds ended VMs too: without -a, only the live states /v1/vms lists.
+        vms = values.all === true ? cluster.vms : cluster.vms.filter((vm) => LIVE.has(vm.state))
+      }
+      if (values.json === true) { console.log(JSON.stringify(vms, null, 2)); return 0 }
+      const node = (cells: string[], value: string): string[] => nodes !== undefined ? [...cells.slice(0, 2), value, ...cells.slice(2)] : cells
+      printTable(node(['ID', 'NAME', 'IMAGE', 'STATE', 'IP', 'PORTS', 'STARTED AS', 'CREATED'], 'NODE'),
+        vms.map((vm) => node([vm.id.slice(0, 12), vm.name, vm.image, exitText(vm), vm.exit === null ? vm.ipAddress ?? '-' : '-', ports(vm),
+          vm.template !== null ? `clone of ${vm.template}` : vm.startPath, ago(vm.createdAt)], vm.node ?? '-')))
       return 0
     }
   },
