@@ -132,6 +132,8 @@ export class NodeAgent {
   }
 
   #sweep (): void {
+    // An image built or a template made since the last change shows in the status too (it is written only when it changed).
+    this.statusChanged()
     if (this.#closed || !this.#placements.synced) return
     for (const p of this.#placements.items.values()) this.#run(p)
     // Fencing: a replica VM here with no placement here was moved away (or deleted) by the leader.
@@ -152,7 +154,10 @@ export class NodeAgent {
     void (async () => {
       try {
         await this.#deps.ensureImage(p.imageDigest, p.spec.image ?? '')
-        const vm = await this.#deps.startReplica(p.spec, p.generation, p.replica)
+        // A pool's instance keeps the pool's name, but a placed replica is known by its own: in a
+        // cluster, `pool` replicas are clones of the same template, made on the node.
+        const spec = p.spec.startPath === 'pool' ? { ...p.spec, startPath: 'clone' as const } : p.spec
+        const vm = await this.#deps.startReplica(spec, p.generation, p.replica)
         this.#deps.log.info({ replica: p.replica, service: p.service, ms: Math.round(vm.startTimings?.totalMs ?? 0) }, 'started a placed replica')
         this.#report(this.#deps.vms.get(vm.id), p.epoch)
       } catch (err) {

@@ -72,10 +72,7 @@ export function wireClusterNode (w: ClusterWiring): { node: ClusterNode, placeVm
       templates: async () => (await w.templates.list()).map((t) => t.name)
     },
     startReplica: async (spec, generation, name) => await w.launcher.start(spec, generation, name),
-    ensureImage: async (digest, ref) => {
-      const holders = (holder.node?.view.nodeViews() ?? []).filter((n) => n.state !== 'lost' && n.name !== config.cluster.node && n.images.some((i) => i.digest === digest)).map((n) => n.apiUrl)
-      await fetcher.ensure(digest, holders, ref === '' ? undefined : ref.includes(':') ? ref : `${ref}:latest`)
-    },
+    ensureImage: async (digest, ref) => { await ensureImage(digest, ref) },
     identity: {
       name: config.cluster.node,
       apiUrl: nodeApiUrl(config),
@@ -104,11 +101,20 @@ export function wireClusterNode (w: ClusterWiring): { node: ClusterNode, placeVm
   holder.node = node
   const clusterNode = node
   const peers = new PeerClient(token)
-  /** A VM outside any service: on the node it names, or on the one the scheduler picks for its image's resources. */
+  const ensureImage = async (digest: string, ref: string): Promise<void> => {
+    const holders = clusterNode.view.nodeViews().filter((n) => n.state !== 'lost' && n.name !== config.cluster.node && n.images.some((i) => i.digest === digest)).map((n) => n.apiUrl)
+    await fetcher.ensure(digest, holders, ref === '' ? undefined : ref.includes(':') ? ref : `${ref}:latest`)
+  }
+  /**
+   * A VM outside any service: on the node it names, or on the one the
+   * scheduler picks for its image's resources; the node that runs it
+   * fetches the image first when it lacks it.
+   */
   const placeVm: PlaceVm = async (request) => {
+    const known = clusterNode.view.nodeViews().flatMap((n) => n.images).find((i) => i.ref === request.image || i.ref === `${request.image ?? ''}:latest`)
     let target = request.node
     if (target === undefined) {
-      const image = clusterNode.view.nodeViews().flatMap((n) => n.images).find((i) => i.ref === request.image || i.ref === `${request.image ?? ''}:latest`)
+      const image = known
       if (image === undefined || request.template !== undefined) return undefined
       const decision = schedule({
         replica: request.name ?? '(unnamed VM)',
@@ -121,7 +127,10 @@ export function wireClusterNode (w: ClusterWiring): { node: ClusterNode, placeVm
       if (!decision.placed) throw new UigniterError('UIG_ERR_CLUSTER_UNSCHEDULABLE', decision.message)
       target = decision.node
     }
-    if (target === config.cluster.node) return undefined
+    if (target === config.cluster.node) {
+      if (known !== undefined) await ensureImage(known.digest, known.ref)
+      return undefined
+    }
     const peer = clusterNode.view.nodeViews().find((n) => n.name === target)
     if (peer === undefined) throw new UigniterError('UIG_ERR_NODE_NOT_FOUND', `no node of the cluster is named "${target}"; "uigniter node ls" lists them`)
     if (peer.state === 'lost') throw new UigniterError('UIG_ERR_NODE_UNREACHABLE', `node ${target} is lost (its lease expired); choose another node`)

@@ -1,4 +1,4 @@
-import { randomBytes } from 'node:crypto'
+import { createHash, randomBytes } from 'node:crypto'
 import { writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { ApiClient } from '../../src/cli/api-client.js'
@@ -52,8 +52,9 @@ export class ClusterDaemons {
   /** Starts node i's daemon (its config file first: a uid range and a short lease of its own) and waits for its API. */
   async start (i: number, timeoutMs = 90_000): Promise<void> {
     const n = this.#lab.node(i)
-    // Each node its own jail uids: the three daemons share one kernel.
-    await writeFile(join(n.dataDir, 'config.json'), JSON.stringify({ jail: { uidBase: 700_000 + i * 10_000, uidCount: 1000, gid: 640_000 }, cluster: { leaseTtlS: 4 } }))
+    // Each node its own jail uids (by the lab's name, so that two labs at once never share one): the daemons share one kernel.
+    const uidBase = 700_000 + (createHash('sha256').update(this.#lab.name).digest().readUInt16BE(0) % 200) * 10_000 + i * 2000
+    await writeFile(join(n.dataDir, 'config.json'), JSON.stringify({ jail: { uidBase, uidCount: 1000, gid: 640_000 }, cluster: { leaseTtlS: 4, subnetRange: this.#lab.clusterRange } }))
     const proc = this.#lab.spawn(i, process.execPath, [join(packageRoot, 'dist/src/daemon/main.js'), 'daemon'], { env: this.env(i), log: `daemon-${n.name}.log` })
     this.#procs.set(i, proc)
     const deadline = Date.now() + timeoutMs
