@@ -6,6 +6,7 @@
  *      and its QEMUs are killed (kill -9); time until the service has 3
  *      healthy endpoints on the other nodes, beside the lease TTL and the
  *      replacement's clone start, PASS/MISS against TTL + one clone start;
+ *      followers die in the first runs, the leader in one more (an election too);
  *   2. etcd writes (revisions) per VM start: scale up by exactly one, from
  *      quiet to quiet, with the keys each revision wrote;
  *   3. bytes on the wire per node heartbeat (lease keep-alive), counted by
@@ -14,7 +15,7 @@
  *      state files from another node over the underlay, and a clone from
  *      the copy.
  * Needs root. Results (markdown) on stdout; progress on stderr on a TTY (or --progress).
- *   node dist/bench/cluster.js [--runs 3] [--samples 3] [--idle-s 20] [--no-node-http] [--progress] [--keep-logs DIR]
+ *   node dist/bench/cluster.js [--runs 3] [--samples 3] [--idle-s 20] [--no-node-http] [--no-leader-run] [--figures 1,2,3,4] [--progress] [--keep-logs DIR]
  * --keep-logs copies the lab's logs (daemons, etcd) to DIR before the lab goes.
  */
 import { execFileSync } from 'node:child_process'
@@ -34,7 +35,7 @@ import { Template } from '../src/snapshot/template.js'
 import { ClusterDaemons } from '../test/helpers/cluster-daemons.js'
 import { startClusterLab, type ClusterLab } from '../test/helpers/cluster-lab.js'
 import { exampleSpec, packageRoot } from '../test/helpers/fixtures.js'
-import { describeRevisions, EtcdRecorder, type RecordedChange } from './lib/etcd-recorder.js'
+import { describeRevisions, EtcdRecorder, repeatedPuts, type RecordedChange } from './lib/etcd-recorder.js'
 import { percentile, untilServing } from './lib/measure.js'
 import { NetnsEtcdMeter } from './lib/netns-etcd-meter.js'
 import { installCopiedTemplate, templateMemoryDir } from './lib/template-copy.js'
@@ -46,6 +47,8 @@ const { values } = parseArgs({
     'idle-s': { type: 'string', default: '20' },
     'no-node-http': { type: 'boolean', default: false },
     progress: { type: 'boolean', default: false },
+    'no-leader-run': { type: 'boolean', default: false },
+    figures: { type: 'string', default: '1,2,3,4' },
     'keep-logs': { type: 'string' }
   }
 })
@@ -58,6 +61,10 @@ const RUNS = wholeNumber('runs', values.runs, 1, 10)
 const SAMPLES = wholeNumber('samples', values.samples, 1, 20)
 const IDLE_S = wholeNumber('idle-s', values['idle-s'], 5, 600)
 const WITH_NODE_HTTP = values['no-node-http'] !== true
+/** One more failover run, in which the leader is the node that dies. */
+const LEADER_RUN = values['no-leader-run'] !== true
+const FIGURES = new Set(values.figures.split(',').map((f) => f.trim()))
+if ([...FIGURES].some((f) => !['1', '2', '3', '4'].includes(f))) throw new Error(`--figures takes a comma-separated list of 1 to 4, not "${values.figures}"`)
 /** What ClusterDaemons writes into every node's config (cluster.leaseTtlS). */
 const LEASE_TTL_S = 4
 const SERVICE = 'fo'
@@ -166,6 +173,8 @@ function nodeProcesses (ns: string): number[] {
 
 interface FailoverRun {
   victim: string
+  wasLeader: boolean
+  killed: string[]
   replicasLost: number
   totalMs: number
   leaseGoneMs: number
@@ -176,24 +185,27 @@ interface FailoverRun {
   plan: string
 }
 
-async function failover (b: Bench, run: number): Promise<FailoverRun> {
+async function failover (b: Bench, run: number, killLeader: boolean): Promise<FailoverRun> {
   const leader = await b.leader()
   const before = await b.service(leader)
   const held = new Map<string, number>()
   for (const e of healthy(before)) held.set(e.node ?? '', (held.get(e.node ?? '') ?? 0) + 1)
-  // A follower that holds replicas, the one with fewest: the leader's own death adds an election, a figure apart.
-  const candidates = [...held.entries()].filter(([n]) => n !== `n${leader}`).sort((x, y) => x[1] - y[1])
+  // A follower that holds replicas, the one with fewest; or the leader, whose death adds an election: a figure apart.
+  const candidates = [...held.entries()].filter(([n]) => killLeader ? n === `n${leader}` : n !== `n${leader}`).sort((x, y) => x[1] - y[1])
   const victimName = candidates[0]?.[0]
-  if (victimName === undefined) throw new Error(`no follower holds a replica of ${SERVICE}: ${JSON.stringify([...held])}`)
+  if (victimName === undefined) throw new Error(`no ${killLeader ? 'leader' : 'follower'} holds a replica of ${SERVICE}: ${JSON.stringify([...held])}`)
   const victim = b.index(victimName)
+  // Asked on a node that survives: with the leader gone, a follower answers once a new leader is elected.
+  const via = killLeader ? ([1, 2, 3].find((i) => i !== victim) ?? 1) : leader
   const beforeVms = new Set(before.endpoints.map((e) => e.vm))
   const procs = nodeProcesses(b.lab.node(victim).ns)
-  progress(`failover run ${run}: killing ${victimName} (daemon and ${procs.length - 1} other processes, ${held.get(victimName)} replica(s)); leader n${leader}`)
+  const killed = procs.map((pid) => { try { return readFileSync(`/proc/${pid}/comm`, 'utf8').trim() } catch { return '?' } })
+  progress(`failover run ${run}: killing ${victimName} (${killed.join(', ')}; ${held.get(victimName)} replica(s)); leader n${leader}`)
   const mark = b.recorder.changes.length
   const t0 = performance.now()
   for (const pid of procs) { try { process.kill(pid, 'SIGKILL') } catch { /* gone already */ } }
   const after = await until('3 healthy endpoints on the surviving nodes', async () => {
-    const s = await b.service(leader)
+    const s = await b.service(via)
     return healthy(s, victimName).length >= 3 ? s : undefined
   }, 180_000, 50)
   const totalMs = performance.now() - t0
@@ -209,6 +221,8 @@ async function failover (b: Bench, run: number): Promise<FailoverRun> {
   const cloneMs = Math.max(...vms.map((vm) => vm.startTimings?.totalMs ?? NaN))
   const result: FailoverRun = {
     victim: victimName,
+    wasLeader: killLeader,
+    killed,
     replicasLost: held.get(victimName) ?? 0,
     totalMs,
     leaseGoneMs: firstAt((c) => c.type === 'delete' && c.key === `${PREFIX}nodes/${victimName}`),
@@ -220,14 +234,14 @@ async function failover (b: Bench, run: number): Promise<FailoverRun> {
   }
   progress(`failover run ${run}: ${ms(totalMs)} ms (lease gone at ${ms(result.leaseGoneMs)}, clone ${ms(cloneMs)} ms); restarting ${victimName}`)
   await b.daemons.start(victim)
-  await b.readyNodes(leader)
+  await b.readyNodes(via)
   await b.recorder.quiet(2000, 90_000)
   return result
 }
 
 // ---------------------------------------------------------------- 2. writes per VM start
 
-interface WritesSample { writes: number, startWrites: number, stopWrites: number, lines: string[], stopLines: string[], startMs: number }
+interface WritesSample { writes: number, startWrites: number, repeated: number, stopWrites: number, lines: string[], stopLines: string[], startMs: number }
 
 async function writesPerStart (b: Bench, base: number): Promise<WritesSample> {
   const leader = await b.leader()
@@ -255,6 +269,7 @@ async function writesPerStart (b: Bench, base: number): Promise<WritesSample> {
   return {
     writes: rev1 - rev0,
     startWrites: rev1 - rev0 - specRevisions.size,
+    repeated: repeatedPuts(changes),
     stopWrites: rev2 - rev1 - stopSpec.size,
     lines: describeRevisions(changes, PREFIX),
     stopLines: describeRevisions(stops, PREFIX),
@@ -304,6 +319,7 @@ interface TemplateFigure {
   ramAllocated: number
   stateBytes: number
   rawCopyMs: number
+  rawAllocated: number
   sparseCopyMs: number
   sparseAllocated: number
   installMs: number
@@ -351,6 +367,7 @@ async function templates (b: Bench, image: string): Promise<TemplateFigure> {
     let t0 = performance.now()
     await b.lab.exec(3, 'sh', ['-c', `curl -sf -o '${memDir}/memory.ram' ${base}/raw/ram && curl -sf -o '${tDir}/state.bin' ${base}/raw/state`])
     const rawCopyMs = performance.now() - t0
+    const rawCopied = await stat(join(memDir, 'memory.ram'))
     await rm(join(memDir, 'memory.ram'), { force: true })
     await rm(join(tDir, 'state.bin'), { force: true })
     t0 = performance.now()
@@ -378,6 +395,7 @@ async function templates (b: Bench, image: string): Promise<TemplateFigure> {
       ramAllocated: ram.blocks * 512,
       stateBytes: made.info.stateBytes,
       rawCopyMs,
+      rawAllocated: rawCopied.blocks * 512,
       sparseCopyMs,
       sparseAllocated: copied.blocks * 512,
       installMs,
@@ -402,13 +420,91 @@ function discardTemplates (lab: ClusterLab): Promise<void[]> {
   }))
 }
 
+type Emit = (...lines: string[]) => void
+
+async function reportFailover (b: Bench, emit: Emit): Promise<void> {
+  const runs: FailoverRun[] = []
+  for (let r = 1; r <= RUNS + (LEADER_RUN ? 1 : 0); r++) {
+    try {
+      runs.push(await failover(b, r, r > RUNS))
+    } catch (err) {
+      emit(`(failover run ${r} failed: ${(err as Error).message}; the runs before it are below)`, '')
+      break
+    }
+  }
+  emit('## Failover (a node\'s daemon and QEMUs killed, until 3 healthy endpoints on the other nodes)', '',
+    table(['run', 'node killed', 'replicas lost', 'lease TTL (ms)', 'lease gone at (ms)', 'placed again at (ms)', 'reported running at (ms)', 'back at min (ms)', 'clone start (ms)', 'on node', 'target TTL + clone (ms)', 'result'],
+      runs.map((f, k) => {
+        const target = LEASE_TTL_S * 1000 + f.cloneMs
+        return [String(k + 1), `${f.victim}${f.wasLeader ? ' (the leader)' : ''}`, String(f.replicasLost), ms(LEASE_TTL_S * 1000), ms(f.leaseGoneMs), ms(f.placedMs), ms(f.reportedMs), ms(f.totalMs), `${ms(f.cloneMs)} (${f.plan})`, f.replacementNode, ms(target), f.totalMs <= target ? 'PASS' : 'MISS']
+      })), '',
+    `Killed in each run: ${runs.map((f, k) => `run ${k + 1}: ${f.killed.join(', ')}`).join('; ')} (the node's etcd member was left running: the lab's quorum).`, '',
+    `Median back at min: ${ms(percentile(runs.map((f) => f.totalMs), 50))} ms. "lease gone" is when the node's key was deleted in etcd (its lease expired), as the bench's own watch saw it; "placed again" the leader's placement put; "reported running" the surviving node's replica report; "clone start" the slowest replacement's startTimings.totalMs.`, '')
+}
+
+async function reportWrites (b: Bench, emit: Emit): Promise<void> {
+  const samples: WritesSample[] = []
+  for (let k = 1; k <= SAMPLES; k++) {
+    progress(`writes: sample ${k}: scaling ${SERVICE} 3 → 4 → 3`)
+    samples.push(await writesPerStart(b, 3))
+  }
+  const starts = samples.map((s) => s.startWrites)
+  emit('## etcd writes per VM start (revisions, scale 3 → 4, quiet to quiet)', '',
+    table(['figure', 'value', 'target', 'result'], [
+      ['revisions for the scale-up, all (list)', samples.map((s) => s.writes).join(', '), '', ''],
+      ['of which the VM start (without the spec\'s own write), median', String(percentile(starts, 50)), '≤ 3', percentile(starts, 50) <= 3 ? 'PASS' : 'MISS'],
+      ['VM start writes (list)', starts.join(', '), '', ''],
+      ['of those, puts of a value the key already had (list)', samples.map((s) => s.repeated).join(', '), '', ''],
+      ['VM stop writes (scale 4 → 3; list, without the spec write)', samples.map((s) => s.stopWrites).join(', '), '', ''],
+      ['scale-up request to healthy (ms, list)', samples.map((s) => ms(s.startMs)).join(', '), '', '']
+    ]), '',
+    'What each revision wrote (first sample, start):', '', '```', ...(samples[0]?.lines ?? []), '```', '',
+    'And the stop (first sample):', '', '```', ...(samples[0]?.stopLines ?? []), '```', '')
+  if (samples.length > 1) emit('Other samples, start:', '', '```', ...samples.slice(1).flatMap((s, k) => [`-- sample ${k + 2}`, ...s.lines]), '```', '')
+}
+
+async function reportHeartbeat (b: Bench, emit: Emit): Promise<void> {
+  const hb = await heartbeat(b)
+  emit('## Bytes per node heartbeat (lease keep-alive every TTL/3, idle cluster)', '',
+    table(['figure', 'value'], [
+      ['node measured (a follower)', hb.node],
+      ['window (s)', hb.seconds.toFixed(1)],
+      ['etcd revisions in the window (0 = idle)', String(hb.revisions)],
+      ['keep-alives in the window (window / (TTL/3))', hb.keepAlives.toFixed(1)],
+      ['bytes on the wire, both ways (IP packets, the node\'s etcd clients ↔ port 2379)', `${hb.bytes.toLocaleString('en-US')} B in ${hb.packets} packets`],
+      ['by counter', Object.entries(hb.parts).map(([k, v]) => `${k} ${v.bytes.toLocaleString('en-US')} B / ${v.packets} pkts`).join('; ')],
+      ['bytes per keep-alive (all of it charged to the heartbeat)', `${Math.round(hb.bytes / hb.keepAlives).toLocaleString('en-US')} B in ${(hb.packets / hb.keepAlives).toFixed(1)} packets`],
+      ['of which IPv4 + TCP headers (52 B a packet, with timestamps)', `${Math.round(hb.packets * 52 / hb.keepAlives).toLocaleString('en-US')} B`],
+      ['bytes per second per node, idle', `${Math.round(hb.bytes / hb.seconds).toLocaleString('en-US')} B/s`],
+      ['node status record (value of /uigniter/nodes/NAME), written on changes only', Object.entries(hb.statusBytes).map(([n, v]) => `${n} ${v.toLocaleString('en-US')} B`).join(', ')]
+    ]), '')
+}
+
+async function reportTemplates (b: Bench, emit: Emit): Promise<void> {
+  // Fewer VMs: the service's replicas are not needed any more.
+  await b.api(await b.leader()).call('DELETE', `/v1/services/${SERVICE}`).catch(() => {})
+  await until(`${SERVICE} gone`, async () => await b.service(await b.leader()).then(() => undefined, () => true), 60_000)
+  const figures: TemplateFigure[] = []
+  for (const image of ['hello', ...(WITH_NODE_HTTP ? ['node-http'] : [])]) figures.push(await templates(b, image))
+  emit('## Clone templates per node: remake against copy (n1 makes it; n2 remakes it; n3 gets a copy from n1 over the underlay)', '',
+    table(['image', 'RAM (apparent / allocated)', 'state file', 'remake on a node: wall (ms, n1, n2)', 'of which boot to ready / save (ms)', 'copy raw over HTTP: ms (bytes moved, allocated on n3)', 'copy sparse, tar -S over HTTP: ms (bytes moved ≈ allocated on n3)', 'record rewrite (ms)', 'first clone from the copy, to serving (ms)', 'first clone from the remake, to serving (ms)'],
+      figures.map((f) => [
+        `${f.image} (${f.memoryMiB} MiB)`, `${mib(f.ramBytes)} / ${mib(f.ramAllocated)}`, kib(f.stateBytes),
+        f.remakeMs.map(ms).join(', '), `${f.bootMs.map(ms).join(', ')} / ${f.saveMs.map(ms).join(', ')}`,
+        `${ms(f.rawCopyMs)} (${mib(f.ramBytes)}, ${mib(f.rawAllocated)})`, `${ms(f.sparseCopyMs)} (${mib(f.sparseAllocated)})`, f.installMs.toFixed(1),
+        f.cloneFromCopyServes ? ms(f.cloneFromCopyMs) : `failed${f.cloneFromCopyError !== '' ? `: ${f.cloneFromCopyError}` : ' (no answer)'}`, ms(f.cloneFromRemakeMs)
+      ])), '',
+    'A copy is usable here because the nodes share one kernel cache, the same QEMU and the same image digest under the same store layout; the record (template.json) names the source node\'s absolute paths and must be rewritten. The clone wakes with the template\'s address and MAC from the source node\'s subnet until it takes its own identity.', '')
+}
+
 async function main (): Promise<void> {
   const lab = await startClusterLab({ nodes: 3, name: 'uigbench' })
   const b = new Bench(lab)
-  const emit = (...lines: string[]): void => { process.stdout.write(lines.join('\n') + '\n') }
+  const emit: Emit = (...lines) => { process.stdout.write(lines.join('\n') + '\n') }
   /** A figure that fails is said so, and the others still run. */
-  const figure = async (title: string, work: () => Promise<void>): Promise<void> => {
-    try { await work() } catch (err) { emit(`## ${title}`, '', `FAILED: ${err instanceof Error ? err.message : String(err)}`, '') }
+  const figure = async (n: string, title: string, work: (b: Bench, emit: Emit) => Promise<void>): Promise<void> => {
+    if (!FIGURES.has(n)) return
+    try { await work(b, emit) } catch (err) { emit(`## ${title}`, '', `FAILED: ${err instanceof Error ? err.message : String(err)}`, '') }
   }
   try {
     progress('building hello' + (WITH_NODE_HTTP ? ' and node-http' : '') + ' on n1 (copied to n2, n3 by file)')
@@ -423,85 +519,15 @@ async function main (): Promise<void> {
     await b.readyNodes(1)
     await b.recorder.start()
 
-    // 1. Failover
     const leader = await b.leader()
     progress(`service ${SERVICE}: hello, clone, min 3, spread`)
     await applyService(b, leader, 3)
     await until('3 healthy replicas', async () => { const s = await b.service(leader); return healthy(s).length >= 3 ? s : undefined }, 240_000)
     await b.recorder.quiet(2000, 90_000)
-    await figure('Failover', async () => {
-    const runs: FailoverRun[] = []
-    for (let r = 1; r <= RUNS; r++) {
-      try {
-        runs.push(await failover(b, r))
-      } catch (err) {
-        emit(`(failover run ${r} failed: ${(err as Error).message}; the runs before it are below)`, '')
-        break
-      }
-    }
-    emit('## Failover (a node\'s daemon and QEMUs killed, until 3 healthy endpoints on the other nodes)', '',
-      table(['run', 'node killed', 'replicas lost', 'lease TTL (ms)', 'lease gone at (ms)', 'placed again at (ms)', 'reported running at (ms)', 'back at min (ms)', 'clone start (ms)', 'on node', 'target TTL + clone (ms)', 'result'],
-        runs.map((f, k) => {
-          const target = LEASE_TTL_S * 1000 + f.cloneMs
-          return [String(k + 1), f.victim, String(f.replicasLost), ms(LEASE_TTL_S * 1000), ms(f.leaseGoneMs), ms(f.placedMs), ms(f.reportedMs), ms(f.totalMs), `${ms(f.cloneMs)} (${f.plan})`, f.replacementNode, ms(target), f.totalMs <= target ? 'PASS' : 'MISS']
-        })), '',
-      `Median back at min: ${ms(percentile(runs.map((f) => f.totalMs), 50))} ms. "lease gone" is when the node's key was deleted in etcd (its lease expired), as the bench's own watch saw it; "placed again" the leader's placement put; "reported running" the surviving node's replica report.`, '')
-    })
-
-    // 2. etcd writes per VM start
-    await figure('etcd writes per VM start', async () => {
-    const samples: WritesSample[] = []
-    for (let k = 1; k <= SAMPLES; k++) {
-      progress(`writes: sample ${k}: scaling ${SERVICE} 3 → 4 → 3`)
-      samples.push(await writesPerStart(b, 3))
-    }
-    const starts = samples.map((s) => s.startWrites)
-    emit('## etcd writes per VM start (revisions, scale 3 → 4, quiet to quiet)', '',
-      table(['figure', 'value', 'target', 'result'], [
-        ['revisions for the scale-up, all (list)', samples.map((s) => s.writes).join(', '), '', ''],
-        ['of which the VM start (without the spec\'s own write), median', String(percentile(starts, 50)), '≤ 3', percentile(starts, 50) <= 3 ? 'PASS' : 'MISS'],
-        ['VM start writes (list)', starts.join(', '), '', ''],
-        ['VM stop writes (scale 4 → 3; list, without the spec write)', samples.map((s) => s.stopWrites).join(', '), '', ''],
-        ['scale-up request to healthy (ms, list)', samples.map((s) => ms(s.startMs)).join(', '), '', '']
-      ]), '',
-      'What each revision wrote (first sample, start):', '', '```', ...(samples[0]?.lines ?? []), '```', '',
-      'And the stop (first sample):', '', '```', ...(samples[0]?.stopLines ?? []), '```', '')
-    if (samples.length > 1) emit('Other samples, start:', '', '```', ...samples.slice(1).flatMap((s, k) => [`-- sample ${k + 2}`, ...s.lines]), '```', '')
-    })
-
-    // 3. Heartbeat
-    await figure('Bytes per node heartbeat', async () => {
-    const hb = await heartbeat(b)
-    emit('## Bytes per node heartbeat (lease keep-alive every TTL/3, idle cluster)', '',
-      table(['figure', 'value'], [
-        ['node measured (a follower)', hb.node],
-        ['window (s)', hb.seconds.toFixed(1)],
-        ['etcd revisions in the window (0 = idle)', String(hb.revisions)],
-        ['keep-alives in the window (window / (TTL/3))', hb.keepAlives.toFixed(1)],
-        ['bytes on the wire, both ways (IP packets, the node\'s etcd clients ↔ port 2379)', `${hb.bytes.toLocaleString('en-US')} B in ${hb.packets} packets`],
-        ['by counter', Object.entries(hb.parts).map(([k, v]) => `${k} ${v.bytes.toLocaleString('en-US')} B / ${v.packets} pkts`).join('; ')],
-        ['bytes per keep-alive (all of it charged to the heartbeat)', `${Math.round(hb.bytes / hb.keepAlives).toLocaleString('en-US')} B`],
-        ['bytes per second per node, idle', `${Math.round(hb.bytes / hb.seconds).toLocaleString('en-US')} B/s`],
-        ['node status record (value of /uigniter/nodes/NAME), written on changes only', Object.entries(hb.statusBytes).map(([n, v]) => `${n} ${v.toLocaleString('en-US')} B`).join(', ')]
-      ]), '')
-    })
-
-    // 4. Templates
-    await b.api(await b.leader()).call('DELETE', `/v1/services/${SERVICE}`).catch(() => {})
-    await sleep(3000)
-    await figure('Clone templates per node', async () => {
-    const figures: TemplateFigure[] = []
-    for (const image of ['hello', ...(WITH_NODE_HTTP ? ['node-http'] : [])]) figures.push(await templates(b, image))
-    emit('## Clone templates per node: remake against copy (n1 makes it; n2 remakes it; n3 gets a copy from n1 over the underlay)', '',
-      table(['image', 'RAM (apparent / allocated)', 'state file', 'remake on a node: wall (ms, n1, n2)', 'of which boot to ready / save (ms)', 'copy raw over HTTP (ms)', 'copy sparse (tar -S over HTTP) (ms)', 'copy allocated on n3', 'record rewrite (ms)', 'first clone from the copy, to serving (ms)', 'first clone from the remake, to serving (ms)'],
-        figures.map((f) => [
-          `${f.image} (${f.memoryMiB} MiB)`, `${mib(f.ramBytes)} / ${mib(f.ramAllocated)}`, kib(f.stateBytes),
-          f.remakeMs.map(ms).join(', '), `${f.bootMs.map(ms).join(', ')} / ${f.saveMs.map(ms).join(', ')}`,
-          ms(f.rawCopyMs), ms(f.sparseCopyMs), mib(f.sparseAllocated), f.installMs.toFixed(1),
-          f.cloneFromCopyServes ? ms(f.cloneFromCopyMs) : `failed${f.cloneFromCopyError !== '' ? `: ${f.cloneFromCopyError}` : ' (no answer)'}`, ms(f.cloneFromRemakeMs)
-        ])), '',
-      'A copy is usable here because the nodes share one kernel cache, the same QEMU and the same image digest under the same store layout; the record (template.json) names the source node\'s absolute paths and must be rewritten. The clone wakes with the template\'s address and MAC from the source node\'s subnet until it takes its own identity.', '')
-    })
+    await figure('1', 'Failover', reportFailover)
+    await figure('2', 'etcd writes per VM start', reportWrites)
+    await figure('3', 'Bytes per node heartbeat', reportHeartbeat)
+    await figure('4', 'Clone templates per node', reportTemplates)
   } finally {
     await b.recorder.close().catch(() => {})
     await b.daemons.stopAll().catch(() => {})

@@ -74,10 +74,55 @@ export class EtcdRecorder {
   }
 }
 
-/** One line per revision: `rev 812: put placements/n2/x (1.9 KB) + put nodes/n2 (700 B)`. */
+/**
+ * One line per revision: `812: put placements/n2/x (788 B) + put nodes/n2 (621 B)`;
+ * a put of the very value the key already had is marked `same value again`.
+ */
 export function describeRevisions (changes: RecordedChange[], prefix: string): string[] {
   const byRevision = new Map<number, RecordedChange[]>()
   for (const c of changes) byRevision.set(c.revision, [...(byRevision.get(c.revision) ?? []), c])
-  return [...byRevision.entries()].sort(([a], [b]) => a - b).map(([rev, cs]) =>
-    `${rev}: ${cs.map((c) => `${c.type} ${c.key.slice(prefix.length)}${c.type === 'put' ? ` (${c.valueBytes} B)` : ''}`).join(' + ')}`)
+  const last = new Map<string, string>()
+  return [...byRevision.entries()].sort(([a], [b]) => a - b).map(([rev, cs]) => `${rev}: ${cs.map((c) => {
+    const before = last.get(c.key)
+    const note = c.type !== 'put' || before === undefined ? '' : before === c.value ? ', same value again' : `, changed: ${changedPaths(before, c.value).join(', ')}`
+    if (c.type === 'put') last.set(c.key, c.value)
+    else last.delete(c.key)
+    return `${c.type} ${c.key.slice(prefix.length)}${c.type === 'put' ? ` (${c.valueBytes} B${note})` : ''}`
+  }).join(' + ')}`)
+}
+
+/** Keys of the puts in `changes` that wrote the value the key already had (within `changes`). */
+export function repeatedPuts (changes: RecordedChange[]): number {
+  const last = new Map<string, string>()
+  let n = 0
+  for (const c of [...changes].sort((a, b) => a.revision - b.revision)) {
+    if (c.type === 'put') { if (last.get(c.key) === c.value) n++; last.set(c.key, c.value) } else last.delete(c.key)
+  }
+  return n
+}
+
+/** Where two JSON texts differ, as paths (`vm.startTimings.totalMs`), at most `limit`; `(not JSON)` when either is not. */
+export function changedPaths (a: string, b: string, limit = 4): string[] {
+  let x: unknown
+  let y: unknown
+  try { x = JSON.parse(a); y = JSON.parse(b) } catch { return ['(not JSON)'] }
+  const out: string[] = []
+  const walk = (u: unknown, v: unknown, path: string): void => {
+    if (out.length >= limit) return
+    if (typeof u === 'object' && u !== null && typeof v === 'object' && v !== null && Array.isArray(u) === Array.isArray(v)) {
+      const ku = Object.keys(u)
+      const kv = Object.keys(v)
+      if (ku.join() === kv.join() || new Set([...ku, ...kv]).size !== ku.length) {
+        for (const k of new Set([...ku, ...kv])) walk((u as Record<string, unknown>)[k], (v as Record<string, unknown>)[k], path === '' ? k : `${path}.${k}`)
+        return
+      }
+      // The same keys in another order: JSON.stringify sees a change, the record does not.
+      for (const k of ku) walk((u as Record<string, unknown>)[k], (v as Record<string, unknown>)[k], path === '' ? k : `${path}.${k}`)
+      if (out.length === 0) out.push(`${path === '' ? '(top)' : path}: key order only`)
+      return
+    }
+    if (JSON.stringify(u) !== JSON.stringify(v)) out.push(path === '' ? '(top)' : path)
+  }
+  walk(x, y, '')
+  return out.length === 0 ? ['(key order only)'] : out
 }
