@@ -60,6 +60,9 @@ export function clusterRoutes (node: ClusterNode, token: string | undefined) {
     app.addHook('onRequest', async (request, reply) => {
       if (!LEADER_ONLY.test(request.url) || node.services.isLeader) return
       const leader = node.services.leader
+      if (!node.storeReachable) {
+        throw new UigniterError('UIG_ERR_CLUSTER_UNAVAILABLE', 'this node cannot reach the cluster store (etcd), so no change can be made; running VMs and the gateways keep serving. Try again once etcd has a quorum')
+      }
       if (leader === null || leader.node === node.name) {
         throw new UigniterError('UIG_ERR_CLUSTER_NO_LEADER', 'the cluster has no leader right now (an election is under way, or etcd has no quorum); try again within the lease TTL')
       }

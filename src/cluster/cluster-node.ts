@@ -89,6 +89,8 @@ export class ClusterNode {
   }
 
   get name (): string { return this.#deps.identity.name }
+  /** False once the node's lease is known expired: the store has been out of reach for the TTL. */
+  get storeReachable (): boolean { return this.#store.leaseAlive }
   get epoch (): number | null { return this.election.epoch }
 
   async start (): Promise<void> {
@@ -170,6 +172,7 @@ export class ClusterNode {
     ]
     this.#leader = { manager, replicas, timers, loads }
     try {
+      await this.#awaitReports(log)
       await manager.restore()
       this.services.setManager(manager)
       log.info({ epoch, services: manager.list().length }, 'leading: the service controllers run here')
@@ -177,6 +180,19 @@ export class ClusterNode {
       log.error({ err }, 'taking over the services failed; stepping down')
       this.#stepDown()
     }
+  }
+
+  /**
+   * A new leader adopts the replicas the nodes report. After an outage of
+   * the store the reports (leased) are written again by their nodes as they
+   * come back: wait for them, up to a TTL, so that running replicas are
+   * adopted rather than started twice.
+   */
+  async #awaitReports (log: Logger): Promise<void> {
+    const deadline = Date.now() + this.#store.leaseTtlS * 1000 + 2000
+    const missing = (): number => [...this.view.placements.items.values()].filter((p) => this.view.node(p.node) !== undefined && this.view.report(p.node, p.replica) === undefined).length
+    while (missing() > 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 200))
+    if (missing() > 0) log.warn({ missing: missing() }, 'taking over with placements their nodes have not reported; they are removed if no node reports them')
   }
 
   #stepDown (): void {

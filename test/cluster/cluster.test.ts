@@ -9,7 +9,7 @@ import { createKernelSource } from '../../src/guest/guest-kernel.js'
 import { ImageStore } from '../../src/guest/image-store.js'
 import { loadConfig } from '../../src/core/config.js'
 import type { Vm } from '../../src/core/vm.js'
-import { gatewayCallerRootfs } from '../helpers/busybox-guests.js'
+import { buildGatewayCaller } from '../helpers/gateway-caller.js'
 import { ClusterDaemons } from '../helpers/cluster-daemons.js'
 import { startClusterLab, type ClusterLab } from '../helpers/cluster-lab.js'
 import { exampleSpec, packageRoot } from '../helpers/fixtures.js'
@@ -68,8 +68,8 @@ describe('a cluster of three nodes on etcd', { timeout: 900_000 }, () => {
     const images = new ImageStore(lab.node(1).dataDir)
     const builder = new ImageBuilder(images, createKernelSource(loadConfig(env)))
     await builder.build(JSON.parse(await readFile(exampleSpec('hello'), 'utf8')), join(packageRoot, 'examples', 'hello'))
-    const caller = await gatewayCallerRootfs(join(lab.dir, 'caller-rootfs'))
-    await builder.build({ name: 'caller', source: { kind: 'rootfs', dir: caller.dir, entrypoint: caller.entrypoint }, memoryMiB: 64, ports: [{ port: 8080, protocol: 'http' }] })
+    const caller = await buildGatewayCaller(join(lab.dir, 'caller'))
+    await builder.build({ name: 'caller', source: { kind: 'elf', path: caller, args: [] }, memoryMiB: 64, ports: [{ port: 8080, protocol: 'http' }] })
     daemons = new ClusterDaemons(lab, (i) => ({ UIGNITER_NODE_LABELS: `zone=${['a', 'b', 'c'][i - 1] ?? 'x'}`, UIGNITER_NODE_MEMORY_MIB: '1024' }))
     await Promise.all([1, 2, 3].map(async (i) => { await daemons.start(i) }))
   })
@@ -131,7 +131,7 @@ describe('a cluster of three nodes on etcd', { timeout: 900_000 }, () => {
     assert.deepEqual(backendNodes, ['n2', 'n3'])
     const seen = new Set<string>()
     for (let i = 0; i < 12 && seen.size < 2; i++) {
-      const answer = await until('the caller\'s answer', async () => await get(`${lab.node(1).gatewayUrl}/svc/caller/cgi-bin/call?backend`, 10_000), 30_000)
+      const answer = await until('the caller\'s answer', async () => await get(`${lab.node(1).gatewayUrl}/svc/caller/backend`, 10_000), 30_000)
       const host = /Hello from uigniter! \((.+)\)/.exec(answer)?.[1]
       assert.ok(host !== undefined, `the caller relayed a backend's answer, not: ${answer}`)
       seen.add(host)

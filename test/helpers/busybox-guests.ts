@@ -95,29 +95,3 @@ export function consoleFields (console: string, marker: string): Record<string, 
     return eq === -1 ? [kv, ''] : [kv.slice(0, eq), kv.slice(eq + 1)]
   }))
 }
-
-/**
- * The app of a "caller" image, for the cluster tests: busybox's httpd on 8080
- * whose /cgi-bin/call?SERVICE asks SERVICE through the gateway of its own node
- * (the address and port in its environment) and answers with what it got.
- */
-const CALLER_APP = `#!/bin/busybox sh
-export PATH=/bin
-busybox mkdir -p /tmp/www/cgi-bin
-busybox cat > /tmp/www/cgi-bin/call <<END
-#!/bin/busybox sh
-echo "Content-Type: text/plain"
-echo ""
-/bin/busybox wget -q -O - "http://$UIGNITER_GATEWAY_HOST:$UIGNITER_GATEWAY_HTTP_PORT/svc/\\\${QUERY_STRING}/"
-END
-busybox chmod 755 /tmp/www/cgi-bin/call
-echo caller > /tmp/www/index.html
-exec busybox httpd -f -p 8080 -h /tmp/www
-`
-
-/** A directory for a `rootfs` source whose entrypoint /caller.sh serves the gateway caller above. */
-export async function gatewayCallerRootfs (dir: string): Promise<{ dir: string, entrypoint: string }> {
-  await busyboxTree(dir, false)
-  await writeFile(join(dir, 'caller.sh'), CALLER_APP, { mode: 0o755 })
-  return { dir, entrypoint: '/caller.sh' }
-}
