@@ -20,7 +20,7 @@
  */
 import { execFileSync } from 'node:child_process'
 import { readdirSync, readFileSync } from 'node:fs'
-import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
+import { mkdir, readFile, rm, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 import type { NodeView } from '../src/core/cluster.js'
@@ -65,7 +65,7 @@ const WITH_NODE_HTTP = values['no-node-http'] !== true
 const LEADER_RUN = values['no-leader-run'] !== true
 const FIGURES = new Set(values.figures.split(',').map((f) => f.trim()))
 if ([...FIGURES].some((f) => !['1', '2', '3', '4'].includes(f))) throw new Error(`--figures takes a comma-separated list of 1 to 4, not "${values.figures}"`)
-/** What ClusterDaemons writes into every node's config (cluster.leaseTtlS). */
+/** What ClusterDaemons writes into every node's config (cluster.leaseTtlS); with it, the lab's subnet range and jail uids. */
 const LEASE_TTL_S = 4
 const SERVICE = 'fo'
 const PREFIX = '/uigniter/'
@@ -105,26 +105,9 @@ class Bench {
     this.lab = lab
     this.daemons = new ClusterDaemons(lab, (i) => ({
       UIGNITER_NODE_LABELS: `zone=${['a', 'b', 'c'][i - 1] ?? 'x'}`,
-      UIGNITER_NODE_MEMORY_MIB: '2048',
-      UIGNITER_CONFIG: Bench.configPath(lab, i)
+      UIGNITER_NODE_MEMORY_MIB: '2048'
     }))
     this.recorder = new EtcdRecorder(lab.etcdEndpoints, PREFIX)
-  }
-
-  static configPath (lab: ClusterLab, i: number): string { return join(lab.node(i).dataDir, 'bench-config.json') }
-
-  /**
-   * ClusterDaemons' own config file, plus the lab's VM range as
-   * cluster.subnetRange: a lab not named uiglab has its subnets outside the
-   * default 10.78.0.0/16, and no variable sets the range.
-   */
-  async writeConfigs (): Promise<void> {
-    for (const n of this.lab.nodes) {
-      await writeFile(Bench.configPath(this.lab, n.index), JSON.stringify({
-        jail: { uidBase: 700_000 + n.index * 10_000, uidCount: 1000, gid: 640_000 },
-        cluster: { leaseTtlS: LEASE_TTL_S, subnetRange: this.lab.clusterRange }
-      }))
-    }
   }
 
   api (i: number): ReturnType<ClusterDaemons['api']> { return this.daemons.api(i) }
@@ -514,7 +497,6 @@ async function main (): Promise<void> {
     if (WITH_NODE_HTTP) await builder.build(JSON.parse(await readFile(exampleSpec('node-http'), 'utf8')), join(packageRoot, 'examples', 'node-http'))
     for (const i of [2, 3]) execFileSync('cp', ['-a', join(lab.node(1).dataDir, 'images'), join(lab.node(i).dataDir, 'images')])
     progress('starting three daemons')
-    await b.writeConfigs()
     await Promise.all([1, 2, 3].map(async (i) => { await b.daemons.start(i) }))
     await b.readyNodes(1)
     await b.recorder.start()
