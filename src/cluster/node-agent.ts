@@ -51,6 +51,8 @@ export class NodeAgent {
   readonly #placements: Informer<Placement>
   readonly #starting = new Set<string>()
   readonly #stopping = new Set<string>()
+  /** What was last written for each replica: a report that would say the same again is not written. */
+  readonly #reported = new Map<string, string>()
   #lastStatus = ''
   #statusTimer: NodeJS.Timeout | undefined
   #sweepTimer: NodeJS.Timeout | undefined
@@ -97,14 +99,19 @@ export class NodeAgent {
   /** After a new lease: everything leased is gone, so the status and every report go again. */
   async leaseRenewed (): Promise<void> {
     this.#lastStatus = ''
+    this.#reported.clear()
     await this.publishStatus(true).catch((err: unknown) => { this.#deps.log.warn({ err }, 'republishing the node status failed') })
     for (const vm of this.#deps.vms.list({})) if (vm.service !== null && LIVE.has(vm.state)) this.#report(vm)
     this.#sweep()
   }
 
-  /** The status is written at most every 200 ms, and only when it changed. */
+  /**
+   * The status is written at most every 200 ms, and only when it changed.
+   * While a placed replica starts, it waits: it goes with the replica's
+   * report, in one write.
+   */
   statusChanged (): void {
-    if (this.#statusTimer !== undefined || this.#closed) return
+    if (this.#statusTimer !== undefined || this.#closed || this.#starting.size > 0) return
     this.#statusTimer = setTimeout(() => {
       this.#statusTimer = undefined
       void this.publishStatus(false).catch((err: unknown) => { this.#deps.log.debug({ err }, 'publishing the node status failed; the next change tries again') })
@@ -140,8 +147,10 @@ export class NodeAgent {
     if (!this.#deps.store.leaseAlive) return
     const placed = new Set([...this.#placements.items.values()].map((p) => p.replica))
     for (const vm of this.#deps.vms.list({})) {
-      if (vm.service === null || placed.has(vm.name) || this.#starting.has(vm.name)) continue
-      this.#placementGone(vm.name)
+      if (vm.service === null || this.#starting.has(vm.name)) continue
+      // A report that failed to go (the store out of reach) goes now; one already written is not written again.
+      if (placed.has(vm.name)) this.#report(vm)
+      else this.#placementGone(vm.name)
     }
   }
 
@@ -165,6 +174,7 @@ export class NodeAgent {
         await this.#write([{ put: keys.replica(this.name, p.replica), value: JSON.stringify({ replica: p.replica, node: this.name, epoch: p.epoch, error: (err as Error).message }), leased: true }])
       } finally {
         this.#starting.delete(p.replica)
+        this.statusChanged()
       }
     })()
   }
@@ -181,7 +191,8 @@ export class NodeAgent {
           await this.#deps.vms.remove(vm.id, true)
           this.#deps.log.info({ replica }, 'removed a replica whose placement is gone')
         }
-        await this.#write([{ delete: keys.replica(this.name, replica) }])
+        await this.#write([{ delete: keys.replica(this.name, replica) }, ...await this.statusOps()])
+        this.#reported.delete(replica)
       } catch (err) {
         this.#deps.log.warn({ err, replica }, 'removing a replica whose placement is gone failed; the next sweep tries again')
       } finally {
@@ -200,8 +211,13 @@ export class NodeAgent {
     if (placement === undefined && epoch === undefined) return
     if (vm.state === 'starting') return
     const report: ReplicaReport = { replica: vm.name, node: this.name, epoch: epoch ?? placement?.epoch ?? 1, vm: { ...vm, node: this.name } }
+    const text = JSON.stringify(report)
+    // Compared by its state and start, not its text: the same record can come with its keys in another order.
+    const summary = JSON.stringify([vm.id, vm.state, vm.ipAddress, vm.exit?.reason ?? null, report.epoch])
+    if (this.#reported.get(vm.name) === summary) return
+    this.#reported.set(vm.name, summary)
     void this.statusOps().then(async (ops) => {
-      await this.#write([{ put: keys.replica(this.name, vm.name), value: JSON.stringify(report), leased: true }, ...ops])
+      if (!await this.#write([{ put: keys.replica(this.name, vm.name), value: text, leased: true }, ...ops])) this.#reported.delete(vm.name)
     })
   }
 
@@ -218,13 +234,15 @@ export class NodeAgent {
     await this.#deps.store.txn(ops)
   }
 
-  async #write (ops: TxnOp[]): Promise<void> {
+  /** True when written; out of reach, the next sweep or lease renewal writes the current state again. */
+  async #write (ops: TxnOp[]): Promise<boolean> {
     try {
       await this.#deps.store.txn(ops)
+      return true
     } catch (err) {
-      // Out of reach: the next sweep or lease renewal writes the current state again.
       this.#lastStatus = ''
       this.#deps.log.debug({ err }, 'a cluster write failed')
+      return false
     }
   }
 }

@@ -13,7 +13,7 @@ import { packageRoot } from '../core/package-paths.js'
 import { socketAnswers } from '../core/socket-answers.js'
 import { ImageStore } from '../guest/image-store.js'
 import { createKernelSource } from '../guest/guest-kernel.js'
-import { DhcpServer } from '../net/dhcp-server.js'
+import { DHCP_STATE_ROOT, DhcpServer } from '../net/dhcp-server.js'
 import { HostNetwork } from '../net/host-network.js'
 import { SqliteStore } from '../store/sqlite-store.js'
 import { chooseAccel, type AccelChoice } from '../vmm/qemu/accel-probe.js'
@@ -98,7 +98,14 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
     // DHCP for unikernels that take their address from the network. A server that cannot start is
     // logged and retried, but does not stop the daemon: VMs given their address on their command line need none.
     const bridgeNetwork = network
-    dhcp = new DhcpServer({ bridge: config.network.bridge, subnet: network.subnet, nameservers: async () => await bridgeNetwork.nameservers(), logger: log.child({ component: 'dhcp' }) })
+    dhcp = new DhcpServer({
+      bridge: config.network.bridge,
+      subnet: network.subnet,
+      nameservers: async () => await bridgeNetwork.nameservers(),
+      // Nodes that share a machine (network namespaces) share /run and a bridge name: one dnsmasq state dir each.
+      ...(inCluster ? { stateDir: join(DHCP_STATE_ROOT, `${config.network.bridge}-${config.cluster.node}`) } : {}),
+      logger: log.child({ component: 'dhcp' })
+    })
     await network.useDhcp(dhcp)
     await dhcp.start().catch((err: unknown) => { log.error({ err }, 'the DHCP server on the bridge did not start; retrying in the background') })
     networkInfo = { mode: 'bridge', bridge: config.network.bridge, subnet }

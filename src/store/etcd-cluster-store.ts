@@ -72,7 +72,9 @@ export class EtcdClusterStore implements ClusterStore {
       }
       let expired = false
       try {
-        const answer = await this.#call('renew the node lease', async () => await (this.#lease as Lease).keepaliveOnce())
+        // Bounded by the renewal period, not the usual call deadline: a renewal that hangs must not
+        // push the next one past the TTL while etcd is answering the others.
+        const answer = await this.#call('renew the node lease', async () => await (this.#lease as Lease).keepaliveOnce(), every)
         if (Number(answer.TTL) <= 0) expired = true
         else this.#lastRenewal = Date.now()
       } catch (err) {
@@ -173,13 +175,13 @@ export class EtcdClusterStore implements ClusterStore {
   }
 
   /** Runs one call against its deadline; any failure of the store is UIG_ERR_CLUSTER_UNAVAILABLE. */
-  async #call<T> (what: string, work: (deadline: Date) => Promise<T>): Promise<T> {
+  async #call<T> (what: string, work: (deadline: Date) => Promise<T>, timeoutMs = this.#timeoutMs): Promise<T> {
     let timer: NodeJS.Timeout | undefined
-    const deadline = new Date(Date.now() + this.#timeoutMs)
+    const deadline = new Date(Date.now() + timeoutMs)
     try {
       return await Promise.race([
         work(deadline),
-        new Promise<never>((_resolve, reject) => { timer = setTimeout(() => reject(new Error(`no answer within ${this.#timeoutMs} ms`)), this.#timeoutMs) })
+        new Promise<never>((_resolve, reject) => { timer = setTimeout(() => reject(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs) })
       ])
     } catch (err) {
       throw new UigniterError('UIG_ERR_CLUSTER_UNAVAILABLE', `cannot ${what}: the cluster store (etcd) did not answer (${(err as Error).message}); nothing was changed`, { cause: err })

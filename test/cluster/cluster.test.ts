@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict'
-import { readFile } from 'node:fs/promises'
+import { cp, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
 import type { NodeView } from '../../src/core/cluster.js'
@@ -9,6 +9,7 @@ import { createKernelSource } from '../../src/guest/guest-kernel.js'
 import { ImageStore } from '../../src/guest/image-store.js'
 import { loadConfig } from '../../src/core/config.js'
 import type { Vm } from '../../src/core/vm.js'
+import { run } from '../../src/core/exec.js'
 import { buildGatewayCaller } from '../helpers/gateway-caller.js'
 import { ClusterDaemons } from '../helpers/cluster-daemons.js'
 import { startClusterLab, type ClusterLab } from '../helpers/cluster-lab.js'
@@ -76,6 +77,8 @@ describe('a cluster of three nodes on etcd', { timeout: 900_000 }, () => {
 
   after(async () => {
     await daemons?.stopAll()
+    // The nodes' logs outlive the lab, for a failure to be read: /tmp/uigniter-cluster-test-logs.
+    if (lab !== undefined) await cp(join(lab.dir, 'logs'), '/tmp/uigniter-cluster-test-logs', { recursive: true, force: true }).catch(() => {})
     await lab?.close()
   })
 
@@ -87,6 +90,21 @@ describe('a cluster of three nodes on etcd', { timeout: 900_000 }, () => {
     assert.deepEqual(views.map((n) => [n.name, n.subnet, n.labels.zone]), [['n1', '10.78.1.0/24', 'a'], ['n2', '10.78.2.0/24', 'b'], ['n3', '10.78.3.0/24', 'c']])
     assert.equal(views[0]?.capacity.memoryMiB, 1024)
     assert.ok(views[0]?.images.some((i) => i.ref === 'hello:latest'))
+  })
+
+  it('ignores records in etcd that do not parse: every node goes on as before', async () => {
+    const put = async (key: string, value: string): Promise<void> => { await run('etcdctl', [`--endpoints=${lab.etcdEndpoints.join(',')}`, 'put', key, value]) }
+    await put('/uigniter/nodes/evil', 'not json')
+    await put('/uigniter/placements/n1/evil', JSON.stringify({ replica: 'evil', node: 'n1' }))
+    await put('/uigniter/routes/evil', JSON.stringify({ route: { service: 'evil' }, endpoints: 'all' }))
+    await put('/uigniter/replicas/n2/evil', '{"vm":{"id":1}}')
+    await sleep(1000)
+    for (const i of [1, 2, 3]) {
+      assert.equal((await nodes(i)).length, 3)
+      assert.deepEqual(await call(i, 'GET', '/healthz'), { status: 'ok' })
+    }
+    assert.equal(await get(`${lab.node(1).gatewayUrl}/svc/evil/`), undefined, "no route from a record that does not parse")
+    for (const key of ['/uigniter/nodes/evil', '/uigniter/placements/n1/evil', '/uigniter/routes/evil', '/uigniter/replicas/n2/evil']) await run('etcdctl', [`--endpoints=${lab.etcdEndpoints.join(',')}`, 'del', key])
   })
 
   it('places three replicas with anti-affinity on three nodes, fetching the image to the nodes that lack it', async () => {

@@ -28,3 +28,26 @@ test('the gateway listens where its variables say, and a bad port is refused wit
     })
   }
 })
+
+test('a cluster node takes its etcd endpoints, name, address, labels and capacity from its variables, and bad ones are refused', () => {
+  const single = { UIGNITER_DATA_DIR: '/tmp/x' }
+  assert.deepEqual(loadConfig(single).cluster.etcd, [], 'no etcd: a single host')
+  const c = loadConfig({ ...single, UIGNITER_ETCD: 'http://10.0.0.1:2379, http://10.0.0.2:2379', UIGNITER_NODE: 'node-a', UIGNITER_NODE_ADDRESS: '10.0.0.1', UIGNITER_NODE_LABELS: 'zone=a,disk=ssd', UIGNITER_NODE_VCPUS: '16', UIGNITER_NODE_MEMORY_MIB: '4096' }).cluster
+  assert.deepEqual(c.etcd, ['http://10.0.0.1:2379', 'http://10.0.0.2:2379'])
+  assert.deepEqual([c.node, c.address, c.labels, c.capacity], ['node-a', '10.0.0.1', { zone: 'a', disk: 'ssd' }, { vcpus: 16, memoryMiB: 4096 }])
+  assert.equal(c.leaseTtlS, 5)
+  const refused: Array<[Record<string, string>, RegExp]> = [
+    [{ UIGNITER_NODE: 'Node_A' }, /cluster\/node/],
+    [{ UIGNITER_ETCD: 'etcd:2379' }, /cluster\/etcd/],
+    [{ UIGNITER_NODE_LABELS: 'zone' }, /"zone" is not key=value/],
+    [{ UIGNITER_NODE_LABELS: 'zone=a b' }, /cluster\/labels/],
+    [{ UIGNITER_NODE_VCPUS: 'many' }, /cluster\/capacity\/vcpus/]
+  ]
+  for (const [bad, field] of refused) {
+    assert.throws(() => loadConfig({ ...single, ...bad }), (err: Error & { code?: string }) => {
+      assert.equal(err.code, 'UIG_ERR_CONFIG_INVALID')
+      assert.match(err.message, field)
+      return true
+    })
+  }
+})
