@@ -290,8 +290,8 @@ function withGuestAddress (network: LaunchNetwork, address: string): LaunchNetwo
   return { ...network, forwards: network.forwards.map((f) => ({ ...f, guestAddress: f.guestAddress ?? address })) }
 }
 
-/** See TemplateCreateOptions.memoryDir. */
-async function defaultMemoryDir (dataDir: string, id: string): Promise<string> {
+/** See TemplateCreateOptions.memoryDir. Exported for what must find a template's RAM file without its record (a test lab's cleanup). */
+export async function defaultMemoryDir (dataDir: string, id: string): Promise<string> {
   const dir = Template.dirOf(dataDir, id)
   return await onTmpfs(dataDir) ? dir : join('/dev/shm/uigniter-templates', `${createHash('sha256').update(dir).digest('hex').slice(0, 12)}-${id}`)
 }

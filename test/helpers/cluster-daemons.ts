@@ -1,5 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto'
-import { writeFile } from 'node:fs/promises'
+import { readdir, rm, writeFile } from 'node:fs/promises'
+import { defaultMemoryDir } from '../../src/snapshot/template.js'
 import { join } from 'node:path'
 import { ApiClient } from '../../src/cli/api-client.js'
 import { loadConfig } from '../../src/core/config.js'
@@ -76,8 +77,20 @@ export class ClusterDaemons {
     if (proc?.pid !== undefined && proc.exitCode === null) process.kill(proc.pid, signal)
   }
 
-  /** Stops every daemon it started (SIGTERM; VMs stay for the lab to kill). */
+  /**
+   * Stops every daemon it started (SIGTERM; VMs stay for the lab to kill),
+   * then removes the RAM files of the templates the nodes made: they live in
+   * /dev/shm, outside the lab's directory, and would outlive it.
+   */
   async stopAll (): Promise<void> {
+    await this.#stopDaemons()
+    for (const n of this.#lab.nodes) {
+      const ids = await readdir(join(n.dataDir, 'templates')).catch(() => [])
+      for (const id of ids) await rm(await defaultMemoryDir(n.dataDir, id), { recursive: true, force: true })
+    }
+  }
+
+  async #stopDaemons (): Promise<void> {
     await Promise.all([...this.#procs.values()].map(async (p) => {
       if (p.exitCode !== null || p.pid === undefined) return
       const exited = new Promise((resolve) => p.once('exit', resolve))
