@@ -27,7 +27,7 @@ import { HopTopology } from './lib/hop-topology.js'
 import { cpuTicks, percentile } from './lib/measure.js'
 import { NetnsNginx } from './lib/netns-nginx.js'
 import { procCpuTicks } from './lib/proc-cpu.js'
-import { RoutingGatewayProcess } from './lib/routing-gateway-process.js'
+import { GatewayProcess } from './lib/gateway-process.js'
 import { runWrk, type WrkResult } from './lib/wrk.js'
 
 const { values } = parseArgs({
@@ -161,7 +161,7 @@ async function measureHop (): Promise<Results> {
     killers.push(() => remote.killNow())
     closers.push(async () => await remote.close())
     progress(`upstreams: local ${t.localHost}:${UPSTREAM_PORT}, remote ${t.remoteHost}:${UPSTREAM_PORT}`)
-    const gateway = await RoutingGatewayProcess.start([
+    const gateway = await GatewayProcess.start([
       { service: 'local', host: t.localHost, port: UPSTREAM_PORT },
       { service: 'remote', host: t.remoteHost, port: UPSTREAM_PORT }
     ])

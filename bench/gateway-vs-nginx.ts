@@ -239,7 +239,7 @@ async function compareProxies (): Promise<ProxyResults> {
     children.push(nginx)
     closers.push(async () => await nginx.close())
     progress('starting the gateway (one process)')
-    const gateway = await GatewayProcess.start(upstreamPort, 'up')
+    const gateway = await GatewayProcess.start([{ service: 'up', host: '127.0.0.1', port: upstreamPort }])
     children.push(gateway)
     closers.push(async () => await gateway.close())
     progress(`gateway on 127.0.0.1:${gateway.port}`)
@@ -247,7 +247,7 @@ async function compareProxies (): Promise<ProxyResults> {
     const direct: Target = { name: 'direct to the upstream', url: `http://127.0.0.1:${upstreamPort}/`, pids: () => [] }
     const viaNginx: Target = { name: 'nginx', url: `http://127.0.0.1:${proxyPort}/`, pids: async () => (await nginx.pids()).slice(1) }
     // Routed by Host header, as a service calls another by name (wrk takes "Host" over the URL's).
-    const viaGateway: Target = { name: 'gateway', url: `http://127.0.0.1:${gateway.port}/`, headers: { Host: gateway.service }, pids: () => gateway.pid === undefined ? [] : [gateway.pid] }
+    const viaGateway: Target = { name: 'gateway', url: `http://127.0.0.1:${gateway.port}/`, headers: { Host: 'up' }, pids: () => gateway.pid === undefined ? [] : [gateway.pid] }
     const targets = [direct, viaNginx, viaGateway]
     for (const t of targets) {
       const answer = await timedGet(t.url, t.headers, 5000)

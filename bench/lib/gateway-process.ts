@@ -5,30 +5,34 @@ import { fileURLToPath, pathToFileURL } from 'node:url'
 import { parseArgs } from 'node:util'
 
 /**
- * The gateway in a process of its own, for the benchmarks: one route,
- * `service`, whose one endpoint is 127.0.0.1:upstreamPort, with the gateway
- * listening on 127.0.0.1 (a free port). Like nginx, it then has a process
- * (one thread of JavaScript) to itself, apart from the load generator's.
+ * The real Gateway in a process of its own, for the benchmarks, with one or
+ * more routes, each to one endpoint at any address (an upstream on loopback,
+ * a VM on its own bridge, one behind another node). Listens on 127.0.0.1 (a
+ * free port); routes by Host. Like nginx, it then has a process (one thread
+ * of JavaScript) to itself, apart from the load generator's.
  *
- * This file is both sides: `GatewayProcess.start()` in the benchmark runs
- * this same file as a child, which prints `{"port": N}` once it serves and
- * exits when its stdin closes (the benchmark ended, however it ended).
+ * This file is both sides: the child prints `{"port": N}`
+ * once it serves and exits when its stdin closes.
  */
+export interface GatewayRouteTo { service: string, host: string, port: number }
+
 export class GatewayProcess {
   readonly port: number
-  readonly service: string
+  readonly routes: GatewayRouteTo[]
   #child: ChildProcess
   #stderr: () => string
 
-  private constructor (port: number, service: string, child: ChildProcess, stderr: () => string) {
+  private constructor (port: number, routes: GatewayRouteTo[], child: ChildProcess, stderr: () => string) {
     this.port = port
-    this.service = service
+    this.routes = routes
     this.#child = child
     this.#stderr = stderr
   }
 
-  static async start (upstreamPort: number, service = 'up', timeoutMs = 15_000): Promise<GatewayProcess> {
-    const child = spawn(process.execPath, [fileURLToPath(import.meta.url), '--upstream-port', String(upstreamPort), '--service', service], {
+  static async start (routes: GatewayRouteTo[], timeoutMs = 15_000): Promise<GatewayProcess> {
+    if (routes.length === 0) throw new RangeError('a gateway process needs at least one route')
+    const args = routes.flatMap((r) => ['--route', `${r.service}=${r.host}:${r.port}`])
+    const child = spawn(process.execPath, [fileURLToPath(import.meta.url), ...args], {
       stdio: ['pipe', 'pipe', 'pipe'],
       env: { ...process.env, UIGNITER_LOG_LEVEL: process.env.UIGNITER_LOG_LEVEL ?? 'warn' }
     })
@@ -43,7 +47,7 @@ export class GatewayProcess {
         once(child, 'close').then(() => { throw new Error(`the gateway process exited at start:\n${stderr}`) })
       ])
       const { port } = JSON.parse(first) as { port: number }
-      return new GatewayProcess(port, service, child, () => stderr)
+      return new GatewayProcess(port, routes, child, () => stderr)
     } catch (err) {
       child.kill('SIGKILL')
       if (timedOut) throw new Error(`the gateway process did not start within ${timeoutMs} ms:\n${stderr}`)
@@ -80,31 +84,34 @@ export class GatewayProcess {
   }
 }
 
+/** `NAME=HOST:PORT` into a route; throws on anything else. */
+export function parseRoute (text: string): GatewayRouteTo {
+  const m = /^([^=]+)=(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})$/.exec(text)
+  const port = Number(m?.[3])
+  if (m === null || m[1] === undefined || m[2] === undefined || port < 1 || port > 65535) throw new Error(`--route takes NAME=IPV4:PORT, not "${text}"`)
+  return { service: m[1], host: m[2], port }
+}
+
 /** The child: serve until told to stop, or until the parent is gone. */
 async function main (): Promise<void> {
-  const { values } = parseArgs({ options: { 'upstream-port': { type: 'string' }, service: { type: 'string', default: 'up' } } })
-  const upstreamPort = Number(values['upstream-port'])
-  if (!Number.isInteger(upstreamPort) || upstreamPort < 1 || upstreamPort > 65535) throw new Error(`--upstream-port takes a port, not "${values['upstream-port']}"`)
+  const { values } = parseArgs({ options: { route: { type: 'string', multiple: true, default: [] } } })
+  const routes = values.route.map(parseRoute)
   // Imported here: the parent side needs none of it.
   const [{ Gateway }, { createLogger }, { Registry }] = await Promise.all([
     import('../../src/gateway/gateway.js'), import('../../src/core/logger.js'), import('prom-client')
   ])
-  const gateway = new Gateway({
-    address: '127.0.0.1',
-    httpPort: 0,
-    log: createLogger(),
-    metrics: new Registry(),
-    wake: () => {}
-  })
+  const gateway = new Gateway({ address: '127.0.0.1', httpPort: 0, log: createLogger(), metrics: new Registry(), wake: () => {} })
   await gateway.listen()
-  await gateway.configure({
-    service: values.service,
-    loadBalancing: { strategy: 'round-robin', replicaWeight: 1 },
-    httpPort: upstreamPort,
-    tcp: [],
-    hold: { maxRequests: 100, timeoutMs: 5000 }
-  })
-  gateway.setEndpoints(values.service, [{ id: 'upstream', host: '127.0.0.1', weight: 1, priority: 0 }])
+  for (const r of routes) {
+    await gateway.configure({
+      service: r.service,
+      loadBalancing: { strategy: 'round-robin', replicaWeight: 1 },
+      httpPort: r.port,
+      tcp: [],
+      hold: { maxRequests: 100, timeoutMs: 5000 }
+    })
+    gateway.setEndpoints(r.service, [{ id: `external:${r.host}`, host: r.host, weight: 1, priority: 0 }])
+  }
   let closing = false
   const stop = (): void => {
     if (closing) return
