@@ -303,4 +303,15 @@ describe('a cluster of three nodes on etcd', { timeout: 900_000 }, () => {
     await call(3, 'POST', `/v1/nodes/${from}/uncordon`)
     assert.equal((await nodes(1)).find((n) => n.name === from)?.state, 'ready')
   })
+
+  it('wakes a service scaled to zero from any node\'s gateway: the held request is answered by a replica the leader placed', async () => {
+    await call(1, 'PUT', '/v1/services/lazy', { image: 'hello', replicas: { min: 0, max: 1 }, ports: [{ port: 8080 }], healthCheck: HEALTH, startPath: 'cold', autoscale: { idleToZeroMs: 60_000 } })
+    assert.equal((await service(2, 'lazy')).endpoints.length, 0)
+    const follower = (await nodes(1)).find((n) => !n.leader)?.name ?? 'n1'
+    const answer = await get(`${lab.node(Number(follower.slice(1))).gatewayUrl}/svc/lazy/`, 60_000)
+    assert.match(answer ?? '', /Hello from uigniter/)
+    const s = await service(1, 'lazy')
+    assert.equal(s.endpoints.filter((e) => e.health === 'healthy').length, 1)
+    await call(1, 'DELETE', '/v1/services/lazy')
+  })
 })
