@@ -147,6 +147,8 @@ export class ClusterReplicas extends EventEmitter implements ServiceVms, Replica
     }
     this.#pending.set(name, { node: decision.node, service: spec.name, ...resources })
     const reported = new Promise<ReplicaReport>((resolve, reject) => { this.#starts.set(name, { resolve, reject }) })
+    // It may be rejected (leadership ended, the node lost) while the placement is still being written: handled below, not unhandled.
+    reported.catch(() => {})
     const timer = setTimeout(() => {
       this.#starts.get(name)?.reject(new UigniterError('UIG_ERR_VM_TIMEOUT', `node ${decision.node} did not report replica ${name} running within ${START_TIMEOUT_MS / 1000} s`))
     }, START_TIMEOUT_MS)
