@@ -73,7 +73,12 @@ export class ClusterNode {
       store: deps.store,
       me: { node: me, apiUrl: deps.identity.apiUrl, since: new Date().toISOString() },
       events: {
-        elected: (epoch) => { void this.#lead(epoch) },
+        elected: (epoch) => {
+          this.#lead(epoch).catch((err: unknown) => {
+            deps.log.error({ err }, 'taking the lead failed; stepping down')
+            this.#stepDown()
+          })
+        },
         deposed: () => { this.#stepDown() },
         leader: (leader) => {
           this.view.leader = leader
@@ -96,7 +101,7 @@ export class ClusterNode {
   async start (): Promise<void> {
     await this.#store.startLease({
       expired: () => { this.election.leaseExpired() },
-      renewed: () => { void this.agent.leaseRenewed() }
+      renewed: () => { this.agent.leaseRenewed().catch((err: unknown) => { this.#deps.log.warn({ err }, 'republishing after a new lease failed; the next sweep does it') }) }
     })
     await this.view.start()
     await this.agent.start()
@@ -167,8 +172,8 @@ export class ClusterNode {
       log
     })
     const timers = [
-      setInterval(() => { void this.#collectLoads(loads) }, LOAD_EVERY_MS),
-      setInterval(() => { void this.#removeOrphans(replicas) }, ORPHAN_AFTER_MS / 2)
+      setInterval(() => { this.#collectLoads(loads).catch((err: unknown) => { log.debug({ err }, 'reading the nodes\' loads failed') }) }, LOAD_EVERY_MS),
+      setInterval(() => { this.#removeOrphans(replicas).catch((err: unknown) => { log.warn({ err }, 'removing orphan placements failed') }) }, ORPHAN_AFTER_MS / 2)
     ]
     this.#leader = { manager, replicas, timers, loads }
     try {

@@ -218,6 +218,9 @@ export class NodeAgent {
     this.#reported.set(vm.name, summary)
     void this.statusOps().then(async (ops) => {
       if (!await this.#write([{ put: keys.replica(this.name, vm.name), value: text, leased: true }, ...ops])) this.#reported.delete(vm.name)
+    }).catch((err: unknown) => {
+      this.#reported.delete(vm.name)
+      this.#deps.log.warn({ err, replica: vm.name }, 'reporting a replica failed; the next sweep tries again')
     })
   }
 

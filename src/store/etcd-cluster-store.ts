@@ -7,7 +7,7 @@ export interface EtcdClusterStoreOptions {
   endpoints: string[]
   leaseTtlS: number
   log: Logger
-  /** How long one call may take before it fails as unavailable; default 3 s. */
+  /** How long one call may take before it fails as unavailable; default 5 s (an etcd election under load takes seconds). */
   callTimeoutMs?: number
 }
 
@@ -49,7 +49,7 @@ export class EtcdClusterStore implements ClusterStore {
   constructor (options: EtcdClusterStoreOptions) {
     this.leaseTtlS = options.leaseTtlS
     this.#log = options.log
-    this.#timeoutMs = options.callTimeoutMs ?? 3000
+    this.#timeoutMs = options.callTimeoutMs ?? 5000
     this.#client = new Etcd3({ hosts: options.endpoints, dialTimeout: this.#timeoutMs })
   }
 
@@ -104,13 +104,13 @@ export class EtcdClusterStore implements ClusterStore {
   }
 
   async get (key: string): Promise<KeyValue | undefined> {
-    const res = await this.#call(`read ${key}`, async (deadline) => await this.#client.kv.range({ key: Buffer.from(key) }, { deadline }))
+    const res = await this.#call(`read ${key}`, async (deadline) => await this.#client.kv.range({ key: Buffer.from(key) }, { deadline }), this.#timeoutMs, true)
     const kv = res.kvs[0]
     return kv === undefined ? undefined : toKeyValue(kv)
   }
 
   async list (prefix: string): Promise<{ items: KeyValue[], revision: number }> {
-    const res = await this.#call(`list ${prefix}`, async (deadline) => await this.#client.kv.range({ key: Buffer.from(prefix), range_end: prefixEnd(prefix) }, { deadline }))
+    const res = await this.#call(`list ${prefix}`, async (deadline) => await this.#client.kv.range({ key: Buffer.from(prefix), range_end: prefixEnd(prefix) }, { deadline }), this.#timeoutMs, true)
     return { items: res.kvs.map(toKeyValue), revision: Number(res.header.revision) }
   }
 
@@ -127,7 +127,8 @@ export class EtcdClusterStore implements ClusterStore {
         : { request_delete_range: { key: Buffer.from(op.delete) } }),
       failure: []
     }
-    const res = await this.#call('write to the cluster store', async (deadline) => await this.#client.kv.txn(request, { deadline }))
+    // Only a transaction without compares is tried again: one with compares may have been applied with its answer lost.
+    const res = await this.#call('write to the cluster store', async (deadline) => await this.#client.kv.txn(request, { deadline }), this.#timeoutMs, compares.length === 0)
     if (res.succeeded) this.#writes++
     return { succeeded: res.succeeded, revision: Number(res.header.revision) }
   }
@@ -138,7 +139,7 @@ export class EtcdClusterStore implements ClusterStore {
     let last = afterRevision
     const open = (): void => {
       this.#client.watch().prefix(prefix).startRevision(String(last + 1)).create().then((w) => {
-        if (closed) { void w.cancel(); return }
+        if (closed) { void w.cancel().catch(() => {}); return }
         watcher = w
         w.on('data', (res: IWatchResponse) => {
           const changes: KvChange[] = res.events.map((e) => e.type === 'Delete'
@@ -153,7 +154,7 @@ export class EtcdClusterStore implements ClusterStore {
           if (closed) return
           // A compacted revision cannot be resumed from: the caller lists again and watches from there.
           this.#log.warn({ err, prefix }, 'a cluster watch failed; starting it again from a fresh listing')
-          void w.cancel()
+          void w.cancel().catch(() => {})
           onReset()
         })
       }, (err: unknown) => {
@@ -163,7 +164,7 @@ export class EtcdClusterStore implements ClusterStore {
       })
     }
     open()
-    return { close: () => { closed = true; void watcher?.cancel() } }
+    return { close: () => { closed = true; void watcher?.cancel().catch(() => {}) } }
   }
 
   async close (): Promise<void> {
@@ -174,19 +175,33 @@ export class EtcdClusterStore implements ClusterStore {
     this.#client.close()
   }
 
-  /** Runs one call against its deadline; any failure of the store is UIG_ERR_CLUSTER_UNAVAILABLE. */
-  async #call<T> (what: string, work: (deadline: Date) => Promise<T>, timeoutMs = this.#timeoutMs): Promise<T> {
-    let timer: NodeJS.Timeout | undefined
-    const deadline = new Date(Date.now() + timeoutMs)
+  /**
+   * Runs one call against its deadline; any failure of the store is
+   * UIG_ERR_CLUSTER_UNAVAILABLE. A call that may be repeated is tried in two
+   * halves of the time: the first may have gone to a member that just died,
+   * and the client moves to another.
+   */
+  async #call<T> (what: string, work: (deadline: Date) => Promise<T>, timeoutMs = this.#timeoutMs, repeatable = false): Promise<T> {
+    const attempt = async (ms: number): Promise<T> => {
+      let timer: NodeJS.Timeout | undefined
+      try {
+        return await Promise.race([
+          work(new Date(Date.now() + ms)),
+          new Promise<never>((_resolve, reject) => { timer = setTimeout(() => reject(new Error(`no answer within ${ms} ms`)), ms) })
+        ])
+      } finally {
+        clearTimeout(timer)
+      }
+    }
     try {
-      return await Promise.race([
-        work(deadline),
-        new Promise<never>((_resolve, reject) => { timer = setTimeout(() => reject(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs) })
-      ])
+      if (!repeatable) return await attempt(timeoutMs)
+      try {
+        return await attempt(timeoutMs / 2)
+      } catch {
+        return await attempt(timeoutMs / 2)
+      }
     } catch (err) {
       throw new UigniterError('UIG_ERR_CLUSTER_UNAVAILABLE', `cannot ${what}: the cluster store (etcd) did not answer (${(err as Error).message}); nothing was changed`, { cause: err })
-    } finally {
-      clearTimeout(timer)
     }
   }
 }

@@ -264,6 +264,7 @@ describe('a cluster of three nodes on etcd', { timeout: 900_000 }, () => {
   it('rides out etcd: one member of three lost changes nothing; all three lost keeps serving and refuses writes; back, it reconciles', async () => {
     const spec = (await service(1, 'backend')).spec
     await lab.etcd.kill(1)
+    await lab.etcd.waitHealthy()
     await call(2, 'PUT', '/v1/services/backend', { ...spec, drainTimeoutMs: 5000 })
     assert.equal((await service(3, 'backend')).spec.drainTimeoutMs, 5000)
     lab.etcd.start(1)
