@@ -167,3 +167,60 @@ export async function startCuttingProxy (target: TestRegistry): Promise<CuttingP
   }
   return proxy
 }
+
+export interface BearerGate {
+  host: string
+  /** Token requests, each with the scope asked for and whether its credentials were right. */
+  tokenRequests: Array<{ scope: string | null, ok: boolean }>
+  close: () => Promise<void>
+}
+
+/**
+ * A stand-in for a registry's token service (Debian has no token server for
+ * docker-registry): a proxy in front of the real registry that answers 401
+ * with a `Bearer realm=…,service=…,scope=…` challenge unless the request
+ * carries a token it issued, and a /token endpoint that issues one for the
+ * right basic credentials, or for anyone when `anonymous` is set.
+ */
+export async function startBearerGate (target: TestRegistry, options: { credentials?: { username: string, password: string }, anonymous?: boolean }): Promise<BearerGate> {
+  const { createServer, request } = await import('node:http')
+  const { randomBytes } = await import('node:crypto')
+  const issued = new Set<string>()
+  const gate: BearerGate = { host: '', tokenRequests: [], close: async () => {} }
+  const expected = options.credentials !== undefined ? `Basic ${Buffer.from(`${options.credentials.username}:${options.credentials.password}`).toString('base64')}` : undefined
+  const server = createServer((req, res) => {
+    const url = new URL(req.url ?? '/', 'http://gate')
+    if (url.pathname === '/token') {
+      const ok = options.anonymous === true || (expected !== undefined && req.headers.authorization === expected)
+      gate.tokenRequests.push({ scope: url.searchParams.get('scope'), ok })
+      if (!ok) { res.writeHead(401).end(); return }
+      const token = randomBytes(16).toString('hex')
+      issued.add(token)
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ token, expires_in: 300 }))
+      return
+    }
+    const token = /^Bearer (.+)$/.exec(req.headers.authorization ?? '')?.[1]
+    if (token === undefined || !issued.has(token)) {
+      const name = /^\/v2\/(.+)\/(?:manifests|blobs)\//.exec(url.pathname)?.[1] ?? ''
+      res.writeHead(401, { 'www-authenticate': `Bearer realm="http://${gate.host}/token",service="stand-in",scope="repository:${name}:pull"`, 'content-type': 'application/json' })
+        .end('{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}')
+      return
+    }
+    const headers = { ...req.headers }
+    delete headers.authorization
+    const upstream = request({ host: '127.0.0.1', port: target.port, method: req.method, path: req.url, headers }, (up) => {
+      res.writeHead(up.statusCode ?? 502, up.headers)
+      up.pipe(res)
+    })
+    upstream.on('error', () => res.socket?.destroy())
+    req.pipe(upstream)
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const address = server.address()
+  gate.host = `127.0.0.1:${typeof address === 'object' && address !== null ? address.port : 0}`
+  gate.close = async () => {
+    server.closeAllConnections()
+    await new Promise<void>((resolve) => server.close(() => resolve()))
+  }
+  return gate
+}

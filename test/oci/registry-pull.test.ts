@@ -9,7 +9,8 @@ import { mediaTypes } from '../../src/oci/media-types.js'
 import { OciError } from '../../src/oci/oci-errors.js'
 import { pull, type PullOptions } from '../../src/oci/pull.js'
 import { busyboxLayer, buildImage, createLayout, getManifest, pushImage, putManifest, type OciLayout } from '../helpers/oci-images.js'
-import { startCuttingProxy, startRegistry, type TestRegistry } from '../helpers/oci-registry.js'
+import { startBearerGate, startCuttingProxy, startRegistry, type TestRegistry } from '../helpers/oci-registry.js'
+import { RegistryClient } from '../../src/oci/registry-client.js'
 
 const user = { username: 'ann', password: 'open sesame' }
 
@@ -51,6 +52,9 @@ describe('pull from a real registry (docker-registry 2.8)', { timeout: 180_000 }
     await pushImage(layout, 'other', registry.host, 'test/other:v1')
     await pushImage(layout, 'app', registry.host, 'test/docker:v1', { format: 'v2s2' })
     await pushImage(layout, 'tamper', registry.host, 'test/tamper:v1')
+    // Layers of their own: skopeo reuses a blob the registry has rather than recompress it.
+    await buildImage(layout, 'zstd', [await busyboxLayer(), { 'etc/zstd.txt': 'zstd\n' }])
+    await pushImage(layout, 'zstd', registry.host, 'test/zstd:v1', { compress: 'zstd' })
     opts = (dataDir) => ({ dataDir, insecure: [registry.host], timeoutMs: 10_000 })
   })
   after(async () => {
@@ -195,6 +199,45 @@ describe('pull from a real registry (docker-registry 2.8)', { timeout: 180_000 }
     assert.deepEqual(image.stats, { fetched: 1, cached: 2, resumed: 1 })
     assert.equal(await sha256File(image.layers[0]?.path ?? ''), big.digest)
     assert.deepEqual(await listOrEmpty(join(dataDir, 'oci/partial')), [])
+  })
+
+  test('zstd layers', async () => {
+    const dataDir = await freshDataDir()
+    const image = await pull(`${registry.host}/test/zstd:v1`, opts(dataDir))
+    assert.deepEqual(image.layers.map(l => [l.mediaType, l.compression]), Array(2).fill(['application/vnd.oci.image.layer.v1.tar+zstd', 'zstd']))
+    const first = await readFile(image.layers[0]?.path ?? '')
+    assert.equal(first.readUInt32LE(0), 0xfd2fb528, 'a zstd frame')
+  })
+
+  test('bearer tokens through the WWW-Authenticate challenge, one per scope (a stand-in token service)', async (t) => {
+    const dataDir = await freshDataDir()
+    const gate = await startBearerGate(registry, { credentials: user })
+    t.after(gate.close)
+    const client = new RegistryClient({ registry: gate.host, insecure: true, credentials: user, timeoutMs: 10_000 })
+    const image = await pull(`${gate.host}/test/app:v1`, { dataDir, client })
+    assert.equal(image.layers.length, 2)
+    // One token for repository:test/app:pull, reused for the manifest, the config and both layers.
+    assert.deepEqual(gate.tokenRequests, [{ scope: 'repository:test/app:pull', ok: true }])
+    assert.equal(client.requests.tokens, 1)
+    await pull(`${gate.host}/test/other:v1`, { dataDir, client })
+    assert.deepEqual(gate.tokenRequests.map(r => r.scope), ['repository:test/app:pull', 'repository:test/other:pull'])
+
+    const wrong = new RegistryClient({ registry: gate.host, insecure: true, credentials: { ...user, password: 'wrong' }, timeoutMs: 10_000 })
+    await assert.rejects(pull(`${gate.host}/test/app:v1`, { dataDir, client: wrong }), (err: unknown) => {
+      isOci('auth')(err)
+      assert.equal((err as OciError).httpStatus, 401)
+      assert.match((err as Error).message, /token service.*refused the credentials of ann/)
+      return true
+    })
+  })
+
+  test('anonymous bearer tokens, as Docker Hub gives for public images', async (t) => {
+    const dataDir = await freshDataDir()
+    const gate = await startBearerGate(registry, { anonymous: true })
+    t.after(gate.close)
+    const image = await pull(`${gate.host}/test/app:v1`, { dataDir, insecure: true, timeoutMs: 10_000 })
+    assert.equal(image.layers.length, 2)
+    assert.equal(gate.tokenRequests.length, 1)
   })
 
   test('https unless the registry is named insecure', async () => {
