@@ -1,8 +1,11 @@
 import { readFile } from 'node:fs/promises'
 import { dirname, resolve } from 'node:path'
 import { UigniterError, hasErrno } from '../core/errors.js'
-import { formatImageRef, type ImageManifest } from '../core/image.js'
-import { formatBytes, formatDuration } from '../core/progress.js'
+import { formatImageRef, parseImageRef, type ImageManifest } from '../core/image.js'
+import { Progress, formatBytes, formatDuration } from '../core/progress.js'
+import { imageFromPull } from '../oci/pulled-image.js'
+import { pull } from '../oci/pull.js'
+import { parseReference } from '../oci/reference.js'
 import { httpGetWithRetry } from '../core/app-probe.js'
 import { BootedImage } from '../vmm/qemu/image-boot.js'
 import { parseEnv, parseIntFlag, parseMiB, printTable, type Command } from './args.js'
@@ -107,6 +110,70 @@ export const imageCommands: Command[] = [
         printManifestSummary(manifest)
       }
       return 0
+    }
+  },
+  {
+    name: 'image pull',
+    summary: 'Pull an image from an OCI registry and make it a bootable image (layers applied, its config mapped, our init added).',
+    usage: 'uigniter image pull REF [-t NAME[:TAG]] [--insecure] [--credentials FILE] [--format auto|squashfs|ext4] [--memory M] [--overlay M] [--json]',
+    options: {
+      name: { type: 'string', short: 't' },
+      insecure: { type: 'boolean' },
+      credentials: { type: 'string' },
+      format: { type: 'string' },
+      memory: { type: 'string' },
+      overlay: { type: 'string' },
+      json: { type: 'boolean' }
+    },
+    help: [
+      'REF                   [registry/]name[:tag|@sha256:...]; without a registry, docker.io (library/ for one-part names)',
+      '-t, --name NAME:TAG   the local image name (default: the reference\'s last path part and its tag)',
+      '--insecure            plain HTTP to the registry (e.g. 127.0.0.1:5000); https otherwise',
+      '--credentials FILE    registry credentials in Docker\'s config.json format (auths → auth)',
+      '--format F            auto (squashfs) | squashfs | ext4',
+      '--memory M            default memory of its VMs (MiB, or 512M, 1G)',
+      '--overlay M           the writable overlay its booted VMs get (default 256 MiB): container images write to their root',
+      '--json                print the manifest as JSON'
+    ],
+    run: async (values, positionals) => {
+      const ref = positionals[0]
+      if (ref === undefined || positionals.length > 1) throw new UigniterError('UIG_ERR_CLI_USAGE', 'give one image reference: uigniter image pull REF')
+      const format = values.format as string | undefined
+      if (format !== undefined && !['auto', 'squashfs', 'ext4'].includes(format)) throw new UigniterError('UIG_ERR_CLI_USAGE', `--format takes auto, squashfs or ext4, not "${format}"`)
+      const reference = parseReference(ref)
+      const name = (values.name as string | undefined) ?? `${reference.repository.split('/').pop() ?? reference.repository}:${reference.tag ?? 'latest'}`
+      parseImageRef(name)
+      const { config, store, builder } = createContext()
+      const started = Date.now()
+      const progress = new Progress(`pulling ${ref}`)
+      const work = await store.createWorkDir()
+      try {
+        const pulled = await pull(reference, {
+          dataDir: config.dataDir,
+          ...(values.insecure === true ? { insecure: true } : {}),
+          ...(values.credentials !== undefined ? { credentialsFile: values.credentials as string } : {}),
+          onProgress: (p) => { progress.update(`layer ${p.index + 1}/${p.count} ${p.digest.slice(7, 19)}: ${p.state === 'cached' ? 'cached' : `${formatBytes(p.received)} of ${formatBytes(p.size)}`}`) }
+        })
+        progress.update(`applying ${pulled.layers.length} layer(s)`)
+        const manifest = await imageFromPull(pulled, {
+          builder,
+          name,
+          workParent: work,
+          ...(format !== undefined ? { format: format as 'auto' | 'squashfs' | 'ext4' } : {}),
+          ...(values.memory !== undefined ? { memoryMiB: parseMiB(values.memory as string, '--memory') } : {}),
+          ...(values.overlay !== undefined ? { overlaySizeMiB: parseMiB(values.overlay as string, '--overlay') } : {})
+        })
+        progress.done()
+        if (values.json === true) console.log(JSON.stringify(manifest, null, 2))
+        else {
+          console.log(`pulled ${pulled.reference} (${pulled.manifestDigest.slice(0, 19)}, ${pulled.layers.length} layer(s): ${pulled.stats.fetched} fetched, ${pulled.stats.cached} cached) as ${formatImageRef(manifest)} in ${formatDuration(Date.now() - started)}`)
+          printManifestSummary(manifest)
+        }
+        return 0
+      } finally {
+        progress.done()
+        await store.discardWorkDir(work)
+      }
     }
   },
   {

@@ -92,7 +92,16 @@ export const errorCodes = {
   UIG_ERR_NODE_NOT_FOUND: { statusCode: 404, title: 'No node has that name' },
   UIG_ERR_NODE_UNREACHABLE: { statusCode: 502, title: 'A peer node\'s API did not answer' },
   UIG_ERR_IMAGE_FETCH_FAILED: { statusCode: 502, title: 'An image could not be fetched from a peer node' },
-  UIG_ERR_IMAGE_DIGEST_MISMATCH: { statusCode: 502, title: 'A fetched image manifest or blob does not match its digest; it was discarded' }
+  UIG_ERR_IMAGE_DIGEST_MISMATCH: { statusCode: 502, title: 'A fetched image manifest or blob does not match its digest; it was discarded' },
+  UIG_ERR_OCI_REFERENCE_INVALID: { statusCode: 400, title: 'An image reference is not [registry/]name[:tag|@sha256:digest]' },
+  UIG_ERR_OCI_AUTH: { statusCode: 401, title: 'The registry refused the pull: no credentials, or wrong ones' },
+  UIG_ERR_OCI_NOT_FOUND: { statusCode: 404, title: 'The registry has no such repository, tag, manifest or blob' },
+  UIG_ERR_OCI_MANIFEST_UNSUPPORTED: { statusCode: 400, title: 'The image\'s manifest, media type or platform is one uigniter does not take' },
+  UIG_ERR_OCI_REGISTRY: { statusCode: 502, title: 'The registry failed or answered badly' },
+  UIG_ERR_OCI_LAYER_UNSAFE: { statusCode: 400, title: 'An image layer has an entry that escapes the root (.., an absolute path, a write through a symlink, a hard link outside)' },
+  UIG_ERR_OCI_LAYER_INVALID: { statusCode: 400, title: 'An image layer is not a valid tar (or its compression is broken)' },
+  UIG_ERR_OCI_LAYER_TOO_LARGE: { statusCode: 400, title: 'An image layer has an entry, or all its layers a total, past the limits' },
+  UIG_ERR_OCI_CONFIG_INVALID: { statusCode: 400, title: 'An image\'s config (entrypoint, user, env, ports, stop signal) cannot be used' }
 } as const satisfies Record<string, { statusCode: number; title: string }>
 
 export type ErrorCode = keyof typeof errorCodes

@@ -91,7 +91,8 @@ export const BuildSourceSchema = Type.Union([
     kind: Type.Literal('rootfs'),
     dir: Type.String({ minLength: 1, description: 'A directory to use as the root file system' }),
     entrypoint: Type.String({ minLength: 1, pattern: '^/', description: 'Absolute path of the program inside dir' }),
-    args: Argv
+    args: Argv,
+    owners: Type.Union([Type.Literal('root'), Type.Literal('keep')], { default: 'root', description: 'root: every file is root\'s in the image; keep: files keep their owners from dir (images pulled from a registry)' })
   }, { additionalProperties: false }),
   Type.Object({
     kind: Type.Literal('unikernel'),
@@ -106,6 +107,14 @@ export const ImageFormatSchema = Type.Union([
 ])
 export type ImageFormat = Static<typeof ImageFormatSchema>
 
+/** Where an image pulled from a registry came from: what `image inspect` shows and `up` pulls again. */
+export const OriginSchema = Type.Object({
+  reference: Type.String({ description: 'The reference in full, e.g. docker.io/library/redis:7' }),
+  manifestDigest: Type.String({ pattern: '^sha256:[0-9a-f]{64}$' }),
+  layers: Type.Array(Type.String({ pattern: '^sha256:[0-9a-f]{64}$' }), { description: 'The layer digests, base first' })
+}, { additionalProperties: false })
+export type ImageOrigin = Static<typeof OriginSchema>
+
 export const BuildSpecSchema = Type.Object({
   name: Type.String({ minLength: 1, description: 'name[:tag]' }),
   source: BuildSourceSchema,
@@ -117,7 +126,12 @@ export const BuildSpecSchema = Type.Object({
   ports: Type.Array(PortSchema, { default: [] }),
   machine: Type.Optional(MachineSchema),
   afterClone: Type.Optional(Type.Union([AfterCloneSchema, Type.Null()], { description: 'The after-clone hook of clones of this image (node images: SIGUSR2, answered by the clone-safety preload); null for none' })),
-  cloneSafe: Type.Optional(Type.Boolean({ description: 'The app holds no generator state a clone could share (true: no warning for ready: app templates). Node images: false leaves the clone-safety preload out' }))
+  cloneSafe: Type.Optional(Type.Boolean({ description: 'The app holds no generator state a clone could share (true: no warning for ready: app templates). Node images: false leaves the clone-safety preload out' })),
+  user: Type.Optional(Type.Object({ uid: Type.Integer({ minimum: 0, maximum: 2147483647 }), gid: Type.Integer({ minimum: 0, maximum: 2147483647 }) }, { additionalProperties: false, description: 'The uid and gid the app runs as (default root)' })),
+  stopSignal: Type.Optional(Type.String({ pattern: '^SIG[A-Z0-9]+$', description: 'The signal of a graceful stop (default SIGTERM)' })),
+  labels: Type.Optional(Type.Record(Type.String(), Type.String())),
+  overlaySizeMiB: Type.Optional(Type.Integer({ minimum: 16, maximum: 1048576, description: 'Booted VMs of this image get a writable overlay of this size unless the request says otherwise (container images expect a writable root)' })),
+  origin: Type.Optional(OriginSchema)
 }, { additionalProperties: false })
 export type BuildSpec = Static<typeof BuildSpecSchema>
 
@@ -148,6 +162,11 @@ export const ImageManifestSchema = Type.Object({
   machine: MachineSchema,
   afterClone: Type.Optional(AfterCloneSchema),
   cloneSafe: Type.Optional(Type.Boolean({ description: 'Clones of a ready: app template of this image share no generator state, given its afterClone hook runs' })),
+  user: Type.Optional(Type.Object({ uid: Type.Integer({ minimum: 0, maximum: 2147483647 }), gid: Type.Integer({ minimum: 0, maximum: 2147483647 }) }, { additionalProperties: false, description: 'The uid and gid the app runs as (default root)' })),
+  stopSignal: Type.Optional(Type.String({ pattern: '^SIG[A-Z0-9]+$', description: 'The signal of a graceful stop (default SIGTERM)' })),
+  labels: Type.Optional(Type.Record(Type.String(), Type.String())),
+  overlaySizeMiB: Type.Optional(Type.Integer({ minimum: 16, maximum: 1048576, description: 'Booted VMs of this image get a writable overlay of this size unless the request says otherwise (container images expect a writable root)' })),
+  origin: Type.Optional(OriginSchema),
   createdAt: Type.String({ description: 'ISO 8601 time of the build' })
 }, { additionalProperties: false })
 export type ImageManifest = Static<typeof ImageManifestSchema>

@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto'
+import { constants as osConstants } from 'node:os'
 import { stat } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { Value } from '@sinclair/typebox/value'
@@ -41,11 +42,17 @@ export function parseBuildSpec (input: unknown): BuildSpec {
  * strings (`arg`, `env`, `cwd`), which C can parse without a JSON library and
  * which can carry any byte an argv can.
  */
-export function encodeGuestConfig (argv: string[], env: Record<string, string>, workdir: string): Buffer {
+export function encodeGuestConfig (argv: string[], env: Record<string, string>, workdir: string, run: { user?: { uid: number, gid: number }, stopSignal?: string } = {}): Buffer {
   const parts: string[] = []
   for (const arg of argv) parts.push('arg', arg)
   for (const [k, v] of Object.entries(env)) parts.push('env', `${k}=${v}`)
   parts.push('cwd', workdir)
+  if (run.user !== undefined) parts.push('uid', String(run.user.uid), 'gid', String(run.user.gid))
+  if (run.stopSignal !== undefined) {
+    const number = (osConstants.signals as Record<string, number | undefined>)[run.stopSignal]
+    if (number === undefined) throw new UigniterError('UIG_ERR_IMAGE_SPEC_INVALID', `stopSignal ${run.stopSignal} is not a signal this host knows (SIGTERM, SIGINT, SIGQUIT, ...)`)
+    parts.push('stopsig', String(number))
+  }
   return Buffer.from(parts.map((p) => p + '\0').join(''))
 }
 
@@ -93,7 +100,12 @@ export class ImageBuilder {
         ports: spec.ports,
         machine: parts.machine,
         ...(parts.afterClone !== undefined ? { afterClone: parts.afterClone } : {}),
-        ...(parts.cloneSafe !== undefined ? { cloneSafe: parts.cloneSafe } : {})
+        ...(parts.cloneSafe !== undefined ? { cloneSafe: parts.cloneSafe } : {}),
+        ...(spec.user !== undefined ? { user: spec.user } : {}),
+        ...(spec.stopSignal !== undefined ? { stopSignal: spec.stopSignal } : {}),
+        ...(spec.labels !== undefined ? { labels: spec.labels } : {}),
+        ...(spec.overlaySizeMiB !== undefined ? { overlaySizeMiB: spec.overlaySizeMiB } : {}),
+        ...(spec.origin !== undefined ? { origin: spec.origin } : {})
       }
       const manifest: ImageManifest = {
         schemaVersion: 1,
@@ -126,8 +138,14 @@ export class ImageBuilder {
     const init = await guestInit()
     const machine = pickMachine(spec.machine, kernel)
     const contentSize = tree.contentSize()
-    const format = pickFormat(spec.format, contentSize, kernel)
-    addGuestFiles(tree, format, init.size, encodeGuestConfig(argv, env, spec.workdir ?? workdir))
+    // An archive of the initramfs records every file as root's: a tree that keeps its owners goes on a disk.
+    const keepsOwners = spec.source.kind === 'rootfs' && spec.source.owners === 'keep'
+    if (keepsOwners && spec.format === 'initramfs') throw new UigniterError('UIG_ERR_IMAGE_SPEC_INVALID', 'a root file system that keeps its owners needs a disk: format squashfs or ext4 (or auto), not initramfs')
+    const format = pickFormat(keepsOwners && spec.format === 'auto' ? 'squashfs' : spec.format, contentSize, kernel)
+    addGuestFiles(tree, format, init.size, encodeGuestConfig(argv, env, spec.workdir ?? workdir, {
+      ...(spec.user !== undefined ? { user: spec.user } : {}),
+      ...(spec.stopSignal !== undefined ? { stopSignal: spec.stopSignal } : {})
+    }))
     await addModules(tree, kernel)
     progress.update(`writing ${format} (${formatBytes(tree.contentSize())} of files)`)
     const out = join(work, `rootfs.${format}`)

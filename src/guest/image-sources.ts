@@ -34,7 +34,7 @@ export async function loadSource (source: AppSource, baseDir: string, options: {
   switch (source.kind) {
     case 'elf': return await fromElf(resolve(baseDir, source.path), source.args)
     case 'node': return await fromNodeApp(resolve(baseDir, source.dir), source.entry, source.args, options.cloneSafe !== false)
-    case 'rootfs': return await fromRootfs(resolve(baseDir, source.dir), source.entrypoint, source.args)
+    case 'rootfs': return await fromRootfs(resolve(baseDir, source.dir), source.entrypoint, source.args, source.owners === 'keep')
   }
 }
 
@@ -92,7 +92,7 @@ async function fromNodeApp (dir: string, entry: string, args: string[], cloneSaf
   return { ...content, env: { NODE_OPTIONS: `--require ${CLONE_SAFE_GUEST_PATH}` }, afterClone: { kind: 'signal', signal: 'SIGUSR2' }, cloneSafe: true }
 }
 
-async function fromRootfs (dir: string, entrypoint: string, args: string[]): Promise<SourceContent> {
+async function fromRootfs (dir: string, entrypoint: string, args: string[], keepOwners: boolean): Promise<SourceContent> {
   await checkDirectory(dir, 'root file system directory')
   const hostEntry = resolve(dir, '.' + entrypoint)
   await requireFile(hostEntry, `entrypoint ${entrypoint} is missing from ${dir}`)
@@ -102,7 +102,7 @@ async function fromRootfs (dir: string, entrypoint: string, args: string[]): Pro
     throw new UigniterError('UIG_ERR_IMAGE_NO_ENTRYPOINT', `entrypoint ${entrypoint} in ${dir} is not executable; chmod +x it`)
   }
   const tree = new RootfsTree()
-  await tree.addHostDirectory(dir, '/')
+  await tree.addHostDirectory(dir, '/', { owners: keepOwners })
   return { tree, argv: [entrypoint, ...args], workdir: '/' }
 }
 

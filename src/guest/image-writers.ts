@@ -1,5 +1,5 @@
 import { createWriteStream } from 'node:fs'
-import { chmod, copyFile, constants, mkdir, symlink, writeFile } from 'node:fs/promises'
+import { chmod, copyFile, constants, lchown, mkdir, symlink, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
 import { createGzip } from 'node:zlib'
@@ -42,14 +42,15 @@ export async function writeDisk (tree: RootfsTree, format: 'squashfs' | 'ext4', 
     const target = join(stagingDir, path)
     if (entry.type === 'dir') {
       await mkdir(target, { recursive: true })
-      await chmod(target, entry.mode)
     } else if (entry.type === 'symlink') {
       await symlink(entry.target, target)
     } else {
       if ('hostPath' in entry.source) await copyFile(entry.source.hostPath, target, constants.COPYFILE_FICLONE)
       else await writeFile(target, entry.source.data)
-      await chmod(target, entry.mode)
     }
+    // The owner before the mode: a chown clears setuid and setgid bits.
+    if (entry.owner !== undefined) await lchown(target, entry.owner.uid, entry.owner.gid)
+    if (entry.type !== 'symlink') await chmod(target, entry.mode)
   }
   const fail = (tool: string) => ({ stderr, stdout }: { stderr: string, stdout: string }): Error => {
     const text = (stderr + stdout).trim()
@@ -59,7 +60,8 @@ export async function writeDisk (tree: RootfsTree, format: 'squashfs' | 'ext4', 
     return new Error(`${tool} failed: ${text.split('\n').slice(-5).join('\n')}`)
   }
   if (format === 'squashfs') {
-    await run('mksquashfs', [stagingDir, outPath, '-comp', 'zstd', '-noappend', '-all-root', '-no-progress', '-quiet'], { onFail: fail('mksquashfs') })
+    // Owners are root's unless the tree keeps its own (an image pulled from a registry).
+    await run('mksquashfs', [stagingDir, outPath, '-comp', 'zstd', '-noappend', ...(tree.keepsOwners ? [] : ['-all-root']), '-no-progress', '-quiet'], { onFail: fail('mksquashfs') })
   } else {
     // Room for the content plus ext4's metadata: 25 % and 16 MiB is ample for read-only images.
     const size = Math.ceil((tree.contentSize() * 1.25 + 16 * 1024 * 1024) / 4096) * 4096

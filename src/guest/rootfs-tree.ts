@@ -2,10 +2,13 @@ import { lstat, readdir, readlink } from 'node:fs/promises'
 import { join, posix } from 'node:path'
 import { UigniterError, hasErrno } from '../core/errors.js'
 
+/** A file's owner in the guest; absent: root's. */
+export interface Owner { uid: number, gid: number }
+
 export type TreeEntry =
-  | { type: 'dir', mode: number }
-  | { type: 'file', mode: number, source: { hostPath: string } | { data: Buffer }, size: number }
-  | { type: 'symlink', target: string }
+  | { type: 'dir', mode: number, owner?: Owner }
+  | { type: 'file', mode: number, source: { hostPath: string } | { data: Buffer }, size: number, owner?: Owner }
+  | { type: 'symlink', target: string, owner?: Owner }
 
 /**
  * The file tree of a guest root file system, described before it is written
@@ -15,6 +18,8 @@ export type TreeEntry =
  */
 export class RootfsTree {
   readonly #entries = new Map<string, TreeEntry>()
+  /** True once an entry has an owner other than root: the writers keep owners then. */
+  #owners = false
 
   constructor () {
     this.#entries.set('/', { type: 'dir', mode: 0o755 })
@@ -33,6 +38,8 @@ export class RootfsTree {
     this.#put(path, { type: 'symlink', target })
   }
 
+  get keepsOwners (): boolean { return this.#owners }
+
   has (path: string): boolean {
     return this.#entries.has(posix.normalize(path))
   }
@@ -42,7 +49,7 @@ export class RootfsTree {
    * files (by reference, read when written out) and symlinks as they are.
    * Devices, sockets and fifos are skipped: an image has no use for them.
    */
-  async addHostDirectory (hostDir: string, guestDir: string): Promise<void> {
+  async addHostDirectory (hostDir: string, guestDir: string, options: { owners?: boolean } = {}): Promise<void> {
     let names: string[]
     try {
       names = await readdir(hostDir)
@@ -50,14 +57,18 @@ export class RootfsTree {
       if (hasErrno(err, 'ENOENT')) throw new UigniterError('UIG_ERR_IMAGE_PATH_NOT_FOUND', `${hostDir} does not exist`, { cause: err })
       throw new UigniterError('UIG_ERR_IMAGE_PATH_UNREADABLE', `cannot read directory ${hostDir}: ${(err as Error).message}`, { cause: err })
     }
-    this.addDirectory(guestDir, ((await lstat(hostDir)).mode & 0o7777) || 0o755)
+    const self = await lstat(hostDir)
+    this.addDirectory(guestDir, (self.mode & 0o7777) || 0o755)
+    if (options.owners === true) this.#own(guestDir, self)
     for (const name of names.sort()) {
       const host = join(hostDir, name)
       const guest = posix.join(guestDir, name)
       const info = await lstat(host)
-      if (info.isDirectory()) await this.addHostDirectory(host, guest)
+      if (info.isDirectory()) await this.addHostDirectory(host, guest, options)
       else if (info.isSymbolicLink()) this.addSymlink(guest, await readlink(host))
       else if (info.isFile()) this.addFile(guest, { hostPath: host, size: info.size }, info.mode & 0o7777)
+      else continue
+      if (options.owners === true && !info.isDirectory()) this.#own(guest, info)
     }
   }
 
@@ -71,6 +82,13 @@ export class RootfsTree {
     let total = 0
     for (const entry of this.#entries.values()) if (entry.type === 'file') total += entry.size
     return total
+  }
+
+  #own (path: string, info: { uid: number, gid: number }): void {
+    const entry = this.#entries.get(posix.normalize(path))
+    if (entry === undefined || (info.uid === 0 && info.gid === 0)) return
+    entry.owner = { uid: info.uid, gid: info.gid }
+    this.#owners = true
   }
 
   #put (path: string, entry: TreeEntry): void {

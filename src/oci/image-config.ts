@@ -53,7 +53,7 @@ const MAX_ID = 4_294_967_294
 const MAX_ACCOUNT_FILE_BYTES = 4 * 1024 * 1024
 
 function invalid (message: string): UigniterError {
-  return new UigniterError('UIG_ERR_IMAGE_SPEC_INVALID', `image config: ${message}`)
+  return new UigniterError('UIG_ERR_OCI_CONFIG_INVALID', `image config: ${message}`)
 }
 
 /**

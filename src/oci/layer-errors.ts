@@ -1,15 +1,10 @@
 import { UigniterError, type ErrorCode } from '../core/errors.js'
 
-/**
- * The codes a layer is refused with. The table in core/errors.ts has no OCI
- * codes yet (UIG_ERR_OCI_LAYER_UNSAFE, _INVALID, _TOO_LARGE are proposed), so
- * all three map to UIG_ERR_IMAGE_SPEC_INVALID until they exist; callers tell
- * the cases apart by `reason`, which stays the same once the codes land.
- */
+/** The code a layer is refused with, by the reason (which callers may match on too). */
 export const layerErrorCodes: Record<LayerRefusal, ErrorCode> = {
-  unsafe: 'UIG_ERR_IMAGE_SPEC_INVALID',
-  invalid: 'UIG_ERR_IMAGE_SPEC_INVALID',
-  'too-large': 'UIG_ERR_IMAGE_SPEC_INVALID'
+  unsafe: 'UIG_ERR_OCI_LAYER_UNSAFE',
+  invalid: 'UIG_ERR_OCI_LAYER_INVALID',
+  'too-large': 'UIG_ERR_OCI_LAYER_TOO_LARGE'
 }
 
 export type LayerRefusal = 'unsafe' | 'invalid' | 'too-large'

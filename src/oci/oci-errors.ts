@@ -1,19 +1,15 @@
 import { UigniterError, type ErrorCode } from '../core/errors.js'
 
-/**
- * Why an OCI pull failed, finer than the image codes we have today. Each
- * reason maps onto an existing code until errors.ts has UIG_ERR_OCI_* codes;
- * then only this table changes, and callers that match on `reason` do not.
- */
+/** Why an OCI pull failed; each reason has its code (a digest mismatch is the image store's own). */
 export type OciFailure = 'reference-invalid' | 'auth' | 'manifest-unsupported' | 'digest-mismatch' | 'registry' | 'not-found'
 
-const interimCodes: Record<OciFailure, ErrorCode> = {
-  'reference-invalid': 'UIG_ERR_IMAGE_INVALID_NAME',
-  auth: 'UIG_ERR_IMAGE_FETCH_FAILED',
-  'manifest-unsupported': 'UIG_ERR_IMAGE_FETCH_FAILED',
+const failureCodes: Record<OciFailure, ErrorCode> = {
+  'reference-invalid': 'UIG_ERR_OCI_REFERENCE_INVALID',
+  auth: 'UIG_ERR_OCI_AUTH',
+  'manifest-unsupported': 'UIG_ERR_OCI_MANIFEST_UNSUPPORTED',
   'digest-mismatch': 'UIG_ERR_IMAGE_DIGEST_MISMATCH',
-  registry: 'UIG_ERR_IMAGE_FETCH_FAILED',
-  'not-found': 'UIG_ERR_IMAGE_FETCH_FAILED'
+  registry: 'UIG_ERR_OCI_REGISTRY',
+  'not-found': 'UIG_ERR_OCI_NOT_FOUND'
 }
 
 export class OciError extends UigniterError {
@@ -22,7 +18,7 @@ export class OciError extends UigniterError {
   readonly httpStatus: number | undefined
 
   constructor (reason: OciFailure, message: string, options?: { cause?: unknown, httpStatus?: number }) {
-    super(interimCodes[reason], message, options)
+    super(failureCodes[reason], message, options)
     this.reason = reason
     this.httpStatus = options?.httpStatus
   }

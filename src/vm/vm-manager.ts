@@ -165,7 +165,8 @@ export class VmManager extends EventEmitter {
         env: request.env,
         shares: request.shares,
         ...(request.args !== undefined ? { args: request.args } : {}),
-        ...(request.overlaySizeMiB !== undefined ? { overlaySizeMiB: request.overlaySizeMiB } : {})
+        // A container image expects a writable root: its manifest gives the overlay a request does not name.
+        ...((request.overlaySizeMiB ?? manifest.overlaySizeMiB) !== undefined ? { overlaySizeMiB: request.overlaySizeMiB ?? manifest.overlaySizeMiB } : {})
       }))
       this.#attached(vm, attachment)
       const guest = await clock.run('spawn', async () => await this.#deps.driver.spawn({

@@ -4,7 +4,8 @@ import { dirname, join } from 'node:path'
 import { run } from '../../src/core/exec.js'
 
 /** Files of one layer, by path inside the image: text or bytes (mode 0644), or with a mode. */
-export type LayerFiles = Record<string, string | Buffer | { data: string | Buffer, mode: number }>
+/** A layer's changes: files to write, and `null` for a file to delete (umoci makes a `.wh.` whiteout of it). */
+export type LayerFiles = Record<string, string | Buffer | { data: string | Buffer, mode: number } | null>
 
 export interface OciLayout {
   dir: string
@@ -24,7 +25,7 @@ export async function createLayout (): Promise<OciLayout> {
  * entry of `layers`, each made by umoci repack from the files written into
  * an unpacked bundle. The first layer of a base image usually holds busybox.
  */
-export async function buildImage (layout: OciLayout, tag: string, layers: LayerFiles[], options: { from?: string, entrypoint?: string[] } = {}): Promise<void> {
+export async function buildImage (layout: OciLayout, tag: string, layers: LayerFiles[], options: { from?: string, entrypoint?: string[], user?: string, ports?: string[] } = {}): Promise<void> {
   const image = `${layout.dir}:${tag}`
   if (options.from !== undefined) await run('umoci', ['tag', '--image', `${layout.dir}:${options.from}`, tag])
   else await run('umoci', ['new', '--image', image])
@@ -35,6 +36,7 @@ export async function buildImage (layout: OciLayout, tag: string, layers: LayerF
     for (const files of layers) {
       for (const [path, content] of Object.entries(files)) {
         const target = join(bundle, 'rootfs', path)
+        if (content === null) { await rm(target, { recursive: true, force: true }); continue }
         await mkdir(dirname(target), { recursive: true })
         if (typeof content === 'string' || Buffer.isBuffer(content)) await writeFile(target, content)
         else {
@@ -44,9 +46,12 @@ export async function buildImage (layout: OciLayout, tag: string, layers: LayerF
       }
       await run('umoci', ['repack', '--refresh-bundle', '--image', image, bundle])
     }
-    if (options.entrypoint !== undefined) {
-      await run('umoci', ['config', '--image', image, ...options.entrypoint.flatMap(e => ['--config.entrypoint', e])])
-    }
+    const config = [
+      ...(options.entrypoint ?? []).flatMap(e => ['--config.entrypoint', e]),
+      ...(options.user !== undefined ? ['--config.user', options.user] : []),
+      ...(options.ports ?? []).flatMap(p => ['--config.exposedports', p])
+    ]
+    if (config.length > 0) await run('umoci', ['config', '--image', image, ...config])
   } finally {
     await rm(bundle, { recursive: true, force: true })
   }

@@ -62,10 +62,10 @@ test('User by name, by uid, by uid:gid and name:group, resolved from the tree\'s
   assert.deepEqual(await user('1000:50'), { uid: 1000, gid: 50 })
   assert.deepEqual(await user('app:staff'), { uid: 1000, gid: 50 })
   assert.deepEqual(await user('nobody'), { uid: 65534, gid: 65534 })
-  await refused(user('ghost'), 'UIG_ERR_IMAGE_SPEC_INVALID', /no user "ghost" in the image's \/etc\/passwd/)
-  await refused(user('app:ghosts'), 'UIG_ERR_IMAGE_SPEC_INVALID', /no group "ghosts" in the image's \/etc\/group/)
-  await refused(user('99999999999'), 'UIG_ERR_IMAGE_SPEC_INVALID', /out of range/)
-  await refused(user('a:b:c'), 'UIG_ERR_IMAGE_SPEC_INVALID', /not user\[:group\]/)
+  await refused(user('ghost'), 'UIG_ERR_OCI_CONFIG_INVALID', /no user "ghost" in the image's \/etc\/passwd/)
+  await refused(user('app:ghosts'), 'UIG_ERR_OCI_CONFIG_INVALID', /no group "ghosts" in the image's \/etc\/group/)
+  await refused(user('99999999999'), 'UIG_ERR_OCI_CONFIG_INVALID', /out of range/)
+  await refused(user('a:b:c'), 'UIG_ERR_OCI_CONFIG_INVALID', /not user\[:group\]/)
 })
 
 test('an /etc/passwd that is a symlink out of the tree is resolved inside it', async (t) => {
@@ -74,7 +74,7 @@ test('an /etc/passwd that is a symlink out of the tree is resolved inside it', a
   await writeFile(outside, 'evil:x:0:0::/:/bin/sh\n')
   await rm(join(root, 'etc/passwd'))
   await symlink('../../outside-passwd', join(root, 'etc/passwd'))
-  await refused(mapImageConfig({ config: { User: 'evil', Cmd: ['/app/server'] } }, root), 'UIG_ERR_IMAGE_SPEC_INVALID', /no user "evil"/)
+  await refused(mapImageConfig({ config: { User: 'evil', Cmd: ['/app/server'] } }, root), 'UIG_ERR_OCI_CONFIG_INVALID', /no user "evil"/)
 })
 
 test('Env, WorkingDir, ExposedPorts, StopSignal and Labels', async (t) => {
@@ -124,5 +124,5 @@ test('bad configs are refused with a message that names the field', async (t) =>
     [{ config: { StopSignal: '99', Cmd: ['/app/server'] } }, /not a signal number/],
     [{ config: { Cmd: ['/app/server', 'a\0b'] } }, /NUL byte/]
   ]
-  for (const [config, pattern] of bad) await refused(mapImageConfig(config, root), 'UIG_ERR_IMAGE_SPEC_INVALID', pattern)
+  for (const [config, pattern] of bad) await refused(mapImageConfig(config, root), 'UIG_ERR_OCI_CONFIG_INVALID', pattern)
 })

@@ -54,7 +54,7 @@ async function refused (promise: Promise<unknown>, reason: LayerRefusal, pattern
   await assert.rejects(promise, (err: unknown) => {
     assert.ok(err instanceof LayerError, `a LayerError, got ${String(err)}`)
     assert.equal(err.reason, reason)
-    assert.equal(err.code, 'UIG_ERR_IMAGE_SPEC_INVALID')
+    assert.equal(err.code, { unsafe: 'UIG_ERR_OCI_LAYER_UNSAFE', invalid: 'UIG_ERR_OCI_LAYER_INVALID', 'too-large': 'UIG_ERR_OCI_LAYER_TOO_LARGE' }[reason])
     assert.match(err.message, pattern)
     return true
   })

@@ -19,7 +19,7 @@ test('references: Docker Hub defaults, registries with ports, tags and digests',
 
 test('references refused at the edge, with the reason', () => {
   for (const bad of ['', 'Upper/case', 'a:b:c', 'app@sha256:short', 'app:-tag', 'a//b', ' app', 'app:', `app@md5:${'a'.repeat(32)}`, 'bad_host:99999999/app']) {
-    assert.throws(() => parseReference(bad), (err: unknown) => err instanceof OciError && err.reason === 'reference-invalid' && err.code === 'UIG_ERR_IMAGE_INVALID_NAME', bad)
+    assert.throws(() => parseReference(bad), (err: unknown) => err instanceof OciError && err.reason === 'reference-invalid' && err.code === 'UIG_ERR_OCI_REFERENCE_INVALID', bad)
   }
 })
 

@@ -292,7 +292,7 @@ describe('pull from a registry with basic auth (htpasswd)', { timeout: 120_000 }
     const dataDir = await freshDataDir()
     await assert.rejects(pull(`${registry.host}/private/app:v1`, { dataDir, insecure: true, timeoutMs: 10_000 }), (err: unknown) => {
       isOci('auth')(err)
-      assert.equal((err as OciError).code, 'UIG_ERR_IMAGE_FETCH_FAILED')
+      assert.equal((err as OciError).code, 'UIG_ERR_OCI_AUTH')
       assert.equal((err as OciError).httpStatus, 401)
       assert.match((err as Error).message, /401 Unauthorized.*none were given/)
       return true

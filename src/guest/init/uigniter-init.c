@@ -16,6 +16,7 @@
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
+#include <grp.h>
 #include <fcntl.h>
 #include <linux/if_packet.h>
 #include <linux/random.h>
@@ -767,7 +768,23 @@ static void setup_network(const struct params *p)
 struct app {
 	char **argv, **envp;
 	const char *cwd;
+	/* The app's uid and gid (an image's User); -1: root, as init runs. */
+	long uid, gid;
 };
+
+/* The signal of a graceful stop (an image's StopSignal); SIGTERM unless the config names another. */
+static int stop_signal = SIGTERM;
+
+/* A whole decimal number in [0, max], or -1. */
+static long parse_id(const char *v, long max)
+{
+	char *end;
+	errno = 0;
+	if (*v < '0' || *v > '9')
+		return -1;
+	unsigned long n = strtoul(v, &end, 10);
+	return *end || errno || n > (unsigned long)max ? -1 : (long)n;
+}
 
 /*
  * The after-clone hook (cmd_after_clone).  The init makes one pipe at boot:
@@ -831,6 +848,7 @@ static bool load_app_config(struct app *app, const struct params *p)
 	char *blob = read_file(APP_CONFIG, 16 << 20, &len);
 
 	memset(app, 0, sizeof(*app));
+	app->uid = app->gid = -1;
 	if (!blob)
 		return false;
 	/* Every string could be an entry; +2 for PATH and HOME, +1 for NULL. */
@@ -858,6 +876,14 @@ static bool load_app_config(struct app *app, const struct params *p)
 				app->argv[argc++] = val;
 		} else if (strcmp(key, "cwd") == 0) {
 			app->cwd = val;
+		} else if (strcmp(key, "uid") == 0) {
+			app->uid = parse_id(val, 0x7fffffffL);
+		} else if (strcmp(key, "gid") == 0) {
+			app->gid = parse_id(val, 0x7fffffffL);
+		} else if (strcmp(key, "stopsig") == 0) {
+			long sig = parse_id(val, NSIG - 1);
+			if (sig > 0)
+				stop_signal = (int)sig;
 		} else if (strcmp(key, "env") == 0 && strchr(val, '=')) {
 			app->envp[envc++] = val;
 		}
@@ -954,8 +980,14 @@ static void child_exec(const struct app *app, int report_fd)
 			envp = with_ack;
 		}
 	}
+	/* The image's User: groups first, then the gid, then the uid, which gives up the right to change them. */
+	if (app->gid >= 0 && (setgroups(0, NULL) < 0 || setgid((gid_t)app->gid) < 0))
+		goto failed;
+	if (app->uid >= 0 && setuid((uid_t)app->uid) < 0)
+		goto failed;
 	if (chdir(app->cwd ? app->cwd : "/") == 0)
 		exec_app(app->argv, envp);
+failed:;
 	int err = errno;
 	write_all(report_fd, &err, sizeof(err));
 	_exit(127);
@@ -1205,7 +1237,7 @@ static void cmd_shutdown(const struct ctl_args *a)
 	ctl_reply("{\"ok\":true}");
 	if (!app_state.running)
 		return;
-	signal_app(SIGTERM);
+	signal_app(stop_signal);
 	if (ms == 0) {
 		signal_app(SIGKILL);
 		return;
