@@ -104,9 +104,13 @@ export function clusterRoutes (node: ClusterNode, token: string | undefined) {
     }, async (request) => {
       const view = find(node, request.params.name)
       await node.agent.write([{ put: keys.cordon(view.name), value: new Date().toISOString() }])
-      const moving = node.services.evict((vm) => vm.node === view.name)
+      // Evicted again at each round: a controller that adopts a replica of the node later (a leader
+      // that just took over) moves it too; replicas already moving are not counted twice.
+      let moving = 0
       const deadline = Date.now() + request.query.timeoutS * 1000
-      while (node.view.placementsOn(view.name).length > 0 && Date.now() < deadline) {
+      for (;;) {
+        if (node.services.isLeader) moving += node.services.evict((vm) => vm.node === view.name)
+        if (node.view.placementsOn(view.name).length === 0 || Date.now() >= deadline) break
         await new Promise((resolve) => setTimeout(resolve, 250))
       }
       const remaining = node.view.placementsOn(view.name).map((p) => p.replica)
