@@ -195,13 +195,13 @@ export class ServiceController {
     this.kick()
   }
 
-  /** Reconciles now, or again right after the reconcile under way. */
   /** Capacity changed (a node joined, freed room, or was lost): a pending replica is tried again now. */
   capacityChanged (): void {
     if (this.#message?.startsWith('replica pending') === true) this.#backoffUntil = 0
     this.kick()
   }
 
+  /** Reconciles now, or again right after the reconcile under way. */
   kick (): void {
     if (this.#closed) return
     // A reconcile can end in a kick (a replica failing its start deadline): run again after it, not inside it.
@@ -379,7 +379,7 @@ export class ServiceController {
         this.#event('service.replica-started', `replica ${vm.name} runs (${vm.startPath}, ${Math.round(vm.startTimings?.totalMs ?? 0)} ms); checking its health`, vm.name)
       } catch (err) {
         if (err instanceof UigniterError && err.code === 'UIG_ERR_CLUSTER_UNSCHEDULABLE') {
-          // Pending, not failed: it is tried again at each change of capacity (kickAll) and every few seconds.
+          // Pending, not failed: it is tried again at each change of capacity (capacityChanged) and every few seconds.
           this.#backoffUntil = Date.now() + PENDING_RETRY_MS
           this.#message = `replica pending: ${err.message}`
           this.#event('service.replica-pending', this.#message, name)
