@@ -3,6 +3,7 @@ import { dirname, resolve } from 'node:path'
 import { UigniterError, hasErrno } from '../core/errors.js'
 import { formatImageRef, parseImageRef, type ImageManifest } from '../core/image.js'
 import { Progress, formatBytes, formatDuration } from '../core/progress.js'
+import { readImageArchive } from '../oci/image-archive.js'
 import { imageFromPull } from '../oci/pulled-image.js'
 import { pull } from '../oci/pull.js'
 import { parseReference } from '../oci/reference.js'
@@ -167,6 +168,67 @@ export const imageCommands: Command[] = [
         if (values.json === true) console.log(JSON.stringify(manifest, null, 2))
         else {
           console.log(`pulled ${pulled.reference} (${pulled.manifestDigest.slice(0, 19)}, ${pulled.layers.length} layer(s): ${pulled.stats.fetched} fetched, ${pulled.stats.cached} cached) as ${formatImageRef(manifest)} in ${formatDuration(Date.now() - started)}`)
+          printManifestSummary(manifest)
+        }
+        return 0
+      } finally {
+        progress.done()
+        await store.discardWorkDir(work)
+      }
+    }
+  },
+  {
+    name: 'image import',
+    summary: 'Import an image archive (an OCI image layout, as a directory or a tar, or a docker save archive) and make it a bootable image.',
+    usage: 'uigniter image import FILE|DIR [-t NAME[:TAG]] [--ref TAG] [--format auto|squashfs|ext4] [--memory M] [--overlay M] [--json]',
+    options: {
+      name: { type: 'string', short: 't' },
+      ref: { type: 'string' },
+      format: { type: 'string' },
+      memory: { type: 'string' },
+      overlay: { type: 'string' },
+      json: { type: 'boolean' }
+    },
+    help: [
+      'FILE|DIR              an OCI image layout directory, a tar of one (skopeo ... oci-archive:), or a docker save tar',
+      '-t, --name NAME:TAG   the local image name (default: the archive\'s own name and tag)',
+      '--ref TAG             which image of an archive that holds several (an OCI ref.name, or a docker RepoTag)',
+      '--format F            auto (squashfs) | squashfs | ext4',
+      '--memory M            default memory of its VMs (MiB, or 512M, 1G)',
+      '--overlay M           the writable overlay its booted VMs get (default 256 MiB): container images write to their root',
+      '--json                print the manifest as JSON'
+    ],
+    run: async (values, positionals) => {
+      const path = positionals[0]
+      if (path === undefined || positionals.length > 1) throw new UigniterError('UIG_ERR_CLI_USAGE', 'give one archive: uigniter image import FILE|DIR')
+      const format = values.format as string | undefined
+      if (format !== undefined && !['auto', 'squashfs', 'ext4'].includes(format)) throw new UigniterError('UIG_ERR_CLI_USAGE', `--format takes auto, squashfs or ext4, not "${format}"`)
+      const given = values.name as string | undefined
+      if (given !== undefined) parseImageRef(given)
+      const { config, store, builder } = createContext()
+      const started = Date.now()
+      const progress = new Progress(`importing ${path}`)
+      const work = await store.createWorkDir()
+      try {
+        const imported = await readImageArchive(path, {
+          dataDir: config.dataDir,
+          ...(values.ref !== undefined ? { ref: values.ref as string } : {})
+        })
+        const name = given ?? imported.imageName
+        if (name === undefined) throw new UigniterError('UIG_ERR_CLI_USAGE', `${path} gives its image no name usable here: name it with -t NAME[:TAG]`)
+        progress.update(`applying ${imported.layers.length} layer(s)`)
+        const manifest = await imageFromPull(imported, {
+          builder,
+          name,
+          workParent: work,
+          ...(format !== undefined ? { format: format as 'auto' | 'squashfs' | 'ext4' } : {}),
+          ...(values.memory !== undefined ? { memoryMiB: parseMiB(values.memory as string, '--memory') } : {}),
+          ...(values.overlay !== undefined ? { overlaySizeMiB: parseMiB(values.overlay as string, '--overlay') } : {})
+        })
+        progress.done()
+        if (values.json === true) console.log(JSON.stringify(manifest, null, 2))
+        else {
+          console.log(`imported ${imported.reference} (${imported.manifestDigest.slice(0, 19)}, ${imported.layers.length} layer(s)) as ${formatImageRef(manifest)} in ${formatDuration(Date.now() - started)}`)
           printManifestSummary(manifest)
         }
         return 0
