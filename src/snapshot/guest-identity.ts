@@ -85,17 +85,32 @@ export async function sendIdentity (controlSocket: string, identity: GuestIdenti
  * init older than ANNOUNCING_INIT_VERSION announces nothing, and is asked
  * once instead.
  */
+/** How long the host waits for the init's announcement before it also asks. */
+const ANNOUNCEMENT_GRACE_MS = 1000
+
 export async function waitForIdentityWait (controlSocket: string, timeoutMs: number, initVersion = ANNOUNCING_INIT_VERSION): Promise<void> {
   const deadline = Date.now() + timeoutMs
   const channel = await ControlChannel.connect(controlSocket, timeoutMs)
   try {
     if (initVersion >= ANNOUNCING_INIT_VERSION) {
-      await channel.waitForEvent((e) => e.event === 'waiting' && e.for === 'identity', Math.max(1, deadline - Date.now()), 'its wait for an identity')
-        .catch((err: unknown) => {
-          throw new UigniterError('UIG_ERR_TEMPLATE_FAILED', channel.closed
-            ? `the control channel closed before the guest init announced its wait for an identity (the VM stopped?): ${(err as Error).message}`
-            : `the guest init did not announce its wait for an identity within ${timeoutMs} ms; an image whose init is older than version ${ANNOUNCING_INIT_VERSION} never does: rebuild the image`, { cause: err })
-        })
+      // Never rejects: the error, if the announcement does not come, is the value.
+      const announced = channel.waitForEvent((e) => e.event === 'waiting' && e.for === 'identity', Math.max(1, deadline - Date.now()), 'its wait for an identity')
+        .then(() => undefined, (err: unknown) => err as Error)
+      // The init announces to each host connection it sees open; a busy guest can miss a quick
+      // close and reopen (a second host right after the first) and stay silent. One question, if
+      // the announcement is slow, tells the same.
+      const asked = new Promise<undefined>((resolve) => {
+        const timer = setTimeout(() => {
+          channel.request('status', {}, Math.max(1, deadline - Date.now())).then((reply) => { if (reply.app === 'waiting') resolve(undefined) }, () => {})
+        }, ANNOUNCEMENT_GRACE_MS)
+        void announced.then(() => { clearTimeout(timer) })
+      })
+      const failed = await Promise.race([announced, asked])
+      if (failed !== undefined) {
+        throw new UigniterError('UIG_ERR_TEMPLATE_FAILED', channel.closed
+          ? `the control channel closed before the guest init announced its wait for an identity (the VM stopped?): ${failed.message}`
+          : `the guest init did not announce its wait for an identity within ${timeoutMs} ms; an image whose init is older than version ${ANNOUNCING_INIT_VERSION} never does: rebuild the image`, { cause: failed })
+      }
       return
     }
     // The old init answers only from its event loop, which it enters already waiting: one question suffices.

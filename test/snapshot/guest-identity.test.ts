@@ -83,7 +83,7 @@ describe('guest identity: real VM on a bridge', () => {
     await vm.waitForMarker('init', 60_000)
     const socket = vm.controlSocket ?? ''
     await waitForIdentityWait(socket, 60_000)
-    // A second host (a daemon restarted, a pool re-checking an instance) hears it too.
+    // A second host (a daemon restarted, a pool re-checking an instance) learns it too: from the announcement, or by asking after a grace.
     const t0 = performance.now()
     await waitForIdentityWait(socket, 10_000)
     process.stderr.write(`# a second connection heard the wait after ${(performance.now() - t0).toFixed(1)} ms\n`)
