@@ -334,6 +334,10 @@ try {
   }
   out.push('', 'spawn: from the spawn call until QEMU runs and its monitor answers (it makes the overlay with mkfs.ext4 first); every time is from the spawn call.')
   process.stdout.write(out.join('\n') + '\n')
+} catch (err) {
+  if (!interrupted) throw err
+  process.stderr.write('interrupted before the figures: removing what it started\n')
+  process.exitCode = 130
 } finally {
   for (const vm of liveVms) vm.kill()
   await layout?.close()
