@@ -155,8 +155,11 @@ export const imageCommands: Command[] = [
           ...(values.credentials !== undefined ? { credentialsFile: values.credentials as string } : {}),
           onProgress: (p) => { progress.update(`layer ${p.index + 1}/${p.count} ${p.digest.slice(7, 19)}: ${p.state === 'cached' ? 'cached' : `${formatBytes(p.received)} of ${formatBytes(p.size)}`}`) }
         })
-        progress.update(`applying ${pulled.layers.length} layer(s)`)
-        const manifest = await imageFromPull(pulled, {
+        // Pulled again with nothing asked differently: the image made from this very manifest is kept, not made again.
+        const existing = await store.get(name).catch(() => undefined)
+        const unchanged = existing?.origin?.manifestDigest === pulled.manifestDigest && format === undefined && values.memory === undefined && values.overlay === undefined
+        progress.update(unchanged ? 'up to date' : `applying ${pulled.layers.length} layer(s)`)
+        const manifest = unchanged && existing !== undefined ? existing : await imageFromPull(pulled, {
           builder,
           name,
           workParent: work,
@@ -167,7 +170,7 @@ export const imageCommands: Command[] = [
         progress.done()
         if (values.json === true) console.log(JSON.stringify(manifest, null, 2))
         else {
-          console.log(`pulled ${pulled.reference} (${pulled.manifestDigest.slice(0, 19)}, ${pulled.layers.length} layer(s): ${pulled.stats.fetched} fetched, ${pulled.stats.cached} cached) as ${formatImageRef(manifest)} in ${formatDuration(Date.now() - started)}`)
+          console.log(`pulled ${pulled.reference} (${pulled.manifestDigest.slice(0, 19)}, ${pulled.layers.length} layer(s): ${pulled.stats.fetched} fetched, ${pulled.stats.cached} cached) as ${formatImageRef(manifest)}${unchanged ? ', already made from this manifest' : ''} in ${formatDuration(Date.now() - started)}`)
           printManifestSummary(manifest)
         }
         return 0

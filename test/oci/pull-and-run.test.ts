@@ -61,10 +61,16 @@ describe('an OCI image pulled from a registry, then run', { timeout: 300_000 }, 
     assert.equal(manifest.origin?.layers.length, 2)
     assert.match(manifest.origin?.manifestDigest ?? '', /^sha256:[0-9a-f]{64}$/)
     assert.equal(manifest.overlaySizeMiB, 256)
-    // Pulled again: every layer is in the cache, nothing is fetched.
+    // Pulled again: every layer is in the cache, nothing is fetched, and the image made from this manifest is kept.
     const again = await runCli(['image', 'pull', '--insecure', `${registry.host}/test/web:1`], { env: ctx.env })
     assert.equal(again.code, 0, again.stderr)
-    assert.match(again.stdout, /: 0 fetched, \d+ cached\)/)
+    assert.match(again.stdout, /: 0 fetched, \d+ cached\) as web:1, already made from this manifest/)
+    // Asked for another overlay, it is made again.
+    const remade = await runCli(['image', 'pull', '--insecure', '--overlay', '128M', `${registry.host}/test/web:1`, '--json'], { env: ctx.env })
+    assert.equal(remade.code, 0, remade.stderr)
+    assert.equal((JSON.parse(remade.stdout) as ImageManifest).overlaySizeMiB, 128)
+    const back = await runCli(['image', 'pull', '--insecure', '--overlay', '256M', `${registry.host}/test/web:1`], { env: ctx.env })
+    assert.equal(back.code, 0, back.stderr)
   })
 
   it('runs it as the image\'s user, without the file the second layer deleted', async () => {
