@@ -16,10 +16,11 @@ cd "$(dirname "$0")/.."
 # etcd-server, etcd-client: the cluster's store (the cluster tests start three members). wrk: the gateway
 # benchmark's load generator, a C program in its own process. docker-registry (the OCI distribution
 # registry), skopeo, umoci: the OCI image tests make images and push them to a registry they start;
-# apache2-utils: htpasswd (bcrypt) for the registry's basic auth in those tests.
+# apache2-utils: htpasswd (bcrypt) for the registry's basic auth in those tests. libcap2-bin: setcap and
+# getcap, for the tests of file capabilities in image layers.
 PACKAGES=(qemu-system-x86 linux-source-6.1 flex bison bc libelf-dev xz-utils binutils make gcc libc6-dev
   squashfs-tools e2fsprogs cpio memcached nginx linux-image-cloud-amd64 lz4 zstd iproute2 nftables python3
-  dnsmasq-base busybox-static curl etcd-server etcd-client wrk docker-registry skopeo umoci apache2-utils)
+  dnsmasq-base busybox-static curl etcd-server etcd-client wrk docker-registry skopeo umoci apache2-utils libcap2-bin)
 
 say() { echo "setup: $*"; }
 

@@ -52,6 +52,7 @@ export async function writeDisk (tree: RootfsTree, format: 'squashfs' | 'ext4', 
     if (entry.owner !== undefined) await lchown(target, entry.owner.uid, entry.owner.gid)
     if (entry.type !== 'symlink') await chmod(target, entry.mode)
   }
+  if (tree.keepsOwners) await copyCapabilities(tree, stagingDir)
   const fail = (tool: string) => ({ stderr, stdout }: { stderr: string, stdout: string }): Error => {
     const text = (stderr + stdout).trim()
     if (/No space left|ENOSPC|Could not allocate|Failed to write|write failed/i.test(text)) {
@@ -70,3 +71,32 @@ export async function writeDisk (tree: RootfsTree, format: 'squashfs' | 'ext4', 
       { onFail: fail('mkfs.ext4') })
   }
 }
+
+/**
+ * File capabilities (the `security.capability` xattr, e.g. ping's cap_net_raw)
+ * of the host files a tree keeps owners for, copied onto their staged copies,
+ * whose disk keeps xattrs: copyFile drops them, and a chown would clear them,
+ * so this runs after both. Node has no xattr API; python3 (a setup package)
+ * does it in one process for the whole tree, reading `host\0staged\0` pairs.
+ */
+async function copyCapabilities (tree: RootfsTree, stagingDir: string): Promise<void> {
+  const pairs: string[] = []
+  for (const [path, entry] of tree.entries()) {
+    if (entry.type === 'file' && 'hostPath' in entry.source) pairs.push(entry.source.hostPath, join(stagingDir, path))
+  }
+  if (pairs.length === 0) return
+  const list = join(stagingDir, '..', 'capability-pairs')
+  await writeFile(list, pairs.join('\0') + '\0')
+  const script = [
+    'import os, sys',
+    'items = open(sys.argv[1], "rb").read().split(b"\\0")[:-1]',
+    'for host, staged in zip(items[0::2], items[1::2]):',
+    '    try:',
+    '        value = os.getxattr(host, "security.capability", follow_symlinks=False)',
+    '    except OSError:',
+    '        continue',
+    '    os.setxattr(staged, "security.capability", value, follow_symlinks=False)'
+  ].join('\n')
+  await run('python3', ['-c', script, list])
+}
+
