@@ -4,7 +4,7 @@ import { UigniterError, hasErrno } from '../core/errors.js'
 import { formatImageRef, parseImageRef, type ImageManifest } from '../core/image.js'
 import { Progress, formatBytes, formatDuration } from '../core/progress.js'
 import { readImageArchive } from '../oci/image-archive.js'
-import { imageFromPull } from '../oci/pulled-image.js'
+import { imageFromPull, type PulledImageOptions } from '../oci/pulled-image.js'
 import { pull } from '../oci/pull.js'
 import { parseReference } from '../oci/reference.js'
 import { httpGetWithRetry } from '../core/app-probe.js'
@@ -56,6 +56,44 @@ async function specFromFlags (values: Record<string, unknown>, args: string[]): 
   return { spec, baseDir }
 }
 
+/** The flags `image pull` and `image import` share: how the image is made from the layers. */
+const CONVERSION_OPTIONS = {
+  name: { type: 'string', short: 't' },
+  format: { type: 'string' },
+  memory: { type: 'string' },
+  overlay: { type: 'string' },
+  json: { type: 'boolean' }
+} as const
+const CONVERSION_HELP = [
+  '--format F            auto (squashfs) | squashfs | ext4',
+  '--memory M            default memory of its VMs (MiB, or 512M, 1G)',
+  '--overlay M           the writable overlay its booted VMs get (default 256 MiB): container images write to their root',
+  '--json                print the manifest as JSON'
+]
+
+/** Those flags checked, as imageFromPull takes them; `asked` is false when none was given. */
+function conversionFlags (values: Record<string, unknown>): { options: Pick<PulledImageOptions, 'format' | 'memoryMiB' | 'overlaySizeMiB'>, asked: boolean } {
+  const format = values.format as string | undefined
+  if (format !== undefined && !['auto', 'squashfs', 'ext4'].includes(format)) throw new UigniterError('UIG_ERR_CLI_USAGE', `--format takes auto, squashfs or ext4, not "${format}"`)
+  return {
+    options: {
+      ...(format !== undefined ? { format: format as 'auto' | 'squashfs' | 'ext4' } : {}),
+      ...(values.memory !== undefined ? { memoryMiB: parseMiB(values.memory as string, '--memory') } : {}),
+      ...(values.overlay !== undefined ? { overlaySizeMiB: parseMiB(values.overlay as string, '--overlay') } : {})
+    },
+    asked: format !== undefined || values.memory !== undefined || values.overlay !== undefined
+  }
+}
+
+/** The manifest as JSON with --json, else the line saying what was done and the summary. */
+function printMade (values: Record<string, unknown>, manifest: ImageManifest, line: string): void {
+  if (values.json === true) console.log(JSON.stringify(manifest, null, 2))
+  else {
+    console.log(line)
+    printManifestSummary(manifest)
+  }
+}
+
 function printManifestSummary (m: ImageManifest): void {
   console.log(`${formatImageRef(m)}  ${m.digest.slice(0, 19)}  ${m.format}  ${formatBytes(m.size)}`)
 }
@@ -105,11 +143,7 @@ export const imageCommands: Command[] = [
       const { spec, baseDir } = await specFromFlags(values, positionals)
       const started = Date.now()
       const manifest = await builder.build(spec, baseDir)
-      if (values.json === true) console.log(JSON.stringify(manifest, null, 2))
-      else {
-        console.log(`built ${formatImageRef(manifest)} in ${formatDuration(Date.now() - started)}`)
-        printManifestSummary(manifest)
-      }
+      printMade(values, manifest, `built ${formatImageRef(manifest)} in ${formatDuration(Date.now() - started)}`)
       return 0
     }
   },
@@ -117,30 +151,18 @@ export const imageCommands: Command[] = [
     name: 'image pull',
     summary: 'Pull an image from an OCI registry and make it a bootable image (layers applied, its config mapped, our init added).',
     usage: 'uigniter image pull REF [-t NAME[:TAG]] [--insecure] [--credentials FILE] [--format auto|squashfs|ext4] [--memory M] [--overlay M] [--json]',
-    options: {
-      name: { type: 'string', short: 't' },
-      insecure: { type: 'boolean' },
-      credentials: { type: 'string' },
-      format: { type: 'string' },
-      memory: { type: 'string' },
-      overlay: { type: 'string' },
-      json: { type: 'boolean' }
-    },
+    options: { ...CONVERSION_OPTIONS, insecure: { type: 'boolean' }, credentials: { type: 'string' } },
     help: [
       'REF                   [registry/]name[:tag|@sha256:...]; without a registry, docker.io (library/ for one-part names)',
       '-t, --name NAME:TAG   the local image name (default: the reference\'s last path part and its tag)',
       '--insecure            plain HTTP to the registry (e.g. 127.0.0.1:5000); https otherwise',
       '--credentials FILE    registry credentials in Docker\'s config.json format (auths → auth)',
-      '--format F            auto (squashfs) | squashfs | ext4',
-      '--memory M            default memory of its VMs (MiB, or 512M, 1G)',
-      '--overlay M           the writable overlay its booted VMs get (default 256 MiB): container images write to their root',
-      '--json                print the manifest as JSON'
+      ...CONVERSION_HELP
     ],
     run: async (values, positionals) => {
       const ref = positionals[0]
       if (ref === undefined || positionals.length > 1) throw new UigniterError('UIG_ERR_CLI_USAGE', 'give one image reference: uigniter image pull REF')
-      const format = values.format as string | undefined
-      if (format !== undefined && !['auto', 'squashfs', 'ext4'].includes(format)) throw new UigniterError('UIG_ERR_CLI_USAGE', `--format takes auto, squashfs or ext4, not "${format}"`)
+      const conversion = conversionFlags(values)
       const reference = parseReference(ref)
       const name = (values.name as string | undefined) ?? `${reference.repository.split('/').pop() ?? reference.repository}:${reference.tag ?? 'latest'}`
       parseImageRef(name)
@@ -157,22 +179,11 @@ export const imageCommands: Command[] = [
         })
         // Pulled again with nothing asked differently: the image made from this very manifest is kept, not made again.
         const existing = await store.get(name).catch(() => undefined)
-        const unchanged = existing?.origin?.manifestDigest === pulled.manifestDigest && format === undefined && values.memory === undefined && values.overlay === undefined
+        const unchanged = existing?.origin?.manifestDigest === pulled.manifestDigest && !conversion.asked
         progress.update(unchanged ? 'up to date' : `applying ${pulled.layers.length} layer(s)`)
-        const manifest = unchanged && existing !== undefined ? existing : await imageFromPull(pulled, {
-          builder,
-          name,
-          workParent: work,
-          ...(format !== undefined ? { format: format as 'auto' | 'squashfs' | 'ext4' } : {}),
-          ...(values.memory !== undefined ? { memoryMiB: parseMiB(values.memory as string, '--memory') } : {}),
-          ...(values.overlay !== undefined ? { overlaySizeMiB: parseMiB(values.overlay as string, '--overlay') } : {})
-        })
+        const manifest = unchanged && existing !== undefined ? existing : await imageFromPull(pulled, { builder, name, workParent: work, ...conversion.options })
         progress.done()
-        if (values.json === true) console.log(JSON.stringify(manifest, null, 2))
-        else {
-          console.log(`pulled ${pulled.reference} (${pulled.manifestDigest.slice(0, 19)}, ${pulled.layers.length} layer(s): ${pulled.stats.fetched} fetched, ${pulled.stats.cached} cached) as ${formatImageRef(manifest)}${unchanged ? ', already made from this manifest' : ''} in ${formatDuration(Date.now() - started)}`)
-          printManifestSummary(manifest)
-        }
+        printMade(values, manifest, `pulled ${pulled.reference} (${pulled.manifestDigest.slice(0, 19)}, ${pulled.layers.length} layer(s): ${pulled.stats.fetched} fetched, ${pulled.stats.cached} cached) as ${formatImageRef(manifest)}${unchanged ? ', already made from this manifest' : ''} in ${formatDuration(Date.now() - started)}`)
         return 0
       } finally {
         progress.done()
@@ -184,28 +195,17 @@ export const imageCommands: Command[] = [
     name: 'image import',
     summary: 'Import an image archive (an OCI image layout, as a directory or a tar, or a docker save archive) and make it a bootable image.',
     usage: 'uigniter image import FILE|DIR [-t NAME[:TAG]] [--ref TAG] [--format auto|squashfs|ext4] [--memory M] [--overlay M] [--json]',
-    options: {
-      name: { type: 'string', short: 't' },
-      ref: { type: 'string' },
-      format: { type: 'string' },
-      memory: { type: 'string' },
-      overlay: { type: 'string' },
-      json: { type: 'boolean' }
-    },
+    options: { ...CONVERSION_OPTIONS, ref: { type: 'string' } },
     help: [
       'FILE|DIR              an OCI image layout directory, a tar of one (skopeo ... oci-archive:), or a docker save tar',
       '-t, --name NAME:TAG   the local image name (default: the archive\'s own name and tag)',
       '--ref TAG             which image of an archive that holds several (an OCI ref.name, or a docker RepoTag)',
-      '--format F            auto (squashfs) | squashfs | ext4',
-      '--memory M            default memory of its VMs (MiB, or 512M, 1G)',
-      '--overlay M           the writable overlay its booted VMs get (default 256 MiB): container images write to their root',
-      '--json                print the manifest as JSON'
+      ...CONVERSION_HELP
     ],
     run: async (values, positionals) => {
       const path = positionals[0]
       if (path === undefined || positionals.length > 1) throw new UigniterError('UIG_ERR_CLI_USAGE', 'give one archive: uigniter image import FILE|DIR')
-      const format = values.format as string | undefined
-      if (format !== undefined && !['auto', 'squashfs', 'ext4'].includes(format)) throw new UigniterError('UIG_ERR_CLI_USAGE', `--format takes auto, squashfs or ext4, not "${format}"`)
+      const conversion = conversionFlags(values)
       const given = values.name as string | undefined
       if (given !== undefined) parseImageRef(given)
       const { config, store, builder } = createContext()
@@ -220,20 +220,9 @@ export const imageCommands: Command[] = [
         const name = given ?? imported.imageName
         if (name === undefined) throw new UigniterError('UIG_ERR_CLI_USAGE', `${path} gives its image no name usable here: name it with -t NAME[:TAG]`)
         progress.update(`applying ${imported.layers.length} layer(s)`)
-        const manifest = await imageFromPull(imported, {
-          builder,
-          name,
-          workParent: work,
-          ...(format !== undefined ? { format: format as 'auto' | 'squashfs' | 'ext4' } : {}),
-          ...(values.memory !== undefined ? { memoryMiB: parseMiB(values.memory as string, '--memory') } : {}),
-          ...(values.overlay !== undefined ? { overlaySizeMiB: parseMiB(values.overlay as string, '--overlay') } : {})
-        })
+        const manifest = await imageFromPull(imported, { builder, name, workParent: work, ...conversion.options })
         progress.done()
-        if (values.json === true) console.log(JSON.stringify(manifest, null, 2))
-        else {
-          console.log(`imported ${imported.reference} (${imported.manifestDigest.slice(0, 19)}, ${imported.layers.length} layer(s)) as ${formatImageRef(manifest)} in ${formatDuration(Date.now() - started)}`)
-          printManifestSummary(manifest)
-        }
+        printMade(values, manifest, `imported ${imported.reference} (${imported.manifestDigest.slice(0, 19)}, ${imported.layers.length} layer(s)) as ${formatImageRef(manifest)} in ${formatDuration(Date.now() - started)}`)
         return 0
       } finally {
         progress.done()
