@@ -7,6 +7,7 @@ import { after, before, describe, it } from 'node:test'
 import tar from 'tar-stream'
 import { run } from '../../src/core/exec.js'
 import type { ImageManifest } from '../../src/core/image.js'
+import { waitForAppAnswer, type AppAnswer } from '../../src/core/app-probe.js'
 import type { Vm } from '../../src/core/vm.js'
 import { BlobCache } from '../../src/oci/blob-cache.js'
 import { readImageArchive } from '../../src/oci/image-archive.js'
@@ -103,18 +104,7 @@ describe('image import: OCI layouts and docker archives', { timeout: 300_000 }, 
     await daemon.start()
     const vm = await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'web:1', name: 'web' })
     assert.equal(vm.state, 'running')
-    const get = async (path: string): Promise<{ status: number, body: string }> => {
-      const deadline = Date.now() + 60_000
-      for (;;) {
-        try {
-          const res = await fetch(`http://${vm.ipAddress ?? ''}:8080${path}`, { signal: AbortSignal.timeout(3000) })
-          return { status: res.status, body: await res.text() }
-        } catch (err) {
-          if (Date.now() > deadline) throw err
-          await new Promise((resolve) => setTimeout(resolve, 250))
-        }
-      }
-    }
+    const get = async (path: string): Promise<AppAnswer> => await waitForAppAnswer({ host: vm.ipAddress ?? '', port: 8080, httpPath: path, anyStatus: true }, 60_000)
     assert.deepEqual(await get('/index.html'), { status: 200, body: 'imported and running\n' })
     assert.deepEqual(await get('/second'), { status: 200, body: 'from the second layer\n' })
     assert.match((await get('/id')).body, /^uid=1000\(app\) gid=1000\(app\)/)
