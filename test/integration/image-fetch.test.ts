@@ -60,7 +60,7 @@ async function storeContents (store: ImageStore): Promise<string[]> {
   ].sort()
 }
 
-describe('image fetch from a peer node', () => {
+describe('image fetch from a peer node', { timeout: 120_000 }, () => {
   let ctx: Awaited<ReturnType<typeof createTestContext>>
   let image: ImageManifest
   let peer: { app: FastifyInstance, url: string }
