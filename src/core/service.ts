@@ -1,5 +1,6 @@
 import { Type, type Static } from '@sinclair/typebox'
 import { PlacementRulesSchema } from './cluster.js'
+import { ServiceVolumeSchema } from './volume.js'
 
 /**
  * Services: what an application declares (ServiceSpec, in an application
@@ -94,7 +95,12 @@ export const ServiceSpecSchema = Type.Object({
     timeoutMs: Type.Integer({ minimum: 100, maximum: 600_000, default: 30_000, description: 'How long one is held before a 503' })
   }, { additionalProperties: false, default: {} }),
   drainTimeoutMs: Type.Integer({ minimum: 0, maximum: 600_000, default: 10_000, description: 'How long a replica being stopped keeps its in-flight requests' }),
-  placement: PlacementRulesSchema
+  placement: PlacementRulesSchema,
+  volumes: Type.Array(ServiceVolumeSchema, {
+    default: [],
+    maxItems: 8,
+    description: 'Persistent volumes (docs/volumes.md): per replica, following the replica\'s index as a StatefulSet\'s do, or one existing volume shared read-only. Per-replica volumes need startPath cold'
+  })
 }, { additionalProperties: false })
 export type ServiceSpec = Static<typeof ServiceSpecSchema>
 

@@ -1,4 +1,5 @@
 import { Type, type Static } from '@sinclair/typebox'
+import { VolumeMountSchema } from './volume.js'
 
 /**
  * VM schemas: what a client asks for (VmCreateRequest) and what uigniter
@@ -40,7 +41,8 @@ export const VmCreateRequestSchema = Type.Object({
   network: Type.Union([Type.Literal('bridge'), Type.Literal('user'), Type.Literal('none')], { default: 'bridge' }),
   publish: Type.Array(PublishSchema, { default: [] }),
   overlaySizeMiB: Type.Optional(Type.Integer({ minimum: 16, maximum: 1048576, description: 'A writable overlay over the read-only root, deleted with the VM' })),
-  shares: Type.Array(ShareSchema, { default: [] })
+  shares: Type.Array(ShareSchema, { default: [] }),
+  volumes: Type.Optional(Type.Array(VolumeMountSchema, { maxItems: 16, description: 'Persistent volumes to attach (docs/volumes.md); a read-write one may be attached to one live VM only' }))
 }, { additionalProperties: false })
 export type VmCreateRequest = Static<typeof VmCreateRequestSchema>
 
@@ -80,7 +82,8 @@ export type StartTimings = Static<typeof StartTimingsSchema>
 
 export const ServiceTagSchema = Type.Object({
   name: Type.String(),
-  generation: Type.Integer({ description: 'The service spec generation the replica runs' })
+  generation: Type.Integer({ description: 'The service spec generation the replica runs' }),
+  index: Type.Optional(Type.Integer({ minimum: 0, description: 'Services with per-replica volumes: the replica\'s index, which its volumes follow' }))
 }, { additionalProperties: false })
 export type ServiceTag = Static<typeof ServiceTagSchema>
 
@@ -111,6 +114,7 @@ export const VmSchema = Type.Object({
   startPath: StartPathSchema,
   template: Type.Union([Type.String(), Type.Null()], { description: 'The template it was cloned from' }),
   startTimings: Type.Union([StartTimingsSchema, Type.Null()]),
-  service: Type.Union([ServiceTagSchema, Type.Null()], { description: 'The service this VM is a replica of' })
+  service: Type.Union([ServiceTagSchema, Type.Null()], { description: 'The service this VM is a replica of' }),
+  volumes: Type.Optional(Type.Array(VolumeMountSchema, { description: 'The volumes attached to it' }))
 }, { additionalProperties: false })
 export type Vm = Static<typeof VmSchema>

@@ -32,6 +32,13 @@ export interface GuestNetwork { address: string, prefix: number, gateway?: strin
 /** A host directory shared into the guest (9p). */
 export interface GuestShare { hostPath: string, guestPath: string, readOnly: boolean }
 
+/**
+ * A persistent volume's block device (a raw file holding ext4) attached to
+ * the guest; the init mounts it at guestPath. QEMU writes it back on the
+ * guest's flushes, so what an app fsyncs is on the host's disk.
+ */
+export interface GuestVolume { hostPath: string, guestPath: string, readOnly: boolean }
+
 /** How the guest's eth0 reaches the world: not at all, the VMM's user-mode stack, or a host tap. */
 export type LaunchNetwork =
   | { mode: 'none' }
@@ -58,6 +65,7 @@ export interface GuestLaunch {
   /** Added to the image's environment, replacing variables of the same name. */
   appEnv?: Record<string, string>
   shares?: GuestShare[]
+  volumes?: GuestVolume[]
   /** A writable ext4 overlay over the read-only root, created in the state directory and deleted with it. */
   overlaySizeMiB?: number
   /** Start with the vCPUs stopped: a prespawned pool instance, booted by `resume` when claimed. */
