@@ -20,7 +20,8 @@ cd "$(dirname "$0")/.."
 # getcap, for the tests of file capabilities in image layers.
 PACKAGES=(qemu-system-x86 linux-source-6.1 flex bison bc libelf-dev xz-utils binutils make gcc libc6-dev
   squashfs-tools e2fsprogs cpio memcached nginx linux-image-cloud-amd64 lz4 zstd iproute2 nftables python3
-  dnsmasq-base busybox-static curl etcd-server etcd-client wrk docker-registry skopeo umoci apache2-utils libcap2-bin)
+  dnsmasq-base busybox-static curl etcd-server etcd-client wrk docker-registry skopeo umoci apache2-utils libcap2-bin
+  debootstrap fio)
 
 say() { echo "setup: $*"; }
 
