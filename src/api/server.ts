@@ -7,15 +7,17 @@ import type { VmManager } from '../vm/vm-manager.js'
 import type { PoolManager } from '../pool/pool-manager.js'
 import type { TemplateManager } from '../snapshot/template-manager.js'
 import type { ServicesApi } from '../service/service-manager.js'
+import type { VolumesApi } from '../volume/volume-manager.js'
 import type { Registry } from 'prom-client'
 import { installErrorHandlers } from './errors.js'
 import { imageRoutes } from './image-routes.js'
 import { legacyRoutes } from './legacy-routes.js'
 import { poolRoutes } from './pool-routes.js'
-import { addDaemonMetrics, systemRoutes, type DaemonInfo } from './system-routes.js'
+import { addDaemonMetrics, addVolumeMetrics, systemRoutes, type DaemonInfo } from './system-routes.js'
 import { serviceRoutes } from './service-routes.js'
 import { templateRoutes } from './template-routes.js'
 import { vmRoutes, type PlaceVm } from './vm-routes.js'
+import { volumeRoutes } from './volume-routes.js'
 import { clusterRoutes, singleHostClusterRoutes } from './cluster-routes.js'
 import { imageBlobRoutes, type ImageBlobSource } from './image-blob-routes.js'
 import type { ClusterNode } from '../cluster/cluster-node.js'
@@ -25,6 +27,8 @@ export interface ApiOptions {
   pools: PoolManager
   templates: TemplateManager
   services: ServicesApi
+  /** Optional only until the daemon passes its VolumeManager; without it there are no volume routes, events or metrics. */
+  volumes?: VolumesApi
   images: ImageRepository
   /** The daemon's metrics registry; the gateway registers its own metrics in it too. */
   metrics: Registry
@@ -69,6 +73,7 @@ export async function buildApi (options: ApiOptions): Promise<FastifyInstance> {
     })
   }
   addDaemonMetrics(options.metrics, options.manager, options.pools)
+  if (options.volumes !== undefined) addVolumeMetrics(options.metrics, options.volumes)
   if (options.cluster !== undefined) {
     await app.register(clusterRoutes(options.cluster.node, options.token))
     await app.register(imageBlobRoutes, { images: options.cluster.blobs })
@@ -81,6 +86,7 @@ export async function buildApi (options: ApiOptions): Promise<FastifyInstance> {
   await app.register(poolRoutes(options.pools))
   await app.register(templateRoutes(options.templates))
   await app.register(serviceRoutes(options.services))
+  if (options.volumes !== undefined) await app.register(volumeRoutes(options.volumes))
   await app.register(legacyRoutes(options.manager))
   return app
 }

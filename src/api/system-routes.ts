@@ -6,6 +6,8 @@ import type { TemplateEvent, TemplateManager } from '../snapshot/template-manage
 import type { PoolEvent, PoolManager } from '../pool/pool-manager.js'
 import type { ServiceEvent } from '../service/service-controller.js'
 import type { ServicesApi } from '../service/service-manager.js'
+import type { Volume, VolumeEvent } from '../core/volume.js'
+import type { VolumesApi } from '../volume/volume-manager.js'
 
 export interface DaemonInfo {
   version: string
@@ -83,9 +85,47 @@ export function addDaemonMetrics (registry: Registry, manager: VmManager, pools:
   })
 }
 
+/**
+ * The volumes' gauges, read from list() at scrape time. The four share one
+ * list() per scrape (prom-client collects them together), since a volume's
+ * used bytes are read from its filesystem. A failed read leaves the gauges
+ * empty and is counted, rather than failing the whole scrape.
+ */
+export function addVolumeMetrics (registry: Registry, volumes: VolumesApi): void {
+  const failures = new Counter({ name: 'uigniter_volume_metrics_failures_total', help: 'Scrapes at which the volumes could not be listed (their gauges are empty then)', registers: [registry] })
+  let pending: Promise<Volume[]> | undefined
+  const read = async (): Promise<Volume[]> => {
+    pending ??= volumes.list().catch((err: unknown) => {
+      failures.inc()
+      throw err
+    }).finally(() => { pending = undefined })
+    return await pending.catch(() => [])
+  }
+  const gauge = (name: string, help: string, value: (v: Volume) => number | null): void => {
+    new Gauge({
+      name,
+      help,
+      labelNames: ['volume'],
+      registers: [registry],
+      async collect () {
+        const list = await read()
+        this.reset()
+        for (const v of list) {
+          const n = value(v)
+          if (n !== null) this.set({ volume: v.name }, n)
+        }
+      }
+    })
+  }
+  gauge('uigniter_volume_size_bytes', 'The size of the volume\'s block device', (v) => v.sizeMiB * 1024 * 1024)
+  gauge('uigniter_volume_allocated_bytes', 'What the volume\'s sparse file takes on the host\'s disk', (v) => v.allocatedBytes)
+  gauge('uigniter_volume_used_bytes', 'What the volume\'s filesystem says it uses, as of its last write back (absent when it cannot be read)', (v) => v.usedBytes)
+  gauge('uigniter_volume_attachments', 'The live VMs the volume is attached to', (v) => v.attachments.length)
+}
+
 /** Health, info, metrics, OpenAPI and the server-sent event stream. */
-export function systemRoutes (parts: { manager: VmManager, templates: TemplateManager, services: ServicesApi, pools: PoolManager, info: DaemonInfo }, metrics: Registry) {
-  const { manager, templates, services, pools, info } = parts
+export function systemRoutes (parts: { manager: VmManager, templates: TemplateManager, services: ServicesApi, pools: PoolManager, volumes?: VolumesApi, info: DaemonInfo }, metrics: Registry) {
+  const { manager, templates, services, pools, volumes, info } = parts
   return async function system (app: FastifyInstance): Promise<void> {
     app.get('/healthz', {
       schema: { tags: ['system'], summary: 'Liveness', response: { 200: Type.Object({ status: Type.Literal('ok') }) } }
@@ -102,7 +142,7 @@ export function systemRoutes (parts: { manager: VmManager, templates: TemplateMa
     app.get<{ Querystring: { vm?: string } }>('/v1/events', {
       schema: {
         tags: ['system'],
-        summary: 'Server-sent events: `vm.state` with the VM record at each state change; `template.creating|created|deleted|clone-unsafe`; `service.*` with each decision of a service controller; `pool.create-failed|recovered` when a pool\'s refill fails or recovers',
+        summary: 'Server-sent events: `vm.state` with the VM record at each state change; `template.creating|created|deleted|clone-unsafe`; `service.*` with each decision of a service controller; `pool.create-failed|recovered` when a pool\'s refill fails or recovers; `volume.created|deleted|attached|detached` (with `vm`, the VM id, when one is attached or detached; `?vm=` keeps those of that VM)',
         querystring: Type.Object({ vm: Type.Optional(Type.String({ description: 'Only this VM id' })) }, { additionalProperties: false })
       }
     }, async (request, reply) => {
@@ -122,18 +162,24 @@ export function systemRoutes (parts: { manager: VmManager, templates: TemplateMa
         if (request.query.vm !== undefined) return
         raw.write(`event: ${event.type}\ndata: ${JSON.stringify(event)}\n\n`)
       }
+      const onVolume = (event: VolumeEvent): void => {
+        if (request.query.vm !== undefined && event.vm !== request.query.vm) return
+        raw.write(`event: ${event.type}\ndata: ${JSON.stringify(event)}\n\n`)
+      }
       // A comment every 15 s keeps proxies from closing an idle stream.
       const keepAlive = setInterval(() => raw.write(': keep-alive\n\n'), 15_000)
       manager.on('vm', onVm)
       templates.on('template', onTemplate)
       services.on('service', onService)
       pools.on('pool', onService)
+      volumes?.on('volume', onVolume)
       request.raw.on('close', () => {
         clearInterval(keepAlive)
         manager.off('vm', onVm)
         templates.off('template', onTemplate)
         services.off('service', onService)
         pools.off('pool', onService)
+        volumes?.off('volume', onVolume)
       })
     })
   }
