@@ -25,7 +25,8 @@ import { Gateway } from '../gateway/gateway.js'
 import { ReplicaLauncher } from '../service/replica-launcher.js'
 import { ServiceManager } from '../service/service-manager.js'
 import { GuestLaunches } from '../vm/guest-launches.js'
-import { VmManager } from '../vm/vm-manager.js'
+import { VmManager, type VmEvent } from '../vm/vm-manager.js'
+import { VolumeManager } from '../volume/volume-manager.js'
 import { EtcdClusterStore } from '../store/etcd-cluster-store.js'
 import { claimNodeSubnet } from '../cluster/node-subnet.js'
 import type { ClusterNode } from '../cluster/cluster-node.js'
@@ -120,7 +121,10 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
   const driver = new QemuDriver({ log: log.child({ component: 'qemu' }), ...(jail.jail !== undefined ? { jail: jail.jail } : {}) })
   const launches = new GuestLaunches(images, accel, network)
   const templates = new TemplateManager({ dataDir: config.dataDir, store, images, driver, launches, network: network !== undefined ? 'bridge' : 'user', log: log.child({ component: 'templates' }) })
-  const manager = new VmManager({ dataDir: config.dataDir, store, images, driver, network, launches, templates, accel, identityTimeoutMs: config.clones.identityTimeoutMs, log: log.child({ component: 'vms' }) })
+  const volumes = new VolumeManager({ dataDir: config.dataDir, store, log: log.child({ component: 'volumes' }), ...(inCluster ? { node: config.cluster.node } : {}) })
+  await volumes.recover()
+  const manager = new VmManager({ dataDir: config.dataDir, store, images, driver, network, launches, templates, volumes, accel, identityTimeoutMs: config.clones.identityTimeoutMs, log: log.child({ component: 'vms' }) })
+  manager.on('vm', (event: VmEvent) => { volumes.vmChanged(event.vm) })
   const recovered = await manager.recover()
   log.info(recovered, 'recovered VMs from the previous daemon')
   const interrupted = await templates.recover()
@@ -187,7 +191,7 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
     startedAt: new Date().toISOString(),
     recovered
   }
-  const app = await buildApi({ manager, pools, templates, services, images, info, log, metrics, token: config.api.token, ...(clusterApi !== undefined ? { cluster: clusterApi } : {}) })
+  const app = await buildApi({ manager, pools, templates, services, volumes, images, info, log, metrics, token: config.api.token, ...(clusterApi !== undefined ? { cluster: clusterApi } : {}) })
   await mkdir(dirname(config.api.socket), { recursive: true })
   await rm(config.api.socket, { force: true })
   await app.listen({ path: config.api.socket })

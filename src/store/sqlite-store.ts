@@ -6,8 +6,9 @@ import type { PoolSpec } from '../core/pool.js'
 import type { ServiceSpec } from '../core/service.js'
 import type { StateStore, StoredService, VmFilter } from '../core/ports/state-store.js'
 import type { Vm } from '../core/vm.js'
+import type { VolumeRecord } from '../core/volume.js'
 
-const SCHEMA_VERSION = 3
+const SCHEMA_VERSION = 4
 
 /**
  * The daemon's state in an embedded SQLite database (`<dataDir>/uigniter.db`):
@@ -63,6 +64,13 @@ export class SqliteStore implements StateStore {
         spec TEXT NOT NULL
       );
       PRAGMA user_version = 3;
+    `)
+    if (version < 4) this.#db.exec(`
+      CREATE TABLE IF NOT EXISTS volumes (
+        name TEXT PRIMARY KEY,
+        record TEXT NOT NULL
+      );
+      PRAGMA user_version = 4;
     `)
   }
 
@@ -140,6 +148,30 @@ export class SqliteStore implements StateStore {
 
   deleteService (name: string): void {
     this.#db.prepare('DELETE FROM services WHERE name = ?').run(name)
+  }
+
+  insertVolume (volume: VolumeRecord): void {
+    try {
+      this.#db.prepare('INSERT INTO volumes (name, record) VALUES (?, ?)').run(volume.name, JSON.stringify(volume))
+    } catch (err) {
+      if ((err as { code?: string }).code === 'SQLITE_CONSTRAINT_PRIMARYKEY') {
+        throw new UigniterError('UIG_ERR_VOLUME_EXISTS', `a volume named "${volume.name}" exists already; choose another name, or remove it first`, { cause: err })
+      }
+      throw err
+    }
+  }
+
+  listVolumes (): VolumeRecord[] {
+    return (this.#db.prepare('SELECT record FROM volumes ORDER BY name').all() as Array<{ record: string }>).map((r) => JSON.parse(r.record) as VolumeRecord)
+  }
+
+  findVolume (name: string): VolumeRecord | undefined {
+    const row = this.#db.prepare('SELECT record FROM volumes WHERE name = ?').get(name) as { record: string } | undefined
+    return row === undefined ? undefined : JSON.parse(row.record) as VolumeRecord
+  }
+
+  deleteVolume (name: string): void {
+    this.#db.prepare('DELETE FROM volumes WHERE name = ?').run(name)
   }
 
   /** IP allocations: the UNIQUE primary key makes `reserve` atomic across processes. */

@@ -3,7 +3,7 @@ import type { Publish, Share } from '../core/vm.js'
 import type { HostNetworking } from '../core/ports/host-networking.js'
 import type { ImageRepository } from '../core/ports/image-repository.js'
 import { freePort } from '../core/free-port.js'
-import { USER_NETWORK, type Accel, type GuestLaunch, type GuestNetwork, type LaunchNetwork } from '../core/ports/vmm-driver.js'
+import { USER_NETWORK, type Accel, type GuestLaunch, type GuestNetwork, type GuestVolume, type LaunchNetwork } from '../core/ports/vmm-driver.js'
 
 export type NetworkKind = 'bridge' | 'user' | 'none'
 
@@ -19,6 +19,8 @@ export interface LaunchOptions {
   args?: string[]
   env?: Record<string, string>
   shares?: Share[]
+  /** Checked by the volume manager already: see VolumeManager.checkAttach. */
+  volumes?: GuestVolume[]
   overlaySizeMiB?: number
 }
 
@@ -57,6 +59,7 @@ export class GuestLaunches {
       appArgs: options.args,
       appEnv: options.env,
       shares: options.shares ?? [],
+      ...(options.volumes !== undefined && options.volumes.length > 0 ? { volumes: options.volumes } : {}),
       ...(options.overlaySizeMiB !== undefined ? { overlaySizeMiB: options.overlaySizeMiB } : {})
     }
     // Any booted guest may ask DHCP for its address (a unikernel, or an app of ours that runs a DHCP client).

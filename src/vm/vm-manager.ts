@@ -15,6 +15,7 @@ import { StepClock, withClaimSteps, type StartPlan } from '../core/start-steps.j
 import type { ServiceTag, StartPath, StartStep, Vm, VmCreateRequest, VmExit, VmState } from '../core/vm.js'
 import { sendIdentity, waitForIdentityWait } from '../snapshot/guest-identity.js'
 import type { Template } from '../snapshot/template.js'
+import type { VolumeManager } from '../volume/volume-manager.js'
 import type { Attachment, GuestLaunches, NetworkKind } from './guest-launches.js'
 
 export interface VmEvent { type: 'vm.state', vm: Vm }
@@ -25,6 +26,9 @@ export interface VmTags {
   /** Marks the VM as a replica of this service. */
   service?: ServiceTag
 }
+
+/** The volumes as the VM lifecycle needs them: checked and resolved to their files. */
+export type VolumeAttacher = Pick<VolumeManager, 'checkAttach'>
 
 /** The pool kinds' start plans (PoolManager's instances): see START_PLANS. */
 export type PoolPlan = 'prespawned' | 'booted' | 'clone'
@@ -43,6 +47,7 @@ export interface VmManagerDeps {
   network: HostNetworking | undefined
   launches: GuestLaunches
   templates: TemplateSource
+  volumes: VolumeAttacher
   accel: { accel: string }
   /** A clone's or an assignment's identity handshake (clones.identityTimeoutMs). */
   identityTimeoutMs: number
@@ -154,6 +159,8 @@ export class VmManager extends EventEmitter {
     const vcpus = request.vcpus ?? manifest.vcpus
     const memoryMiB = request.memoryMiB ?? manifest.memoryMiB
     await clock.run('check-resources', () => { checkResources(vcpus, memoryMiB) })
+    // Checked and recorded in one turn of the event loop: no other create can take a read-write volume in between.
+    const volumes = this.#deps.volumes.checkAttach(request.volumes ?? [])
     const vm = this.#newRecord(manifest, request, { vcpus, memoryMiB, startPath: 'cold', template: null, tags })
     return await this.#starting(vm, clock, async () => {
       const { launch, attachment } = await clock.run('attach-network', async () => await this.#deps.launches.prepare(vm.id, manifest, {
@@ -164,6 +171,7 @@ export class VmManager extends EventEmitter {
         publish: vm.publish,
         env: request.env,
         shares: request.shares,
+        volumes,
         ...(request.args !== undefined ? { args: request.args } : {}),
         // A container image expects a writable root: its manifest gives the overlay a request does not name.
         ...((request.overlaySizeMiB ?? manifest.overlaySizeMiB) !== undefined ? { overlaySizeMiB: request.overlaySizeMiB ?? manifest.overlaySizeMiB } : {})
@@ -196,6 +204,9 @@ export class VmManager extends EventEmitter {
   /** The `clone` plan: the template's image, resources and app, with its own identity. */
   async #clone (name: string, request: VmCreateRequest, tags: VmTags, warmUp: boolean): Promise<Vm> {
     const clock = new StepClock('clone')
+    if ((request.volumes ?? []).length > 0) {
+      throw new UigniterError('UIG_ERR_VOLUME_TEMPLATE', `a clone of template ${name} cannot take volumes: it resumes its template's devices, and every clone would share the template's disks; boot the image instead (start path cold)`)
+    }
     const template = await clock.run('resolve-template', async () => await this.#deps.templates.open(name))
     const { launch } = template.record
     await clock.run('check-request', () => { checkCloneRequest(template, request, this.#deps.launches.networkFor(request.network)) })
@@ -257,7 +268,8 @@ export class VmManager extends EventEmitter {
       startPath: fields.startPath,
       template: fields.template,
       startTimings: null,
-      service: fields.tags.service ?? null
+      service: fields.tags.service ?? null,
+      ...(request.volumes !== undefined && request.volumes.length > 0 ? { volumes: request.volumes } : {})
     }
     this.#deps.store.insertVm(vm)
     this.#emit(vm)

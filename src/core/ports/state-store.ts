@@ -1,6 +1,7 @@
 import type { PoolSpec } from '../pool.js'
 import type { ServiceSpec } from '../service.js'
 import type { Vm, VmState } from '../vm.js'
+import type { VolumeRecord } from '../volume.js'
 
 /**
  * The state store port: the records that outlive the daemon. SQLite is the
@@ -36,6 +37,11 @@ export interface StateStore {
   putService: (record: StoredService) => void
   listServices: () => StoredService[]
   deleteService: (name: string) => void
+  /** A taken name is UIG_ERR_VOLUME_EXISTS. */
+  insertVolume: (volume: VolumeRecord) => void
+  listVolumes: () => VolumeRecord[]
+  findVolume: (name: string) => VolumeRecord | undefined
+  deleteVolume: (name: string) => void
   readonly ipAllocations: IpAllocationStore
   close: () => void
 }
