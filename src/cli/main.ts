@@ -7,8 +7,9 @@ import { poolCommands } from './pool-commands.js'
 import { serviceCommands } from './service-commands.js'
 import { templateCommands } from './template-commands.js'
 import { vmCommands } from './vm-commands.js'
+import { volumeCommands } from './volume-commands.js'
 
-const cliCommands: Command[] = [...vmCommands, ...imageCommands, ...poolCommands, ...templateCommands, ...serviceCommands, ...nodeCommands, ...kernelCommands]
+const cliCommands: Command[] = [...vmCommands, ...imageCommands, ...poolCommands, ...templateCommands, ...volumeCommands, ...serviceCommands, ...nodeCommands, ...kernelCommands]
 /** The CLI's commands plus the executable's (runCli). */
 let commands: Command[] = cliCommands
 

@@ -2,6 +2,7 @@ import { UigniterError } from '../core/errors.js'
 import { formatBytes } from '../core/progress.js'
 import type { ImageManifest } from '../core/image.js'
 import type { Vm } from '../core/vm.js'
+import { VOLUME_NAME } from '../core/volume.js'
 import { ApiClient, daemonClient } from './api-client.js'
 import { parseEnv, parseIntFlag, parseMiB, printTable, type Command } from './args.js'
 import { clusterNodes, parseNodeName } from './node-commands.js'
@@ -48,7 +49,7 @@ export const vmCommands: Command[] = [
     name: 'run',
     summary: 'Create a VM from an image (or clone a template) and start it; without -d, follow its console until it ends.',
     positionalTail: true,
-    usage: 'uigniter run [-d] [--name NAME] [--node NODE] [--cpus N] [--memory M] [-p HOST:GUEST]... [-e K=V]... [--network bridge|user|none] [--overlay SIZE] [-v HOST:GUEST[:rw]]... (IMAGE [ARGS...] | --template TEMPLATE)',
+    usage: 'uigniter run [-d] [--name NAME] [--node NODE] [--cpus N] [--memory M] [-p HOST:GUEST]... [-e K=V]... [--network bridge|user|none] [--overlay SIZE] [-v /HOST/DIR:GUEST[:rw] | -v VOLUME:GUEST[:ro]]... (IMAGE [ARGS...] | --template TEMPLATE)',
     options: {
       detach: { type: 'boolean', short: 'd' },
       template: { type: 'string' },
@@ -72,7 +73,8 @@ export const vmCommands: Command[] = [
       '-e, --env K=V         environment for the app (repeatable)',
       '--network MODE        bridge (default as root), user, none',
       '--overlay SIZE        a writable overlay over the read-only root (MiB, or 512M)',
-      '-v, --volume H:G[:rw] share host directory H at G in the guest (read-only unless :rw)',
+      '-v, --volume SRC:G    SRC an absolute path /H: share host directory /H at G (9p), read-only unless :rw;',
+      '                      SRC a volume name V: attach volume V (see "uigniter volume") at G, read-write unless :ro',
       '--template T          clone template T instead of booting an image (see "uigniter template")',
       'ARGS                  replace the image\'s app arguments'
     ],
@@ -93,7 +95,11 @@ export const vmCommands: Command[] = [
       if (values.network !== undefined) body.network = values.network
       if (values.overlay !== undefined) body.overlaySizeMiB = parseMiB(values.overlay as string, '--overlay')
       body.publish = ((values.publish as string[] | undefined) ?? []).map(parsePublish)
-      body.shares = ((values.volume as string[] | undefined) ?? []).map(parseVolume)
+      const mounts = ((values.volume as string[] | undefined) ?? []).map(parseVolumeFlag)
+      body.shares = mounts.flatMap((m) => m.share !== undefined ? [m.share] : [])
+      const volumes = mounts.flatMap((m) => m.volume !== undefined ? [m.volume] : [])
+      // Sent only when there are some, so that a daemon without volumes still takes the request.
+      if (volumes.length > 0) body.volumes = volumes
       const api = await daemonClient()
       const vm = await api.call<Vm>('POST', '/v1/vms', body)
       if (values.json === true) console.log(JSON.stringify(vm, null, 2))
@@ -263,8 +269,18 @@ function parsePublish (text: string): { hostAddress: string, hostPort: number, g
   return { hostAddress: parts[0] ?? '127.0.0.1', hostPort: parseIntFlag(host, '--publish', 1, 65535), guestPort: parseIntFlag(guest, '--publish', 1, 65535) }
 }
 
-function parseVolume (text: string): { hostPath: string, guestPath: string, readOnly: boolean } {
-  const m = /^(\/[^:]*):(\/[^:]*)(?::(ro|rw))?$/.exec(text)
-  if (m === null) throw new UigniterError('UIG_ERR_CLI_USAGE', `--volume takes /HOST/DIR:/GUEST/DIR[:ro|rw], not "${text}"`)
-  return { hostPath: m[1] ?? '', guestPath: m[2] ?? '', readOnly: m[3] !== 'rw' }
+/**
+ * `-v`: as Docker tells bind mounts from named volumes, an absolute source is
+ * a host directory shared over 9p (read-only unless `:rw`, as it always was)
+ * and a volume name is a persistent volume (read-write unless `:ro`).
+ *
+ * @example parseVolumeFlag('data:/var/lib/app') // { volume: { name: 'data', guestPath: '/var/lib/app', readOnly: false } }
+ */
+export function parseVolumeFlag (text: string): { share?: { hostPath: string, guestPath: string, readOnly: boolean }, volume?: { name: string, guestPath: string, readOnly: boolean } } {
+  const m = /^([^:]+):(\/[^:]*)(?::(ro|rw))?$/.exec(text)
+  const source = m?.[1] ?? ''
+  const guestPath = m?.[2] ?? ''
+  if (m !== null && source.startsWith('/')) return { share: { hostPath: source, guestPath, readOnly: m[3] !== 'rw' } }
+  if (m !== null && VOLUME_NAME.test(source)) return { volume: { name: source, guestPath, readOnly: m[3] === 'ro' } }
+  throw new UigniterError('UIG_ERR_CLI_USAGE', `--volume takes /HOST/DIR:/GUEST/DIR[:ro|rw] (a host directory, read-only unless :rw) or VOLUME:/GUEST/DIR[:ro|rw] (a volume, read-write unless :ro; names are lowercase letters, digits, . _ -), not "${text}"`)
 }
