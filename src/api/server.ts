@@ -27,8 +27,7 @@ export interface ApiOptions {
   pools: PoolManager
   templates: TemplateManager
   services: ServicesApi
-  /** Optional only until the daemon passes its VolumeManager; without it there are no volume routes, events or metrics. */
-  volumes?: VolumesApi
+  volumes: VolumesApi
   images: ImageRepository
   /** The daemon's metrics registry; the gateway registers its own metrics in it too. */
   metrics: Registry
@@ -73,7 +72,7 @@ export async function buildApi (options: ApiOptions): Promise<FastifyInstance> {
     })
   }
   addDaemonMetrics(options.metrics, options.manager, options.pools)
-  if (options.volumes !== undefined) addVolumeMetrics(options.metrics, options.volumes)
+  addVolumeMetrics(options.metrics, options.volumes)
   if (options.cluster !== undefined) {
     await app.register(clusterRoutes(options.cluster.node, options.token))
     await app.register(imageBlobRoutes, { images: options.cluster.blobs })
@@ -86,7 +85,7 @@ export async function buildApi (options: ApiOptions): Promise<FastifyInstance> {
   await app.register(poolRoutes(options.pools))
   await app.register(templateRoutes(options.templates))
   await app.register(serviceRoutes(options.services))
-  if (options.volumes !== undefined) await app.register(volumeRoutes(options.volumes))
+  await app.register(volumeRoutes(options.volumes))
   await app.register(legacyRoutes(options.manager))
   return app
 }

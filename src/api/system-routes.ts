@@ -124,7 +124,7 @@ export function addVolumeMetrics (registry: Registry, volumes: VolumesApi): void
 }
 
 /** Health, info, metrics, OpenAPI and the server-sent event stream. */
-export function systemRoutes (parts: { manager: VmManager, templates: TemplateManager, services: ServicesApi, pools: PoolManager, volumes?: VolumesApi, info: DaemonInfo }, metrics: Registry) {
+export function systemRoutes (parts: { manager: VmManager, templates: TemplateManager, services: ServicesApi, pools: PoolManager, volumes: VolumesApi, info: DaemonInfo }, metrics: Registry) {
   const { manager, templates, services, pools, volumes, info } = parts
   return async function system (app: FastifyInstance): Promise<void> {
     app.get('/healthz', {
@@ -172,14 +172,14 @@ export function systemRoutes (parts: { manager: VmManager, templates: TemplateMa
       templates.on('template', onTemplate)
       services.on('service', onService)
       pools.on('pool', onService)
-      volumes?.on('volume', onVolume)
+      volumes.on('volume', onVolume)
       request.raw.on('close', () => {
         clearInterval(keepAlive)
         manager.off('vm', onVm)
         templates.off('template', onTemplate)
         services.off('service', onService)
         pools.off('pool', onService)
-        volumes?.off('volume', onVolume)
+        volumes.off('volume', onVolume)
       })
     })
   }
