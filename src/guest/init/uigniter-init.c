@@ -120,6 +120,8 @@ static void reboot_now(void)
 		pause();
 }
 
+static void release_volumes(void);
+
 __attribute__((noreturn, format(printf, 1, 2)))
 static void fatal(const char *fmt, ...)
 {
@@ -131,6 +133,7 @@ static void fatal(const char *fmt, ...)
 	va_end(ap);
 	marker("INIT-FAILED error=\"%s\"", msg);
 	sync();
+	release_volumes();
 	reboot_now();
 }
 
@@ -306,8 +309,8 @@ struct params {
 	bool probe;
 	bool noargs;         /* the host replaces the app's arguments with none */
 	/* Repeatable parameters, in command-line order; values are decoded. */
-	char **args, **envs, **mounts;
-	size_t nargs, nenvs, nmounts;
+	char **args, **envs, **mounts, **volumes;
+	size_t nargs, nenvs, nmounts, nvolumes;
 };
 
 static int hexval(char c)
@@ -371,7 +374,8 @@ static char *parse_cmdline(struct params *p)
 	p->args = calloc(words, sizeof(char *));
 	p->envs = calloc(words, sizeof(char *));
 	p->mounts = calloc(words, sizeof(char *));
-	if (!p->args || !p->envs || !p->mounts)
+	p->volumes = calloc(words, sizeof(char *));
+	if (!p->args || !p->envs || !p->mounts || !p->volumes)
 		fatal("out of memory parsing the kernel command line");
 
 	for (char *save = NULL, *tok = strtok_r(buf, " \t\n", &save); tok;
@@ -392,6 +396,8 @@ static char *parse_cmdline(struct params *p)
 		} else if (strncmp(tok, "uigniter.mount=", 15) == 0)
 			/* Decoded when split: an encoded ':' must not split it. */
 			p->mounts[p->nmounts++] = tok + 15;
+		else if (strncmp(tok, "uigniter.volume=", 16) == 0)
+			p->volumes[p->nvolumes++] = tok + 16;
 		/* Later occurrences win, as for kernel parameters. */
 		for (size_t i = 0; i < ARRAY_LEN(keys); i++)
 			if (strncmp(tok, keys[i].prefix, strlen(keys[i].prefix)) == 0)
@@ -482,6 +488,167 @@ static void mount_shares(const struct params *p)
 			  "trans=virtio,version=9p2000.L,msize=262144") < 0)
 			fatal("mount shared directory %s on %s: %s", tag, path, strerror(errno));
 	}
+}
+
+/* ============================================================= volumes */
+
+/*
+ * A persistent volume is a virtio disk holding ext4, "INDEX:PATH[:ro]" on
+ * the command line, PATH percent-encoded.  The host names disk INDEX by its
+ * serial, uigniter-vol<INDEX>: disks probe in command-line order today, but
+ * nothing promises it, and a wrong match would mount one app's data in
+ * another's place.
+ */
+#define MAX_VOLUMES 64
+
+/* Mounted volumes, unmounted at the end (see unmount_volumes). */
+static struct {
+	char *paths[MAX_VOLUMES];
+	size_t n;
+} volumes;
+
+/* The /dev path of the disk whose serial is `serial`; false if none (yet). */
+static bool find_disk_by_serial(const char *serial, char *dev, size_t devsz)
+{
+	DIR *d = opendir("/sys/block");
+	struct dirent *e;
+	bool found = false;
+
+	if (!d)
+		return false;
+	while (!found && (e = readdir(d))) {
+		char path[PATH_MAX];
+		if (strncmp(e->d_name, "vd", 2) != 0)
+			continue;
+		snprintf(path, sizeof(path), "/sys/block/%s/serial", e->d_name);
+		char *s = read_file(path, 256, NULL);
+		if (!s)
+			continue;
+		/* The kernel may end it with a newline. */
+		s[strcspn(s, "\r\n")] = '\0';
+		if (strcmp(s, serial) == 0) {
+			snprintf(dev, devsz, "/dev/%s", e->d_name);
+			found = true;
+		}
+		free(s);
+	}
+	closedir(d);
+	return found;
+}
+
+/*
+ * After the root is final (the overlay) and before the app: the app must
+ * never run without its data, so a volume that cannot be mounted stops the
+ * VM, as a share does.  Mounting ext4 replays its journal, which is the
+ * recovery after a power cut (a kill -9 of QEMU).
+ */
+static void mount_volumes(const struct params *p)
+{
+	if (p->nvolumes > MAX_VOLUMES)
+		fatal("uigniter.volume: %zu volumes, at most %d", p->nvolumes, MAX_VOLUMES);
+	for (size_t i = 0; i < p->nvolumes; i++) {
+		char *spec = p->volumes[i];
+		char *path = strchr(spec, ':');
+		char *end;
+		bool ro = false;
+
+		errno = 0;
+		unsigned long index = strtoul(spec, &end, 10);
+		if (!path || end != path || path == spec || errno || path[1] != '/')
+			fatal("uigniter.volume: invalid '%s', want INDEX:/PATH[:ro]", spec);
+		*path++ = '\0';
+		char *opt = strchr(path, ':');
+		if (opt) {
+			*opt++ = '\0';
+			if (strcmp(opt, "ro") != 0)
+				fatal("uigniter.volume: unknown option '%s' for volume %lu", opt, index);
+			ro = true;
+		}
+		pct_decode(path);
+
+		char serial[32], dev[sizeof(((struct dirent *)0)->d_name) + 8];
+		snprintf(serial, sizeof(serial), "uigniter-vol%lu", index);
+		/* The disk may probe, and devtmpfs make its node, briefly after init starts. */
+		bool found = false;
+		for (int tries = 0; tries < 100; tries++) {
+			if ((found = find_disk_by_serial(serial, dev, sizeof(dev)) && access(dev, F_OK) == 0))
+				break;
+			nanosleep(&(struct timespec){ .tv_nsec = 10000000 }, NULL);
+		}
+		if (!found)
+			fatal("volume %lu for %s: no disk with serial %s", index, path, serial);
+
+		mkdir_p(path);
+		struct stat st;
+		int st_err = stat(path, &st) < 0 ? errno : S_ISDIR(st.st_mode) ? 0 : ENOTDIR;
+		if (st_err)
+			fatal("volume %lu: mount point %s: %s (without an overlay the root is read-only: the directory must exist in the image)",
+			      index, path, strerror(st_err));
+		if (mount(dev, path, "ext4", MS_NOATIME | MS_NOSUID | MS_NODEV | (ro ? MS_RDONLY : 0), NULL) < 0) {
+			int err = errno;
+			/* A journal to replay needs a writable disk. */
+			fatal("mount volume %lu (%s) on %s: %s%s", index, dev, path, strerror(err),
+			      ro && err == EROFS ? " (its journal needs a replay: attach it read-write once)" : "");
+		}
+		volumes.paths[volumes.n++] = path;
+	}
+}
+
+/*
+ * At the end, after every other process is gone: a clean unmount marks the
+ * filesystem clean, so that a graceful stop leaves nothing for the journal
+ * to replay.  Innermost first, in case one volume is mounted inside another.
+ */
+static void unmount_volumes(void)
+{
+	while (volumes.n > 0) {
+		const char *path = volumes.paths[--volumes.n];
+		if (umount2(path, 0) == 0)
+			continue;
+		int err = errno;
+		/* Detached, it is still written back once its last user goes. */
+		if (umount2(path, MNT_DETACH) == 0)
+			warnmsg("unmount volume %s: %s; detached it instead", path, strerror(err));
+		else
+			warnmsg("unmount volume %s: %s", path, strerror(errno));
+	}
+}
+
+/*
+ * SIGKILL to everything but us, then reap until no child is left: a killed
+ * process holds its files (and so the volumes) until its exit completes.
+ * Bounded, as a process stuck in the kernel (D state) never exits.
+ */
+static void kill_all_and_reap(void)
+{
+	/* Spares PID 1 only; daemonised leftovers must not outlive the app. */
+	kill(-1, SIGKILL);
+	long long deadline = boottime_ms() + 2000;
+	for (;;) {
+		pid_t pid = waitpid(-1, NULL, WNOHANG);
+		if (pid < 0 && errno == ECHILD)
+			return;
+		if (pid > 0)
+			continue;
+		if (boottime_ms() > deadline) {
+			warnmsg("processes still alive 2 s after SIGKILL");
+			return;
+		}
+		nanosleep(&(struct timespec){ .tv_nsec = 5000000 }, NULL);
+	}
+}
+
+/*
+ * The way out once volumes are mounted, for a fatal error too (the app may
+ * have run): nothing left that writes, everything written, then unmounted.
+ */
+static void release_volumes(void)
+{
+	if (volumes.n == 0)
+		return;
+	kill_all_and_reap();
+	sync();
+	unmount_volumes();
 }
 
 /* =============================================================== network */
@@ -1764,9 +1931,10 @@ static void app_gone(void)
 	else
 		marker("EXIT code=%d", app_state.code);
 	ctl_send_exit_event();
-	/* Spares PID 1 only; daemonised leftovers must not outlive the app. */
-	kill(-1, SIGKILL);
+	kill_all_and_reap();
 	sync();
+	/* After the sync: the unmount itself then has little left to write. */
+	unmount_volumes();
 	reboot_now();
 }
 
@@ -1920,6 +2088,8 @@ int main(void)
 	setup_network(&params);
 	/* For reseed_rng, which a clone runs first thing. */
 	urandom_fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+	/* Before the shares, so that a share inside a volume's path stays visible. */
+	mount_volumes(&params);
 	mount_shares(&params);
 
 	int sig_fd = setup_signals();

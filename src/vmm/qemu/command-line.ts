@@ -102,6 +102,22 @@ export function buildQemuArgs (spec: LaunchSpec): string[] {
     args.push('-drive', `id=overlay,file=${opt(spec.overlayPath)},if=none,format=raw,discard=unmap`)
     args.push('-device', `${dev('virtio-blk')},drive=overlay,serial=uigniter-overlay`)
   }
+  const volumes = spec.volumes ?? []
+  if (volumes.length > 0 && manifest.init === null) {
+    throw new UigniterError('UIG_ERR_VOLUME_INVALID', 'cannot attach a volume to a unikernel: a unikernel has no init to mount it')
+  }
+  volumes.forEach((volume, i) => {
+    // After the root and overlay disks, so that their names stay vda/vdb; the init
+    // finds each volume by its serial, not by its place.
+    // QEMU's default cache (writeback) stays: a write is done once in the host's page
+    // cache, and the guest's flush (virtio-blk FLUSH, which ext4 sends on fsync and at
+    // each journal commit) becomes an fdatasync of this file (QEMU's manual, -drive:
+    // "safe as long as your guest OS makes sure to correctly flush disk caches";
+    // block/file-posix.c handle_aiocb_flush). So what an app fsyncs is on the host's
+    // disk, and a kill -9 of QEMU is a power cut that ext4's journal recovers from.
+    args.push('-drive', `id=${volumeId(i)},file=${opt(volume.hostPath)},if=none,format=raw,discard=unmap${volume.readOnly ? ',read-only=on' : ''}`)
+    args.push('-device', `${dev('virtio-blk')},drive=${volumeId(i)},serial=uigniter-${volumeId(i)}`)
+  })
 
   const net = spec.network
   if (net.mode !== 'none') {
@@ -145,7 +161,7 @@ export function buildQemuArgs (spec: LaunchSpec): string[] {
     if (total > KERNEL_CMDLINE_MAX) {
       throw new UigniterError('UIG_ERR_VM_CMDLINE_INVALID',
         `the guest kernel command line would be ${total} bytes (${Buffer.byteLength(cmdline)} of parameters, ${mmioDevices * MMIO_PARAM_BYTES} that QEMU adds for ${mmioDevices} devices), ` +
-        `over the kernel's limit of ${KERNEL_CMDLINE_MAX}: pass fewer or shorter app arguments and environment variables`)
+        `over the kernel's limit of ${KERNEL_CMDLINE_MAX}: pass fewer or shorter app arguments and environment variables, or fewer shares and volumes`)
     }
   }
   args.push('-append', cmdline)
@@ -178,7 +194,7 @@ function accelOption (spec: LaunchSpec): string {
 /**
  * A unikernel's command line is used as given, its placeholders filled. Our own guests get the
  * console, the reboot-to-exit parameters, and for the init: the network
- * identity, app arguments and environment, shares and overlay (docs/guest.md).
+ * identity, app arguments and environment, shares, volumes and overlay (docs/guest.md).
  */
 export function kernelCommandLine (spec: LaunchSpec): string {
   const { manifest } = spec
@@ -195,12 +211,27 @@ export function kernelCommandLine (spec: LaunchSpec): string {
   }
   if (spec.hostname !== undefined) parts.push(`uigniter.hostname=${spec.hostname}`)
   if (spec.overlayPath !== undefined) parts.push(`uigniter.overlay=/dev/${spec.rootfsPath !== undefined && manifest.format !== 'initramfs' ? 'vdb' : 'vda'}`)
+  const sharePaths = new Set<string>()
   ;(spec.shares ?? []).forEach((share, i) => {
-    const path = share.guestPath.replace(/\/+$/, '')
-    if (!path.startsWith('/') || posix.normalize(path) !== path) {
+    const path = guestMountPath(share.guestPath)
+    if (path === undefined) {
       throw new UigniterError('UIG_ERR_VM_SHARE_INVALID', `guest path "${share.guestPath}" must be a normalized absolute path other than "/", such as /data`)
     }
+    sharePaths.add(path)
     parts.push(`uigniter.mount=${shareTag(i)}:${encodeParam(path)}${share.readOnly ? ':ro' : ''}`)
+  })
+  const volumePaths = new Set<string>()
+  ;(spec.volumes ?? []).forEach((volume, i) => {
+    const path = guestMountPath(volume.guestPath)
+    if (path === undefined) {
+      throw new UigniterError('UIG_ERR_VOLUME_INVALID', `volume guest path "${volume.guestPath}" must be a normalized absolute path other than "/", such as /data`)
+    }
+    // One mount would hide the other: the app would write where the host does not look.
+    if (volumePaths.has(path)) throw new UigniterError('UIG_ERR_VOLUME_INVALID', `two volumes are attached at ${path}: give each its own guest path`)
+    if (sharePaths.has(path)) throw new UigniterError('UIG_ERR_VOLUME_INVALID', `a volume and a shared directory are both attached at ${path}: give each its own guest path`)
+    volumePaths.add(path)
+    // The init matches i with the disk whose serial is uigniter-vol<i> (docs/guest.md).
+    parts.push(`uigniter.volume=${i}:${encodeParam(path)}${volume.readOnly ? ':ro' : ''}`)
   })
   if (spec.appArgs !== undefined) {
     // A bare flag says "no arguments", which no number of uigniter.arg= can.
@@ -248,6 +279,20 @@ function fastBootParams (spec: LaunchSpec): string[] {
 
 /** The input clock of QEMU's emulated local APIC timer (measured by the kernel's own calibration here: 988 MHz under load). */
 const QEMU_APIC_TIMER_HZ = 1_000_000_000
+
+/**
+ * A guest mount point as the init gets it (trailing slashes dropped), or
+ * undefined when it is not a normalized absolute path other than "/".
+ */
+function guestMountPath (guestPath: string): string | undefined {
+  const path = guestPath.replace(/\/+$/, '')
+  return path.startsWith('/') && posix.normalize(path) === path ? path : undefined
+}
+
+/** The QEMU drive id of the i-th volume; its disk's serial is `uigniter-` and this. */
+function volumeId (i: number): string {
+  return `vol${i}`
+}
 
 /** The 9p mount tag of the i-th share. */
 function shareTag (i: number): string {

@@ -100,7 +100,8 @@ export class QemuDriver implements VmmDriver<QemuVm> {
    * (overlay disk included), starts QEMU detached and connects to its
    * monitor. Resolves once QEMU runs, not when the app is up (see
    * QemuVm.waitForMarker). Throws UIG_ERR_VM_RESOURCES, UIG_ERR_VM_SHARE_INVALID,
-   * UIG_ERR_VM_CMDLINE_INVALID before anything starts, UIG_ERR_VM_BOOT_FAILED
+   * UIG_ERR_VOLUME_NOT_FOUND, UIG_ERR_VOLUME_INVALID, UIG_ERR_VM_CMDLINE_INVALID
+   * before anything starts, UIG_ERR_VM_BOOT_FAILED
    * with QEMU's own message when it refuses to start.
    */
   async spawn (options: SpawnOptions): Promise<QemuVm> {
@@ -108,6 +109,7 @@ export class QemuDriver implements VmmDriver<QemuVm> {
     if (!/^[A-Za-z0-9][A-Za-z0-9_.-]*$/.test(id)) throw new UigniterError('UIG_ERR_VM_STATE_DIR', `invalid VM id "${id}"`)
     checkHostResources({ vcpus: launch.vcpus, memoryMiB: launch.memoryMiB, cpuAffinity })
     for (const share of launch.shares ?? []) await checkShare(share.hostPath)
+    for (const volume of launch.volumes ?? []) await checkVolume(volume.hostPath)
     const dir = new VmStateDir(options.stateDir)
     const jailer = this.#jailer
     const uid = jailer !== undefined ? await jailer.takeUid(dir.dir) : undefined
@@ -408,6 +410,21 @@ async function checkShare (hostPath: string): Promise<void> {
     throw new UigniterError('UIG_ERR_VM_SHARE_INVALID', `cannot share ${hostPath}: ${hasErrno(err, 'ENOENT') ? 'it does not exist' : (err as Error).message}`, { cause: err })
   }
   throw new UigniterError('UIG_ERR_VM_SHARE_INVALID', `cannot share ${hostPath}: it is not a directory`)
+}
+
+/**
+ * A volume's disk must be there before QEMU starts: QEMU would refuse it with a
+ * message about a drive, or, for a directory, fail in ways far from the cause.
+ * No chown, even jailed: QEMU opens its -drive files as root, before it chroots
+ * and takes the jail's uid (design.md fact 12).
+ */
+async function checkVolume (hostPath: string): Promise<void> {
+  try {
+    if ((await stat(hostPath)).isFile()) return
+  } catch (err) {
+    throw new UigniterError('UIG_ERR_VOLUME_NOT_FOUND', `cannot attach the volume file ${hostPath}: ${hasErrno(err, 'ENOENT') ? 'it does not exist' : (err as Error).message}`, { cause: err })
+  }
+  throw new UigniterError('UIG_ERR_VOLUME_NOT_FOUND', `cannot attach the volume file ${hostPath}: it is not a regular file`)
 }
 
 /** Node runs a timer of a longer delay at once (after 1 ms): this is the longest it keeps. */

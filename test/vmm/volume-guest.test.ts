@@ -1,0 +1,229 @@
+import assert from 'node:assert/strict'
+import { execFile } from 'node:child_process'
+import { createHash } from 'node:crypto'
+import { chmod, copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { after, before, describe, test } from 'node:test'
+import type { ImageManifest } from '../../src/core/image.js'
+import { type Accel, type GuestLaunch, type GuestVolume, USER_NETWORK } from '../../src/core/ports/vmm-driver.js'
+import { chooseAccel } from '../../src/vmm/qemu/accel-probe.js'
+import { DEFAULT_JAIL, type JailOptions } from '../../src/vmm/qemu/jail.js'
+import { QemuDriver } from '../../src/vmm/qemu/qemu-driver.js'
+import type { QemuVm } from '../../src/vmm/qemu/qemu-vm.js'
+import { VmStateDir } from '../../src/vmm/qemu/vm-state-dir.js'
+import { rejectsWith } from '../helpers/assertions.js'
+import { BUSYBOX } from '../helpers/busybox-guests.js'
+import { createTestContext, type TestContext } from '../helpers/fixtures.js'
+
+/**
+ * Persistent volumes from the QEMU driver down to the guest's mount: a raw
+ * file holding ext4 on the host, a virtio disk in the guest, mounted by our
+ * init at its path. Two boots: one whose QEMU is killed (a power cut) after
+ * the app fsynced, one that mounts the same volume again and ends
+ * gracefully. Jailed when run as root, so that the jail's uid change is
+ * shown not to need a chown of the volume files.
+ */
+
+const root = process.getuid?.() === 0
+/** A range of its own, so that this test's uids never meet a concurrently running daemon's. */
+const JAIL: JailOptions = { ...DEFAULT_JAIL, uidBase: 710_000 + (process.pid % 1000) * 100, uidCount: 100, gid: 710_000 }
+const STOPS = { guestMarginMs: 3000, quitMs: 2000, termMs: 2000, killMs: 3000 }
+const PAYLOAD = 'fsynced before the power cut'
+
+/**
+ * The app, by $MODE. `crash`: writes and fsyncs a file in the volume (busybox
+ * `sync FILE` is fsync(FILE)), tries to write into the read-only volume, then
+ * waits to be killed. `again`: prints what it finds, writes another file and
+ * exits, so that the init unmounts the volume.
+ */
+const APP = `#!/bin/busybox sh
+export PATH=/bin
+case "$MODE" in
+crash)
+  echo "$PAYLOAD" > /data/a.txt && busybox sync /data/a.txt && echo UIG-SYNCED
+  if echo x 2>/tmp/err > /ro/x; then echo "UIG-RO wrote"; else echo "UIG-RO refused: $(busybox cat /tmp/err)"; fi
+  echo "UIG-RO-READ $(busybox cat /ro/hello.txt)"
+  echo "UIG-MOUNT $(busybox grep ' /data ' /proc/mounts)"
+  echo "UIG-MOUNT $(busybox grep ' /ro ' /proc/mounts)"
+  echo UIG-READY
+  exec busybox sleep 3600
+  ;;
+again)
+  echo "UIG-AGAIN $(busybox cat /data/a.txt)"
+  echo second boot > /data/b.txt
+  exit 0
+  ;;
+esac
+echo "UIG-UNKNOWN-MODE $MODE"
+`
+
+interface Exec { code: number, stdout: string, stderr: string }
+
+/** Runs a host tool; its exit code is the caller's business (e2fsck's are a bit mask). */
+async function exec (cmd: string, args: string[]): Promise<Exec> {
+  return await new Promise((resolve, reject) => {
+    execFile(cmd, args, { encoding: 'utf8' }, (err, stdout, stderr) => {
+      if (err !== null && typeof err.code !== 'number') { reject(new Error(`cannot run ${cmd}: ${err.message}`, { cause: err })); return }
+      resolve({ code: err === null ? 0 : Number(err.code), stdout, stderr })
+    })
+  })
+}
+
+/** A sparse file with ext4 on it, as the volume manager makes one; `from` fills it (mkfs.ext4 -d). */
+async function makeVolume (path: string, from?: string): Promise<void> {
+  await exec('truncate', ['-s', '64M', path])
+  const made = await exec('mkfs.ext4', ['-q', '-F', ...(from !== undefined ? ['-d', from] : []), path])
+  assert.equal(made.code, 0, made.stderr)
+  // Root's own file, unreadable by anyone else: a jailed QEMU opens it before it drops to its uid.
+  await chmod(path, 0o600)
+}
+
+async function superblock (path: string): Promise<{ state: string, features: string[] }> {
+  const { stdout } = await exec('dumpe2fs', ['-h', path])
+  const field = (name: string): string => stdout.split('\n').find((l) => l.startsWith(`${name}:`))?.slice(name.length + 1).trim() ?? ''
+  return { state: field('Filesystem state'), features: field('Filesystem features').split(/\s+/) }
+}
+
+async function debugfsCat (image: string, path: string): Promise<string> {
+  const r = await exec('debugfs', ['-R', `cat ${path}`, image])
+  return r.stdout
+}
+
+async function sha256 (path: string): Promise<string> {
+  return createHash('sha256').update(await readFile(path)).digest('hex')
+}
+
+/** The console lines (without \r) so far. */
+async function lines (vm: QemuVm): Promise<string[]> {
+  return (await vm.readConsole({ tailBytes: Infinity })).split('\n').map((l) => l.replace(/\r$/, ''))
+}
+
+async function consoleLine (vm: QemuVm, re: RegExp, timeoutMs = 90_000): Promise<string> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const line = (await lines(vm)).find((l) => re.test(l))
+    if (line !== undefined) return line
+    if (Date.now() > deadline) throw new Error(`no console line like ${re} within ${timeoutMs} ms:\n${(await vm.readConsole()).slice(-3000)}`)
+    await new Promise((resolve) => setTimeout(resolve, 100))
+  }
+}
+
+describe('persistent volumes in a real guest', () => {
+  let ctx: TestContext & { cleanup: () => Promise<void> }
+  let scratch: string
+  let image: ImageManifest
+  let accel: Accel
+  let data: string
+  let assets: string
+  const driver = new QemuDriver({ livenessPollMs: 500, stopTimeouts: STOPS, ...(root ? { jail: JAIL } : {}) })
+  const started: QemuVm[] = []
+  let n = 0
+
+  const start = async (volumes: GuestVolume[], env: Record<string, string>): Promise<QemuVm> => {
+    const id = `vol${++n}`
+    const launch: GuestLaunch = {
+      manifest: image,
+      kernelPath: ctx.store.blobPath(image.kernel.blob.digest),
+      rootfsPath: ctx.store.blobPath(image.rootfs?.digest ?? ''),
+      accel,
+      vcpus: 1,
+      memoryMiB: 64,
+      network: { mode: 'none' },
+      guestNetwork: USER_NETWORK,
+      appEnv: env,
+      volumes
+    }
+    const vm = await driver.spawn({ id, stateDir: VmStateDir.of(ctx.dataDir, id).dir, launch })
+    started.push(vm)
+    return vm
+  }
+
+  before(async () => {
+    ctx = await createTestContext()
+    scratch = await mkdtemp(join(tmpdir(), 'uigniter-volumes-'))
+    // A squashfs root without an overlay: read-only, so the mount points ship in the image.
+    const tree = join(scratch, 'tree')
+    for (const sub of ['bin', 'data', 'ro']) await mkdir(join(tree, sub), { recursive: true })
+    await copyFile(BUSYBOX, join(tree, 'bin/busybox'))
+    await chmod(join(tree, 'bin/busybox'), 0o755)
+    await writeFile(join(tree, 'app.sh'), APP, { mode: 0o755 })
+    image = await ctx.builder.build({ name: 'volumes', source: { kind: 'rootfs', dir: tree, entrypoint: '/app.sh' }, format: 'squashfs' })
+    accel = (await chooseAccel(ctx.config, ctx.store.blobPath(image.kernel.blob.digest), image.kernel.blob.digest)).accel
+
+    data = join(scratch, 'data.img')
+    await makeVolume(data)
+    const content = join(scratch, 'assets')
+    await mkdir(content)
+    await writeFile(join(content, 'hello.txt'), 'made on the host\n')
+    assets = join(scratch, 'assets.img')
+    await makeVolume(assets, content)
+  })
+  after(async () => {
+    for (const vm of started) vm.kill()
+    await Promise.all(started.map(async (vm) => await Promise.race([vm.exited, new Promise((resolve) => setTimeout(resolve, 3000))])))
+    await ctx.cleanup()
+    await rm(scratch, { recursive: true, force: true })
+  })
+
+  test('a volume file that is missing or not a regular file is refused before QEMU starts', { timeout: 10_000 }, async () => {
+    const env = { MODE: 'again' }
+    await rejectsWith(start([{ hostPath: join(scratch, 'nope.img'), guestPath: '/data', readOnly: false }], env), 'UIG_ERR_VOLUME_NOT_FOUND', join(scratch, 'nope.img'), 'does not exist')
+    await rejectsWith(start([{ hostPath: scratch, guestPath: '/data', readOnly: false }], env), 'UIG_ERR_VOLUME_NOT_FOUND', scratch, 'not a regular file')
+  })
+
+  test('kill -9 after fsync: the data is on the host; a read-only volume refuses writes and stays unchanged; the journal replays', { timeout: 180_000 }, async () => {
+    const assetsBefore = await sha256(assets)
+    const vm = await start([
+      { hostPath: data, guestPath: '/data', readOnly: false },
+      { hostPath: assets, guestPath: '/ro', readOnly: true }
+    ], { MODE: 'crash', PAYLOAD })
+    if (root) {
+      const status = await readFile(`/proc/${vm.pid}/status`, 'utf8')
+      const uid = Number(/^Uid:\s+(\d+)/m.exec(status)?.[1])
+      assert.ok(uid >= JAIL.uidBase, `QEMU runs as its jail's uid (${uid}), and opened the root-only volume files anyway`)
+    }
+    await consoleLine(vm, /^UIG-READY/)
+    const out = await lines(vm)
+    assert.ok(out.includes('UIG-SYNCED'), out.join('\n'))
+    assert.match(out.find((l) => l.startsWith('UIG-RO ')) ?? '', /^UIG-RO refused: .*Read-only file system/)
+    assert.ok(out.includes('UIG-RO-READ made on the host'))
+    const mounts = out.filter((l) => l.startsWith('UIG-MOUNT '))
+    assert.match(mounts[0] ?? '', /^UIG-MOUNT \/dev\/vd[a-z] \/data ext4 rw,nosuid,nodev,noatime\b/)
+    assert.match(mounts[1] ?? '', /^UIG-MOUNT \/dev\/vd[a-z] \/ro ext4 ro,nosuid,nodev,noatime\b/)
+
+    // A power cut: no unmount, no sync by the init.
+    vm.kill()
+    const exit = await vm.exited
+    assert.equal(exit.reason, 'killed', JSON.stringify(exit))
+    assert.ok((await superblock(data)).features.includes('needs_recovery'), 'the journal was in use when QEMU died')
+    assert.equal(await sha256(assets), assetsBefore, 'QEMU never wrote the read-only volume')
+    assert.equal((await superblock(assets)).state, 'clean')
+
+    // The host's own fsck replays the journal (on a copy: the next boot replays the original).
+    const copy = join(scratch, 'data-copy.img')
+    await exec('cp', ['--sparse=always', data, copy])
+    const fix = await exec('e2fsck', ['-fy', copy])
+    assert.ok(fix.code <= 1, `e2fsck -fy: ${fix.code} ${fix.stdout} ${fix.stderr}`)
+    const check = await exec('e2fsck', ['-fn', copy])
+    assert.equal(check.code, 0, `clean after the replay: ${check.stdout} ${check.stderr}`)
+    assert.equal(await debugfsCat(copy, '/a.txt'), `${PAYLOAD}\n`, 'what the app fsynced survived')
+  })
+
+  test('the next boot replays the journal itself and finds the data; a graceful end leaves the filesystem clean', { timeout: 180_000 }, async () => {
+    const vm = await start([{ hostPath: data, guestPath: '/data', readOnly: false }], { MODE: 'again' })
+    const exit = await vm.exited
+    const out = await lines(vm)
+    assert.equal(exit.appExitCode, 0, `${JSON.stringify(exit)}\n${out.join('\n')}`)
+    assert.ok(out.includes(`UIG-AGAIN ${PAYLOAD}`), out.join('\n'))
+    assert.ok(!out.some((l) => l.includes('unmount volume')), 'the init unmounted it without a warning')
+
+    const sb = await superblock(data)
+    assert.equal(sb.state, 'clean')
+    assert.ok(!sb.features.includes('needs_recovery'), `nothing left to replay: ${sb.features.join(' ')}`)
+    const check = await exec('e2fsck', ['-fn', data])
+    assert.equal(check.code, 0, `${check.stdout} ${check.stderr}`)
+    assert.equal(await debugfsCat(data, '/a.txt'), `${PAYLOAD}\n`)
+    assert.equal(await debugfsCat(data, '/b.txt'), 'second boot\n')
+  })
+})
