@@ -126,6 +126,15 @@ export function addVolumeMetrics (registry: Registry, volumes: VolumesApi): void
 /** Health, info, metrics, OpenAPI and the server-sent event stream. */
 export function systemRoutes (parts: { manager: VmManager, templates: TemplateManager, services: ServicesApi, pools: PoolManager, volumes: VolumesApi, info: DaemonInfo }, metrics: Registry) {
   const { manager, templates, services, pools, volumes, info } = parts
+  // A volume event names its VM by name, while ?vm= is an id: the VM's record says whether they are one VM.
+  const isVm = (id: string, name: string): boolean => {
+    if (id === name) return true
+    try {
+      return manager.get(id).name === name
+    } catch {
+      return false
+    }
+  }
   return async function system (app: FastifyInstance): Promise<void> {
     app.get('/healthz', {
       schema: { tags: ['system'], summary: 'Liveness', response: { 200: Type.Object({ status: Type.Literal('ok') }) } }
@@ -142,7 +151,7 @@ export function systemRoutes (parts: { manager: VmManager, templates: TemplateMa
     app.get<{ Querystring: { vm?: string } }>('/v1/events', {
       schema: {
         tags: ['system'],
-        summary: 'Server-sent events: `vm.state` with the VM record at each state change; `template.creating|created|deleted|clone-unsafe`; `service.*` with each decision of a service controller; `pool.create-failed|recovered` when a pool\'s refill fails or recovers; `volume.created|deleted|attached|detached` (with `vm`, the VM id, when one is attached or detached; `?vm=` keeps those of that VM)',
+        summary: 'Server-sent events: `vm.state` with the VM record at each state change; `template.creating|created|deleted|clone-unsafe`; `service.*` with each decision of a service controller; `pool.create-failed|recovered` when a pool\'s refill fails or recovers; `volume.created|deleted|attached|detached` (with `vm`, the VM\'s name, when one is attached or detached; `?vm=` keeps those of that VM)',
         querystring: Type.Object({ vm: Type.Optional(Type.String({ description: 'Only this VM id' })) }, { additionalProperties: false })
       }
     }, async (request, reply) => {
@@ -163,7 +172,7 @@ export function systemRoutes (parts: { manager: VmManager, templates: TemplateMa
         raw.write(`event: ${event.type}\ndata: ${JSON.stringify(event)}\n\n`)
       }
       const onVolume = (event: VolumeEvent): void => {
-        if (request.query.vm !== undefined && event.vm !== request.query.vm) return
+        if (request.query.vm !== undefined && (event.vm === undefined || !isVm(request.query.vm, event.vm))) return
         raw.write(`event: ${event.type}\ndata: ${JSON.stringify(event)}\n\n`)
       }
       // A comment every 15 s keeps proxies from closing an idle stream.
