@@ -6,7 +6,7 @@ import { Progress, formatBytes, formatDuration } from '../core/progress.js'
 import { readImageArchive } from '../oci/image-archive.js'
 import { imageFromPull, type PulledImageOptions } from '../oci/pulled-image.js'
 import { pull } from '../oci/pull.js'
-import { parseReference } from '../oci/reference.js'
+import { parseReference, type OciReference } from '../oci/reference.js'
 import { httpGetWithRetry } from '../core/app-probe.js'
 import { BootedImage } from '../vmm/qemu/image-boot.js'
 import { parseEnv, parseIntFlag, parseMiB, printTable, type Command } from './args.js'
@@ -98,6 +98,92 @@ function printManifestSummary (m: ImageManifest): void {
   console.log(`${formatImageRef(m)}  ${m.digest.slice(0, 19)}  ${m.format}  ${formatBytes(m.size)}`)
 }
 
+/** The flags of `image pull` that reach the registry; `uigniter up` takes them too. */
+export const REGISTRY_OPTIONS = { insecure: { type: 'boolean' }, credentials: { type: 'string' } } as const
+export const REGISTRY_HELP = [
+  '--insecure            plain HTTP to the registry (e.g. 127.0.0.1:5000); https otherwise',
+  '--credentials FILE    registry credentials in Docker\'s config.json format (auths → auth)'
+]
+
+export interface RegistryFlags {
+  insecure?: boolean
+  credentialsFile?: string
+}
+
+export function registryFlags (values: Record<string, unknown>): RegistryFlags {
+  return {
+    ...(values.insecure === true ? { insecure: true } : {}),
+    ...(values.credentials !== undefined ? { credentialsFile: values.credentials as string } : {})
+  }
+}
+
+/**
+ * Whether an image named in an application file is a registry reference
+ * rather than a local image: its first path component is a host, as docker
+ * reads it (a `.` or a `:` in it, or `localhost`). `localhost:5000/redis:7`
+ * and `registry.example.com/team/api:1.2` are; `redis:7` and `team/api` are
+ * local names, as `image build -t` makes them.
+ */
+export function isRegistryReference (image: string): boolean {
+  const slash = image.indexOf('/')
+  if (slash < 0) return false
+  const first = image.slice(0, slash)
+  return first.includes('.') || first.includes(':') || first === 'localhost' || first.startsWith('[')
+}
+
+/** The local name a pull gives an image when none is asked for: the repository's last part and the tag (`redis:7`). */
+export function localNameFor (reference: OciReference): string {
+  return `${reference.repository.split('/').pop() ?? reference.repository}:${reference.tag ?? 'latest'}`
+}
+
+export interface PulledImage {
+  manifest: ImageManifest
+  /** Kept as it was: made before from this very manifest, with nothing asked differently. */
+  unchanged: boolean
+  /** What was done, for the user: pulled what from where, how many layers fetched, as which image. */
+  line: string
+}
+
+/**
+ * Pulls `ref` into the blob cache and makes a bootable image of it, named
+ * `options.name` or localNameFor(ref). Pulled again with no conversion flag
+ * given, the image already made from the same manifest digest is kept, not
+ * made again (the conversion is most of a cached pull's time). `image pull`
+ * and `uigniter up` (for a service whose image is a registry reference) both
+ * pull through here. Progress per layer on a terminal, silent otherwise.
+ * @example
+ * const { manifest } = await pullImage('127.0.0.1:5000/redis:7', { insecure: true })
+ * manifest.name // 'redis'
+ */
+export async function pullImage (ref: string, options: RegistryFlags & { name?: string, conversion?: ReturnType<typeof conversionFlags> } = {}): Promise<PulledImage> {
+  const conversion = options.conversion ?? { options: {}, asked: false }
+  const reference = parseReference(ref)
+  const name = options.name ?? localNameFor(reference)
+  parseImageRef(name)
+  const { config, store, builder } = createContext()
+  const started = Date.now()
+  const progress = new Progress(`pulling ${ref}`)
+  const work = await store.createWorkDir()
+  try {
+    const pulled = await pull(reference, {
+      dataDir: config.dataDir,
+      ...(options.insecure === true ? { insecure: true } : {}),
+      ...(options.credentialsFile !== undefined ? { credentialsFile: options.credentialsFile } : {}),
+      onProgress: (p) => { progress.update(`layer ${p.index + 1}/${p.count} ${p.digest.slice(7, 19)}: ${p.state === 'cached' ? 'cached' : `${formatBytes(p.received)} of ${formatBytes(p.size)}`}`) }
+    })
+    // Pulled again with nothing asked differently: the image made from this very manifest is kept, not made again.
+    const existing = await store.get(name).catch(() => undefined)
+    const unchanged = existing?.origin?.manifestDigest === pulled.manifestDigest && !conversion.asked
+    progress.update(unchanged ? 'up to date' : `applying ${pulled.layers.length} layer(s)`)
+    const manifest = unchanged && existing !== undefined ? existing : await imageFromPull(pulled, { builder, name, workParent: work, ...conversion.options })
+    const line = `pulled ${pulled.reference} (${pulled.manifestDigest.slice(0, 19)}, ${pulled.layers.length} layer(s): ${pulled.stats.fetched} fetched, ${pulled.stats.cached} cached) as ${formatImageRef(manifest)}${unchanged ? ', already made from this manifest' : ''} in ${formatDuration(Date.now() - started)}`
+    return { manifest, unchanged, line }
+  } finally {
+    progress.done()
+    await store.discardWorkDir(work)
+  }
+}
+
 export const imageCommands: Command[] = [
   {
     name: 'image build',
@@ -151,44 +237,23 @@ export const imageCommands: Command[] = [
     name: 'image pull',
     summary: 'Pull an image from an OCI registry and make it a bootable image (layers applied, its config mapped, our init added).',
     usage: 'uigniter image pull REF [-t NAME[:TAG]] [--insecure] [--credentials FILE] [--format auto|squashfs|ext4] [--memory M] [--overlay M] [--json]',
-    options: { ...CONVERSION_OPTIONS, insecure: { type: 'boolean' }, credentials: { type: 'string' } },
+    options: { ...CONVERSION_OPTIONS, ...REGISTRY_OPTIONS },
     help: [
       'REF                   [registry/]name[:tag|@sha256:...]; without a registry, docker.io (library/ for one-part names)',
       '-t, --name NAME:TAG   the local image name (default: the reference\'s last path part and its tag)',
-      '--insecure            plain HTTP to the registry (e.g. 127.0.0.1:5000); https otherwise',
-      '--credentials FILE    registry credentials in Docker\'s config.json format (auths → auth)',
+      ...REGISTRY_HELP,
       ...CONVERSION_HELP
     ],
     run: async (values, positionals) => {
       const ref = positionals[0]
       if (ref === undefined || positionals.length > 1) throw new UigniterError('UIG_ERR_CLI_USAGE', 'give one image reference: uigniter image pull REF')
-      const conversion = conversionFlags(values)
-      const reference = parseReference(ref)
-      const name = (values.name as string | undefined) ?? `${reference.repository.split('/').pop() ?? reference.repository}:${reference.tag ?? 'latest'}`
-      parseImageRef(name)
-      const { config, store, builder } = createContext()
-      const started = Date.now()
-      const progress = new Progress(`pulling ${ref}`)
-      const work = await store.createWorkDir()
-      try {
-        const pulled = await pull(reference, {
-          dataDir: config.dataDir,
-          ...(values.insecure === true ? { insecure: true } : {}),
-          ...(values.credentials !== undefined ? { credentialsFile: values.credentials as string } : {}),
-          onProgress: (p) => { progress.update(`layer ${p.index + 1}/${p.count} ${p.digest.slice(7, 19)}: ${p.state === 'cached' ? 'cached' : `${formatBytes(p.received)} of ${formatBytes(p.size)}`}`) }
-        })
-        // Pulled again with nothing asked differently: the image made from this very manifest is kept, not made again.
-        const existing = await store.get(name).catch(() => undefined)
-        const unchanged = existing?.origin?.manifestDigest === pulled.manifestDigest && !conversion.asked
-        progress.update(unchanged ? 'up to date' : `applying ${pulled.layers.length} layer(s)`)
-        const manifest = unchanged && existing !== undefined ? existing : await imageFromPull(pulled, { builder, name, workParent: work, ...conversion.options })
-        progress.done()
-        printMade(values, manifest, `pulled ${pulled.reference} (${pulled.manifestDigest.slice(0, 19)}, ${pulled.layers.length} layer(s): ${pulled.stats.fetched} fetched, ${pulled.stats.cached} cached) as ${formatImageRef(manifest)}${unchanged ? ', already made from this manifest' : ''} in ${formatDuration(Date.now() - started)}`)
-        return 0
-      } finally {
-        progress.done()
-        await store.discardWorkDir(work)
-      }
+      const made = await pullImage(ref, {
+        ...registryFlags(values),
+        ...(values.name !== undefined ? { name: values.name as string } : {}),
+        conversion: conversionFlags(values)
+      })
+      printMade(values, made.manifest, made.line)
+      return 0
     }
   },
   {
