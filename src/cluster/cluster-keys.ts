@@ -12,6 +12,7 @@
  * | placements/NODE/REPLICA | the leader: a replica given to a node, with the leader's epoch | no |
  * | replicas/NODE/REPLICA | the node: the replica's VM as it runs | yes |
  * | routes/SERVICE | the leader: the gateway route and its routable endpoints | no |
+ * | volumes/NAME | the node whose disk holds the volume | no: the volume stays on its node while the node is away |
  */
 const ROOT = '/uigniter/'
 
@@ -33,7 +34,9 @@ export const keys = {
   nodeReplicas: (node: string) => `${ROOT}replicas/${node}/`,
   replica: (node: string, replica: string) => `${ROOT}replicas/${node}/${replica}`,
   routes: `${ROOT}routes/`,
-  route: (service: string) => `${ROOT}routes/${service}`
+  route: (service: string) => `${ROOT}routes/${service}`,
+  volumes: `${ROOT}volumes/`,
+  volume: (name: string) => `${ROOT}volumes/${name}`
 }
 
 /** The last path part of a key: a node, service or replica name. */

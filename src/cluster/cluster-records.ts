@@ -40,6 +40,8 @@ export const PlacementSchema = Type.Object({
   imageDigest: Type.String(),
   /** What it takes of the node: the spec's resources, or its image's. */
   resources: ResourcesSchema,
+  /** Services with per-replica volumes: the replica's index, which its volumes follow. */
+  index: Type.Optional(Type.Integer({ minimum: 0 })),
   at: Type.String()
 })
 export type Placement = Static<typeof PlacementSchema>
@@ -91,3 +93,11 @@ export function parseRecord<S extends TSchema> (schema: S, raw: string): Static<
 }
 
 export const parseNodeStatus = (raw: string): NodeStatus => parseRecord(NodeStatusSchema, raw)
+
+/** Where a volume lives: written by the node that made it, deleted with the volume. */
+export const VolumeHomeSchema = Type.Object({
+  name: Type.String(),
+  node: Type.String(),
+  sizeMiB: Type.Integer({ minimum: 1 })
+})
+export type VolumeHome = Static<typeof VolumeHomeSchema>

@@ -5,6 +5,7 @@ import type { Logger } from '../core/logger.js'
 import type { ClusterStore } from '../core/ports/cluster-store.js'
 import type { ServiceSpec } from '../core/service.js'
 import type { Vm, VmState } from '../core/vm.js'
+import { replicaVolumeName } from '../core/volume.js'
 import type { ReplicaStarter } from '../service/service-controller.js'
 import type { ServiceVms } from '../service/service-manager.js'
 import { keys } from './cluster-keys.js'
@@ -134,16 +135,16 @@ export class ClusterReplicas extends EventEmitter implements ServiceVms, Replica
 
   async cleanup (): Promise<void> {}
 
-  async start (spec: ServiceSpec, generation: number, name: string): Promise<Vm> {
+  async start (spec: ServiceSpec, generation: number, name: string, index?: number): Promise<Vm> {
     const epoch = this.#epoch()
     if (epoch === null) throw new UigniterError('UIG_ERR_CLUSTER_NO_LEADER', 'this node no longer leads the cluster')
     const image = this.#image(spec.image ?? '')
     if (image === undefined) throw new UigniterError('UIG_ERR_IMAGE_NOT_FOUND', `no node of the cluster holds image "${spec.image ?? ''}"`)
     const resources = { vcpus: spec.resources.vcpus ?? image.vcpus, memoryMiB: spec.resources.memoryMiB ?? image.memoryMiB }
-    const decision = this.decide(spec, generation, name, resources, image.digest)
+    const decision = this.decide(spec, generation, name, resources, image.digest, this.#volumeNodes(spec, index))
     if (!decision.placed) throw new UigniterError('UIG_ERR_CLUSTER_UNSCHEDULABLE', decision.message)
     const placement: Placement = {
-      replica: name, node: decision.node, service: spec.name, generation, epoch, spec, imageDigest: image.digest, resources, at: new Date().toISOString()
+      replica: name, node: decision.node, service: spec.name, generation, epoch, spec, imageDigest: image.digest, resources, ...(index !== undefined ? { index } : {}), at: new Date().toISOString()
     }
     this.#pending.set(name, { node: decision.node, service: spec.name, ...resources })
     const reported = new Promise<ReplicaReport>((resolve, reject) => { this.#starts.set(name, { resolve, reject }) })
@@ -169,7 +170,23 @@ export class ClusterReplicas extends EventEmitter implements ServiceVms, Replica
   }
 
   /** Filter and score the nodes for one replica; the decision is an event, with its reasons. */
-  decide (spec: ServiceSpec, _generation: number, name: string, resources: { vcpus: number, memoryMiB: number }, imageDigest: string): ScheduleDecision {
+  /**
+   * The replica's volumes that exist, with their nodes. A per-replica
+   * volume not made yet is made where the replica lands; once made, it
+   * holds its index's replicas to that node, even while the node is lost
+   * (they are pending: the data is there, not elsewhere).
+   */
+  #volumeNodes (spec: ServiceSpec, index: number | undefined): Record<string, string> {
+    const homes: Record<string, string> = {}
+    for (const v of spec.volumes ?? []) {
+      const name = v.perReplica ? replicaVolumeName(spec.name, v.name, index ?? 0) : v.name
+      const node = this.#view.volumeNode(name)
+      if (node !== undefined) homes[name] = node
+    }
+    return homes
+  }
+
+  decide (spec: ServiceSpec, _generation: number, name: string, resources: { vcpus: number, memoryMiB: number }, imageDigest: string, volumeNodes: Record<string, string> = {}): ScheduleDecision {
     const nodes = this.#view.schedulerNodes(this.#pending.values())
     const decision = schedule({
       replica: name,
@@ -177,7 +194,8 @@ export class ClusterReplicas extends EventEmitter implements ServiceVms, Replica
       resources,
       imageDigest,
       template: `svc-${spec.name}-g${_generation}`,
-      rules: spec.placement
+      rules: spec.placement,
+      volumeNodes
     }, nodes, { scoring: this.#scoring })
     this.#decision({
       type: decision.placed ? 'cluster.placed' : 'cluster.unschedulable',

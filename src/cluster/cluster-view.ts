@@ -4,7 +4,7 @@ import type { Logger } from '../core/logger.js'
 import type { ClusterStore } from '../core/ports/cluster-store.js'
 import { keys, lastPart, nodeAndReplica } from './cluster-keys.js'
 import { Informer } from './informer.js'
-import { parseNodeStatus, parseRecord, PlacementSchema, ReplicaReportSchema, type LeaderRecord, type Placement, type ReplicaReport } from './cluster-records.js'
+import { parseNodeStatus, parseRecord, PlacementSchema, ReplicaReportSchema, VolumeHomeSchema, type LeaderRecord, type Placement, type ReplicaReport, type VolumeHome } from './cluster-records.js'
 
 /** A template's name without its hash: `svc-api-g3`, what the scheduler's template locality matches on. */
 export const templateFamily = (name: string): string => name.replace(/-[0-9a-f]{8}$/, '')
@@ -21,6 +21,8 @@ export class ClusterView extends EventEmitter {
   readonly cordons: Informer<true>
   readonly placements: Informer<Placement>
   readonly replicas: Informer<ReplicaReport>
+  /** Which node holds each volume: a replica with a volume goes to that node. */
+  readonly volumes: Informer<VolumeHome>
   /** Nodes seen since this daemon started, by name, with their last status: a lost node is still listed. */
   readonly #seen = new Map<string, NodeStatus>()
   leader: LeaderRecord | null = null
@@ -47,14 +49,20 @@ export class ClusterView extends EventEmitter {
       onChange: (key, value, previous) => this.emit('replica', key, value, previous),
       log
     })
+    this.volumes = new Informer({ store, prefix: keys.volumes, parse: (raw) => parseRecord(VolumeHomeSchema, raw), onChange: () => this.emit('nodes'), log })
   }
 
   async start (): Promise<void> {
-    await Promise.all([this.nodes.start(), this.cordons.start(), this.placements.start(), this.replicas.start()])
+    await Promise.all([this.nodes.start(), this.cordons.start(), this.placements.start(), this.replicas.start(), this.volumes.start()])
   }
 
   close (): void {
-    for (const i of [this.nodes, this.cordons, this.placements, this.replicas]) i.close()
+    for (const i of [this.nodes, this.cordons, this.placements, this.replicas, this.volumes]) i.close()
+  }
+
+  /** The node whose disk holds the volume, if any node made it. */
+  volumeNode (name: string): string | undefined {
+    return this.volumes.items.get(keys.volume(name))?.node
   }
 
   node (name: string): NodeStatus | undefined {

@@ -27,7 +27,7 @@ export interface AgentDeps {
   vms: AgentVms
   inventory: AgentInventory
   /** Starts a replica here (the node's ReplicaLauncher). */
-  startReplica: (spec: ServiceSpec, generation: number, name: string) => Promise<Vm>
+  startReplica: (spec: ServiceSpec, generation: number, name: string, index?: number) => Promise<Vm>
   /** Makes sure the image is here, fetching it by digest from a peer that holds it. */
   ensureImage: (digest: string, ref: string) => Promise<void>
   /** The parts of the status that do not change while the daemon runs. */
@@ -166,7 +166,7 @@ export class NodeAgent {
         // A pool's instance keeps the pool's name, but a placed replica is known by its own: in a
         // cluster, `pool` replicas are clones of the same template, made on the node.
         const spec = p.spec.startPath === 'pool' ? { ...p.spec, startPath: 'clone' as const } : p.spec
-        const vm = await this.#deps.startReplica(spec, p.generation, p.replica)
+        const vm = await this.#deps.startReplica(spec, p.generation, p.replica, p.index)
         this.#deps.log.info({ replica: p.replica, service: p.service, ms: Math.round(vm.startTimings?.totalMs ?? 0) }, 'started a placed replica')
         this.#report(this.#deps.vms.get(vm.id), p.epoch)
       } catch (err) {

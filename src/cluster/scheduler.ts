@@ -173,6 +173,9 @@ function compile (request: ScheduleRequest, nodes: readonly SchedulerNode[], sco
 function rejection (node: SchedulerNode, plan: Plan): string | undefined {
   const { rules, resources } = plan.request
   if (rules.node !== undefined && rules.node !== node.name) return `rules.node pins the replica to ${rules.node}`
+  for (const [volume, home] of Object.entries(plan.request.volumeNodes ?? {})) {
+    if (home !== node.name) return `volume ${volume} lives on node ${home}`
+  }
   if (node.cordoned) return 'cordoned (uncordon it to place here)'
   if (rules.accel !== undefined && rules.accel !== node.accel) return `accelerator ${node.accel} (the replica asks for ${rules.accel})`
   for (let k = 0; k < plan.selectorKeys.length; k++) {

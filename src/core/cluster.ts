@@ -105,6 +105,8 @@ export interface ScheduleRequest {
   /** The template a clone would start from: a node that holds it starts without making one. */
   template?: string
   rules: PlacementRules
+  /** The volumes it attaches that exist already, with the node each lives on: it can run only there. */
+  volumeNodes?: Record<string, string>
 }
 
 export interface NodeRejection { node: string, reason: string }

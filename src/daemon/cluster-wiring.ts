@@ -17,6 +17,10 @@ import type { ReplicaLauncher } from '../service/replica-launcher.js'
 import type { TemplateManager } from '../snapshot/template-manager.js'
 import type { EtcdClusterStore } from '../store/etcd-cluster-store.js'
 import type { VmManager } from '../vm/vm-manager.js'
+import type { VolumeManager } from '../volume/volume-manager.js'
+import type { VolumeEvent } from '../core/volume.js'
+import type { TxnOp } from '../core/ports/cluster-store.js'
+import { keys } from '../cluster/cluster-keys.js'
 
 export interface ClusterWiring {
   config: Config
@@ -28,6 +32,7 @@ export interface ClusterWiring {
   images: ImageStore
   templates: TemplateManager
   launcher: ReplicaLauncher
+  volumes: VolumeManager
   gateway: Gateway
   network: HostNetwork | undefined
   log: Logger
@@ -71,7 +76,7 @@ export function wireClusterNode (w: ClusterWiring): { node: ClusterNode, placeVm
       images: async (): Promise<ClusterImage[]> => (await w.images.list()).map((m) => ({ ref: `${m.name}:${m.tag}`, digest: m.digest, vcpus: m.vcpus, memoryMiB: m.memoryMiB, init: m.init !== null })),
       templates: async () => (await w.templates.list()).map((t) => t.name)
     },
-    startReplica: async (spec, generation, name) => await w.launcher.start(spec, generation, name),
+    startReplica: async (spec, generation, name, index) => await w.launcher.start(spec, generation, name, index),
     ensureImage: async (digest, ref) => { await ensureImage(digest, ref) },
     identity: {
       name: config.cluster.node,
@@ -116,11 +121,17 @@ export function wireClusterNode (w: ClusterWiring): { node: ClusterNode, placeVm
     if (target === undefined) {
       const image = known
       if (image === undefined || request.template !== undefined) return undefined
+      const volumeNodes: Record<string, string> = {}
+      for (const v of request.volumes ?? []) {
+        const home = clusterNode.view.volumeNode(v.name)
+        if (home !== undefined) volumeNodes[v.name] = home
+      }
       const decision = schedule({
         replica: request.name ?? '(unnamed VM)',
         service: null,
         resources: { vcpus: request.vcpus ?? image.vcpus, memoryMiB: request.memoryMiB ?? image.memoryMiB },
         imageDigest: image.digest,
+        volumeNodes,
         rules: { nodeSelector: {}, affinity: { required: [], preferred: [] }, antiAffinity: { required: [], preferred: [] }, spread: false }
       }, clusterNode.view.schedulerNodes(), { scoring: config.cluster.scoring })
       clusterNode.services.publish({ type: decision.placed ? 'cluster.placed' : 'cluster.unschedulable', service: null, replica: request.name ?? null, message: decision.message, at: new Date().toISOString() })
@@ -137,5 +148,31 @@ export function wireClusterNode (w: ClusterWiring): { node: ClusterNode, placeVm
     const vm = await peers.call<Vm>(peer.apiUrl, 'POST', '/v1/vms', { ...request, node: target }, 300_000)
     return { ...vm, node: target }
   }
+  publishVolumeHomes(w, clusterNode)
   return { node: clusterNode, placeVm }
+}
+
+/**
+ * Tells the cluster which volumes live on this node (volumes/NAME, not
+ * leased: a volume stays where its data is while its node is away), so that
+ * the scheduler places their replicas here. Written at each create and
+ * delete, and all of them again every 30 s, which also heals a write lost
+ * while etcd was out of reach.
+ */
+function publishVolumeHomes (w: ClusterWiring, node: ClusterNode): void {
+  const self = w.config.cluster.node
+  const sync = async (): Promise<void> => {
+    const ops: TxnOp[] = []
+    for (const v of await w.volumes.list()) ops.push({ put: keys.volume(v.name), value: JSON.stringify({ name: v.name, node: self, sizeMiB: v.sizeMiB }) })
+    for (const [key, home] of node.view.volumes.items) {
+      if (home.node === self && !ops.some((op) => 'put' in op && op.put === key)) ops.push({ delete: key })
+    }
+    if (ops.length > 0) await w.store.txn(ops)
+  }
+  const report = (err: unknown): void => { w.log.warn({ err }, 'publishing this node\'s volumes to the cluster failed; it is tried again within 30 s') }
+  w.volumes.on('volume', (event: VolumeEvent) => {
+    if (event.type === 'volume.created' || event.type === 'volume.deleted') void sync().catch(report)
+  })
+  void sync().catch(report)
+  setInterval(() => { void sync().catch(report) }, 30_000).unref()
 }

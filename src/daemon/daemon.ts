@@ -153,6 +153,7 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
     vms: manager,
     pools,
     templates,
+    volumes,
     gatewayEnv: { UIGNITER_GATEWAY_HOST: gatewayHost, UIGNITER_GATEWAY_HTTP_PORT: String(gateway.httpPort) },
     log: log.child({ component: 'services' })
   })
@@ -172,7 +173,7 @@ export async function startDaemon (config: Config, log: Logger): Promise<Running
     })
     await local.restore()
   } else {
-    const wired = wireClusterNode({ config, store: clusterStore, subnet, accel: accel.accel === 'kvm' ? 'kvm' : 'tcg', version: VERSION, manager, images, templates, launcher, gateway, network, log })
+    const wired = wireClusterNode({ config, store: clusterStore, subnet, accel: accel.accel === 'kvm' ? 'kvm' : 'tcg', version: VERSION, manager, images, templates, launcher, volumes, gateway, network, log })
     cluster = wired.node
     await network?.allowHostPorts([gateway.httpPort])
     await cluster.start()

@@ -6,11 +6,13 @@ import type { Vm } from '../core/vm.js'
 import type { VmManager } from '../vm/vm-manager.js'
 import type { PoolManager } from '../pool/pool-manager.js'
 import type { TemplateManager } from '../snapshot/template-manager.js'
+import type { VolumeManager } from '../volume/volume-manager.js'
 
 export interface ReplicaLauncherDeps {
   vms: VmManager
   pools: PoolManager
   templates: TemplateManager
+  volumes: Pick<VolumeManager, 'replicaMounts'>
   /** Env every replica gets on top of its spec's: where the gateway is. */
   gatewayEnv: Record<string, string>
   log: Logger
@@ -62,11 +64,17 @@ export class ReplicaLauncher {
   }
 
   /** Starts one replica; resolves once its VM runs (its health check decides when it serves). */
-  async start (spec: ServiceSpec, generation: number, replicaName: string): Promise<Vm> {
+  async start (spec: ServiceSpec, generation: number, replicaName: string, index?: number): Promise<Vm> {
     const image = spec.image
     if (image === undefined) throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', `service ${spec.name} has no image to start replicas from`)
-    const service = { name: spec.name, generation }
+    const service = { name: spec.name, generation, ...(index !== undefined ? { index } : {}) }
+    const specVolumes = spec.volumes ?? []
+    if (specVolumes.some((v) => v.perReplica) && index === undefined) {
+      throw new UigniterError('UIG_ERR_SERVICE_SPEC_INVALID', `service ${spec.name} has per-replica volumes, so each replica start needs its index`)
+    }
     if (spec.startPath === 'cold') {
+      // Made here, on the node the replica runs on: a volume lives where it was made.
+      const volumes = await this.#deps.volumes.replicaMounts(spec.name, specVolumes, index ?? 0)
       return await this.#deps.vms.create({
         name: replicaName,
         image,
@@ -74,6 +82,7 @@ export class ReplicaLauncher {
         network: 'bridge',
         publish: [],
         shares: [],
+        volumes,
         ...(spec.args !== undefined ? { args: spec.args } : {}),
         ...(spec.resources.vcpus !== undefined ? { vcpus: spec.resources.vcpus } : {}),
         ...(spec.resources.memoryMiB !== undefined ? { memoryMiB: spec.resources.memoryMiB } : {})

@@ -31,8 +31,8 @@ export interface ServiceGateway {
 export interface ReplicaStarter {
   /** Makes ahead what the start path needs (a template); returns its name, or null. */
   prepare: (spec: ServiceSpec, generation: number) => Promise<string | null>
-  /** Starts one replica; resolves once its VM runs. */
-  start: (spec: ServiceSpec, generation: number, replicaName: string) => Promise<Vm>
+  /** Starts one replica (with its index when the service has per-replica volumes); resolves once its VM runs. */
+  start: (spec: ServiceSpec, generation: number, replicaName: string, index?: number) => Promise<Vm>
   /** Removes what old generations needed, once nothing uses it. */
   cleanup: (service: string, keep: number | null, pool: boolean) => Promise<void>
 }
@@ -106,6 +106,12 @@ export class ServiceController {
   readonly #deps: ServiceControllerDeps
   readonly #replicas = new Map<string, Replica>()
   readonly #starts = new Set<Promise<void>>()
+  /**
+   * Services with per-replica volumes: the indices taken by a replica being
+   * started or whose VM is still being removed. An index is free again
+   * only once its VM is gone, since its read-write volumes attach to one VM.
+   */
+  readonly #indicesBusy = new Map<number, number>()
   /** Replicas that ended and, by the restart policy, are not replaced. */
   #retired = 0
   #template: string | null = null
@@ -231,7 +237,7 @@ export class ServiceController {
     const replace = policy === 'always' || (policy === 'on-failure' && !succeeded)
     if (!replace) this.#retired++
     this.#event('service.replica-exited', `replica ${vm.name} ended (${vm.exit?.reason ?? vm.state}: ${vm.exit?.detail ?? ''}); ${replace ? 'replacing it' : `restart policy ${policy}: not replaced`}`, vm.name)
-    void this.#reap(vm)
+    void this.#reapHoldingIndex(vm)
     this.kick()
   }
 
@@ -300,6 +306,10 @@ export class ServiceController {
     const live = [...this.#replicas.values()].filter((r) => r.health === 'starting' || r.health === 'healthy')
     const current = live.filter((r) => r.generation === this.generation && !r.evicted)
     const old = live.filter((r) => r.generation !== this.generation || r.evicted)
+    if (this.#indexed()) {
+      this.#reconcileIndexed(now, want, current, old)
+      return
+    }
     const newLive = current.length + this.#starts.size
     // A rolling update surges by one: a new replica first, then an old one drained.
     let toStart = old.length > 0 ? Math.min(want - newLive, want + 1 - newLive - old.length) : want - newLive
@@ -329,6 +339,68 @@ export class ServiceController {
     }
   }
 
+  /** Whether replicas have indices: the service has per-replica volumes, which follow the index. */
+  #indexed (): boolean {
+    return (this.spec.volumes ?? []).some((v) => v.perReplica)
+  }
+
+  /**
+   * The reconcile of a service whose replicas own volumes, as a
+   * StatefulSet's do: replica i is started only once no VM of index i is
+   * left, since its read-write volumes attach to one VM. So a rolling
+   * update cannot surge: it drains one old replica, then starts its index
+   * anew, once every current replica is healthy. Scaling down drains the
+   * highest indices; their volumes stay, for a later scale up.
+   */
+  #reconcileIndexed (now: number, want: number, current: Replica[], old: Replica[]): void {
+    const taken = new Set<number>(this.#indicesBusy.keys())
+    for (const r of this.#replicas.values()) {
+      const index = r.vm.service?.index
+      if (index !== undefined) taken.add(index)
+    }
+    const draining = [...this.#replicas.values()].some((r) => r.health === 'draining')
+    // Replicas of an older generation (or without an index: the spec gained volumes) go one at a time.
+    const unindexed = current.filter((r) => r.vm.service?.index === undefined)
+    const outdated = [...old, ...unindexed]
+    if (outdated.length > 0 && !draining && this.#starts.size === 0 && current.every((r) => r.health === 'healthy' || r.vm.service?.index === undefined)) {
+      const next = outdated.sort((a, b) => (b.vm.service?.index ?? -1) - (a.vm.service?.index ?? -1))[0]
+      if (next !== undefined) this.#drain(next, next.evicted ? 'moved off its node' : `generation ${next.generation} replaced by ${this.generation}`)
+    }
+    for (const r of current) {
+      const index = r.vm.service?.index
+      if (index !== undefined && index >= want && r.health !== 'draining') this.#drain(r, `scaled down to ${want}`)
+    }
+    let budget = MAX_PARALLEL_STARTS - this.#starts.size
+    if (now >= this.#backoffUntil && this.spec.image !== undefined) {
+      for (let index = 0; index < want && budget > 0; index++) {
+        if (taken.has(index)) continue
+        this.#startReplica(index)
+        budget--
+      }
+    }
+    if (outdated.length === 0 && this.#rollingOut && this.#starts.size === 0 && current.every((r) => r.health === 'healthy')) {
+      this.#rollingOut = false
+      this.#event('service.rollout', `generation ${this.generation} rolled out to ${current.length} replica(s)`)
+    }
+    if (this.#cleanupDue && old.length === 0 && this.#replicas.size === current.length) this.#cleanupDue = false
+  }
+
+  /** Reaps a replica's VM; its index stays taken until the VM is gone. */
+  async #reapHoldingIndex (vm: Vm, graceMs?: number): Promise<void> {
+    const index = vm.service?.index
+    if (index !== undefined) this.#indicesBusy.set(index, (this.#indicesBusy.get(index) ?? 0) + 1)
+    try {
+      await this.#reap(vm, graceMs)
+    } finally {
+      if (index !== undefined) {
+        const n = (this.#indicesBusy.get(index) ?? 1) - 1
+        if (n > 0) this.#indicesBusy.set(index, n)
+        else this.#indicesBusy.delete(index)
+        this.kick()
+      }
+    }
+  }
+
   #scale (now: number): void {
     const load = this.#deps.gateway.load(this.name)
     const window = autoscaleSettings(this.spec)?.scaleDownCooldownMs ?? 0
@@ -352,14 +424,16 @@ export class ServiceController {
     this.desired = decision.desired
   }
 
-  #startReplica (): void {
+  #startReplica (index?: number): void {
     const generation = this.generation
     const spec = this.spec
-    const name = `${spec.name}-${randomBytes(3).toString('hex')}`
-    this.#event('service.replica-starting', `starting replica ${name} (${spec.startPath})`, name)
+    // The index leads a replica's name, as in a StatefulSet; the suffix keeps it apart from its predecessor's record.
+    const name = `${spec.name}-${index !== undefined ? `${index}-` : ''}${randomBytes(3).toString('hex')}`
+    if (index !== undefined) this.#indicesBusy.set(index, (this.#indicesBusy.get(index) ?? 0) + 1)
+    this.#event('service.replica-starting', `starting replica ${name} (${spec.startPath}${index !== undefined ? `, index ${index}` : ''})`, name)
     const start = (async () => {
       try {
-        const vm = await this.#deps.launcher.start(spec, generation, name)
+        const vm = await this.#deps.launcher.start(spec, generation, name, index)
         if (this.#closed || generation !== this.generation) {
           // Deleted, or a newer spec arrived meanwhile: this replica runs the old one.
           if (generation !== this.generation && !this.#closed) {
@@ -395,6 +469,11 @@ export class ServiceController {
     this.#starts.add(start)
     void start.finally(() => {
       this.#starts.delete(start)
+      if (index !== undefined) {
+        const n = (this.#indicesBusy.get(index) ?? 1) - 1
+        if (n > 0) this.#indicesBusy.set(index, n)
+        else this.#indicesBusy.delete(index)
+      }
       this.kick()
     })
   }
@@ -439,7 +518,7 @@ export class ServiceController {
     this.#replicas.delete(replica.vm.id)
     this.#deps.gateway.endpointDied(this.name, replica.vm.id)
     this.#publish()
-    void this.#reap(replica.vm)
+    void this.#reapHoldingIndex(replica.vm)
     this.kick()
   }
 

@@ -1,3 +1,4 @@
+import { posix } from 'node:path'
 import { Value } from '@sinclair/typebox/value'
 import { parse as parseYaml, YAMLParseError } from 'yaml'
 import { describeSchemaErrors } from '../core/config.js'
@@ -50,7 +51,39 @@ export function parseServiceSpec (input: unknown, where = ''): ServiceSpec {
     if (hosts.has(e.host)) throw invalid(where, `${at('endpoints')}: ${e.host} is listed twice`)
     hosts.add(e.host)
   }
+  checkVolumes(spec, input, where, at)
   return spec
+}
+
+/**
+ * A service's volumes: per-replica ones with a size, shared ones read-only,
+ * no name or path twice. Replicas with volumes boot from their image: a
+ * clone resumes its template's devices, so every clone would share the
+ * template's disk. Without a startPath the service gets `cold`; an explicit
+ * clone or pool is refused.
+ */
+function checkVolumes (spec: ServiceSpec, input: unknown, where: string, at: (field: string) => string): void {
+  if ((spec.volumes ?? []).length === 0) return
+  if (spec.image === undefined) throw invalid(where, `${at('volumes')}: a service without an image has no replicas to attach volumes to`)
+  const given = typeof input === 'object' && input !== null && 'startPath' in input
+  if (!given) spec.startPath = 'cold'
+  if (spec.startPath !== 'cold') {
+    throw new UigniterError('UIG_ERR_VOLUME_TEMPLATE', `service "${spec.name}" has volumes, so its replicas cannot be ${spec.startPath === 'pool' ? 'claimed from a clone pool' : 'cloned from a template'}: every clone would share the template's disk; set startPath: cold (the default for a service with volumes)`)
+  }
+  const names = new Set<string>()
+  const paths = new Set<string>()
+  spec.volumes.forEach((v, i) => {
+    const field = at(`volumes[${i}]`)
+    const path = v.guestPath.replace(/\/+$/, '')
+    if (path === '' || posix.normalize(path) !== path) throw invalid(where, `${field}.guestPath: "${v.guestPath}" must be a normalized absolute path other than "/", such as /data`)
+    if (names.has(v.name)) throw invalid(where, `${field}.name: volume ${v.name} is listed twice`)
+    if (paths.has(path)) throw invalid(where, `${field}.guestPath: ${path} is used by two volumes`)
+    names.add(v.name)
+    paths.add(path)
+    if (v.perReplica && v.sizeMiB === undefined) throw invalid(where, `${field}.sizeMiB: a per-replica volume needs the size each replica's volume is made with`)
+    if (!v.perReplica && v.sizeMiB !== undefined) throw invalid(where, `${field}.sizeMiB: a shared volume exists already ("uigniter volume create"); its size is its own. Drop sizeMiB, or set perReplica: true`)
+    if (!v.perReplica && v.readOnly === false) throw invalid(where, `${field}.readOnly: a shared volume is attached to every replica, so it must be read-only (a read-write volume attaches to one VM); use perReplica: true for a volume each replica writes`)
+  })
 }
 
 function hasField (input: unknown, object: string, field: string): boolean {
@@ -118,11 +151,11 @@ export function parseAppText (text: string, file: string, gatewayHttpPort?: numb
 
 /**
  * Whether a change of spec changes what a replica runs, so that replicas
- * must be replaced (a rolling update): image, args, env, resources, ports.
+ * must be replaced (a rolling update): image, args, env, resources, ports, volumes.
  * Replicas, strategy, health check, autoscale and hold apply in place.
  */
 export function changesReplicas (before: ServiceSpec, after: ServiceSpec): boolean {
-  const runs = (s: ServiceSpec): string => JSON.stringify([s.image, s.args ?? null, sortedEntries(s.env), s.resources.vcpus ?? null, s.resources.memoryMiB ?? null, s.ports])
+  const runs = (s: ServiceSpec): string => JSON.stringify([s.image, s.args ?? null, sortedEntries(s.env), s.resources.vcpus ?? null, s.resources.memoryMiB ?? null, s.ports, s.volumes ?? []])
   return runs(before) !== runs(after)
 }
 
