@@ -181,7 +181,8 @@ test('volumes: a raw disk per volume after the overlay, named by its serial; rea
   const append = (argAfter(args, '-append')[0] ?? '').split(' ')
   // The overlay keeps its name: the volumes come after it.
   assert.ok(append.includes('uigniter.overlay=/dev/vdb'))
-  assert.deepEqual(append.filter((p) => p.startsWith('uigniter.volume=')), ['uigniter.volume=0:/var/lib/db', 'uigniter.volume=1:/srv/my%20assets:ro'])
+  // In path order (see below), each with its disk's index.
+  assert.deepEqual(append.filter((p) => p.startsWith('uigniter.volume=')), ['uigniter.volume=1:/srv/my%20assets:ro', 'uigniter.volume=0:/var/lib/db'])
 
   const pci = buildQemuArgs({ ...launch, manifest: { ...base, machine: { type: 'q35', transport: 'pci' } } })
   assert.ok(argAfter(pci, '-device').includes('virtio-blk-pci,drive=vol1,serial=uigniter-vol1'))
@@ -200,8 +201,11 @@ test('volumes: bad guest paths, two on one path, one on a share\'s path, a unike
   refused({ volumes: [vol('/data'), vol('/data/', true)] }, /two volumes are attached at \/data/)
   refused({ volumes: [vol('/data')], shares: [{ hostPath: '/s', guestPath: '/data/', readOnly: false }] }, /a volume and a shared directory are both attached at \/data/)
   refused({ manifest: { ...base, format: 'unikernel', init: null, cmdline: '/app' }, volumes: [vol('/data')] }, /a unikernel has no init to mount it/)
-  // A volume nested in another's path is fine: the init mounts them in order.
-  assert.doesNotThrow(() => buildQemuArgs({ ...launch, volumes: [vol('/data'), vol('/data/logs')] }))
+  refused({ volumes: [vol('/srv/db')], shares: [{ hostPath: '/s', guestPath: '/srv', readOnly: false }] }, /inside the shared directory at \/srv/)
+  // A share inside a volume is fine (volumes are mounted first), and so is a volume inside another,
+  // whose parameter comes after its parent's whatever their order: the init mounts in parameter order.
+  const nested = kernelCommandLine({ ...launch, volumes: [vol('/data/logs'), vol('/data'), vol('/data-2')], shares: [{ hostPath: '/s', guestPath: '/data/cfg', readOnly: true }] })
+  assert.deepEqual(nested.split(' ').filter((p) => p.startsWith('uigniter.volume=')), ['uigniter.volume=1:/data', 'uigniter.volume=2:/data-2', 'uigniter.volume=0:/data/logs'])
 
   // Each volume adds a device, whose virtio_mmio.device= parameter QEMU appends, and its own parameter.
   const many = Array.from({ length: 40 }, (_, i) => vol(`/volumes/number-${i}-with-a-long-name`))

@@ -220,19 +220,25 @@ export function kernelCommandLine (spec: LaunchSpec): string {
     sharePaths.add(path)
     parts.push(`uigniter.mount=${shareTag(i)}:${encodeParam(path)}${share.readOnly ? ':ro' : ''}`)
   })
-  const volumePaths = new Set<string>()
+  const volumeParams: Array<{ path: string, param: string }> = []
   ;(spec.volumes ?? []).forEach((volume, i) => {
     const path = guestMountPath(volume.guestPath)
     if (path === undefined) {
       throw new UigniterError('UIG_ERR_VOLUME_INVALID', `volume guest path "${volume.guestPath}" must be a normalized absolute path other than "/", such as /data`)
     }
     // One mount would hide the other: the app would write where the host does not look.
-    if (volumePaths.has(path)) throw new UigniterError('UIG_ERR_VOLUME_INVALID', `two volumes are attached at ${path}: give each its own guest path`)
+    if (volumeParams.some((v) => v.path === path)) throw new UigniterError('UIG_ERR_VOLUME_INVALID', `two volumes are attached at ${path}: give each its own guest path`)
     if (sharePaths.has(path)) throw new UigniterError('UIG_ERR_VOLUME_INVALID', `a volume and a shared directory are both attached at ${path}: give each its own guest path`)
-    volumePaths.add(path)
+    // The init mounts volumes before shares, so a share above a volume would cover it.
+    const above = [...sharePaths].find((share) => path.startsWith(`${share}/`))
+    if (above !== undefined) throw new UigniterError('UIG_ERR_VOLUME_INVALID', `the volume at ${path} lies inside the shared directory at ${above}, which would hide it: attach it elsewhere`)
     // The init matches i with the disk whose serial is uigniter-vol<i> (docs/guest.md).
-    parts.push(`uigniter.volume=${i}:${encodeParam(path)}${volume.readOnly ? ':ro' : ''}`)
+    volumeParams.push({ path, param: `uigniter.volume=${i}:${encodeParam(path)}${volume.readOnly ? ':ro' : ''}` })
   })
+  // The init mounts in this order: a parent's path sorts before its children's, so a volume
+  // inside another's path lands on the mounted parent instead of under it.
+  volumeParams.sort((a, b) => a.path < b.path ? -1 : a.path > b.path ? 1 : 0)
+  parts.push(...volumeParams.map((v) => v.param))
   if (spec.appArgs !== undefined) {
     // A bare flag says "no arguments", which no number of uigniter.arg= can.
     if (spec.appArgs.length === 0) parts.push('uigniter.noargs')
