@@ -83,6 +83,15 @@ describe('scheduler: filters, each with its reason', () => {
     assert.equal(placed(schedule(req, [node('a'), node('b'), node('c')], least)).node, 'b')
   })
 
+  test('a volume holds its replica to the node it lives on, even against the other rules', () => {
+    const req = request({ volumeNodes: { 'db-data-0': 'c' } })
+    assert.equal(reasonFor(req, node('a')), 'volume db-data-0 lives on node c')
+    assert.equal(placed(schedule(req, [node('a'), node('b'), node('c')], least)).node, 'c')
+    const gone = schedule(req, [node('a'), node('b')], least)
+    assert.equal(gone.placed, false, 'its node is lost: pending, not placed elsewhere with an empty volume')
+    assert.ok(gone.filtered.every((f) => f.reason === 'volume db-data-0 lives on node c'))
+  })
+
   test('nodeSelector: a missing label and a different value are named', () => {
     const req = request({ rules: rules({ nodeSelector: { zone: 'eu-1', disk: 'ssd' } }) })
     assert.equal(reasonFor(req, node('a', { labels: { disk: 'ssd' } })), 'label zone=eu-1 missing')

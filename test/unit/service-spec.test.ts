@@ -71,6 +71,23 @@ describe('service specs', () => {
     assert.deepEqual(parseAppFile(JSON.parse(JSON.stringify(file))), file)
   })
 
+  test('volumes: per-replica ones make the service cold by default, shared ones are read-only, and clones are refused', () => {
+    const data = { name: 'data', guestPath: '/data', perReplica: true, sizeMiB: 256 }
+    const spec = parseServiceSpec({ ...minimal, volumes: [data, { name: 'assets', guestPath: '/srv/assets' }] })
+    assert.equal(spec.startPath, 'cold', 'a service with volumes boots its replicas')
+    assert.deepEqual(parseServiceSpec(spec), spec, 'a checked spec passes the check again')
+    rejects({ ...minimal, startPath: 'clone', volumes: [data] }, 'UIG_ERR_VOLUME_TEMPLATE', /cannot be cloned from a template.*startPath: cold/)
+    rejects({ ...minimal, startPath: 'pool', volumes: [data] }, 'UIG_ERR_VOLUME_TEMPLATE', /clone pool/)
+    rejects({ ...minimal, volumes: [{ ...data, sizeMiB: undefined }] }, 'UIG_ERR_SERVICE_SPEC_INVALID', /volumes\[0\]\.sizeMiB: a per-replica volume needs the size/)
+    rejects({ ...minimal, volumes: [{ name: 'assets', guestPath: '/a', readOnly: false }] }, 'UIG_ERR_SERVICE_SPEC_INVALID', /must be read-only/)
+    rejects({ ...minimal, volumes: [{ name: 'assets', guestPath: '/a', sizeMiB: 64 }] }, 'UIG_ERR_SERVICE_SPEC_INVALID', /exists already/)
+    rejects({ ...minimal, volumes: [data, { ...data, name: 'other' }] }, 'UIG_ERR_SERVICE_SPEC_INVALID', /\/data is used by two volumes/)
+    rejects({ ...minimal, volumes: [data, { ...data, guestPath: '/x' }] }, 'UIG_ERR_SERVICE_SPEC_INVALID', /listed twice/)
+    rejects({ ...minimal, volumes: [{ ...data, guestPath: '/data/../etc' }] }, 'UIG_ERR_SERVICE_SPEC_INVALID', /normalized absolute path/)
+    rejects({ ...minimal, volumes: [{ ...data, name: 'Bad_Name' }] }, 'UIG_ERR_SERVICE_SPEC_INVALID', /volumes/)
+    assert.ok(changesReplicas(spec, { ...spec, volumes: [data] }), 'a change of volumes is a rollout')
+  })
+
   test('only a change of what a replica runs makes a new generation', () => {
     const base = parseServiceSpec({ ...minimal, env: { A: '1', B: '2' } })
     assert.equal(changesReplicas(base, parseServiceSpec({ ...minimal, env: { B: '2', A: '1' } })), false, 'env order does not matter')
