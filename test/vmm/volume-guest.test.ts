@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
 import type { ImageManifest } from '../../src/core/image.js'
-import { type Accel, type GuestLaunch, type GuestVolume, USER_NETWORK } from '../../src/core/ports/vmm-driver.js'
+import type { Accel, GuestLaunch, GuestVolume } from '../../src/core/ports/vmm-driver.js'
 import { chooseAccel } from '../../src/vmm/qemu/accel-probe.js'
 import { DEFAULT_JAIL, type JailOptions } from '../../src/vmm/qemu/jail.js'
 import { QemuDriver } from '../../src/vmm/qemu/qemu-driver.js'
@@ -131,7 +131,6 @@ describe('persistent volumes in a real guest', () => {
       vcpus: 1,
       memoryMiB: 64,
       network: { mode: 'none' },
-      guestNetwork: USER_NETWORK,
       appEnv: env,
       volumes
     }
@@ -209,6 +208,15 @@ describe('persistent volumes in a real guest', () => {
     const check = await exec('e2fsck', ['-fn', copy])
     assert.equal(check.code, 0, `clean after the replay: ${check.stdout} ${check.stderr}`)
     assert.equal(await debugfsCat(copy, '/a.txt'), `${PAYLOAD}\n`, 'what the app fsynced survived')
+  })
+
+  test('a volume whose journal needs a replay cannot be attached read-only: the VM stops at boot and says why', { timeout: 120_000 }, async () => {
+    const before = await sha256(data)
+    const vm = await start([{ hostPath: data, guestPath: '/data', readOnly: true }], { MODE: 'again' })
+    const exit = await vm.exited
+    assert.equal(exit.reason, 'boot-failed', JSON.stringify(exit))
+    assert.match(exit.detail, /mount volume 0 .* on \/data: Read-only file system \(its journal needs a replay: attach it read-write once\)/)
+    assert.equal(await sha256(data), before, 'untouched')
   })
 
   test('the next boot replays the journal itself and finds the data; a graceful stop writes what was not synced and leaves the filesystem clean', { timeout: 180_000 }, async () => {

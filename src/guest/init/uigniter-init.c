@@ -582,8 +582,8 @@ static void mount_volumes(const struct params *p)
 		struct stat st;
 		int st_err = stat(path, &st) < 0 ? errno : S_ISDIR(st.st_mode) ? 0 : ENOTDIR;
 		if (st_err)
-			fatal("volume %lu: mount point %s: %s (without an overlay the root is read-only: the directory must exist in the image)",
-			      index, path, strerror(st_err));
+			fatal("volume %lu: mount point %s: %s%s", index, path, strerror(st_err),
+			      p->overlay ? "" : " (without an overlay the root is read-only: the directory must exist in the image)");
 		if (mount(dev, path, "ext4", MS_NOATIME | MS_NOSUID | MS_NODEV | (ro ? MS_RDONLY : 0), NULL) < 0) {
 			int err = errno;
 			/* A journal to replay needs a writable disk. */
