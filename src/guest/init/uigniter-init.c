@@ -46,7 +46,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#define INIT_VERSION 3
+/*
+ * 4: uigniter.volume=.  The host records it in each image's manifest
+ * (src/guest/image-builder.ts), so that it can refuse what an older init
+ * would silently ignore.
+ */
+#define INIT_VERSION 4
 /* The app's end of the after-clone ack pipe (see cmd_after_clone); its number is in UIGNITER_ACK_FD. */
 #define ACK_FD 3
 #define APP_CONFIG "/uigniter/config"
