@@ -46,6 +46,8 @@ crash)
   echo "UIG-RO-READ $(busybox cat /ro/hello.txt)"
   echo "UIG-MOUNT $(busybox grep ' /data ' /proc/mounts)"
   echo "UIG-MOUNT $(busybox grep ' /ro ' /proc/mounts)"
+  dev=$(busybox grep ' /data ' /proc/mounts | busybox cut -d' ' -f1)
+  echo "UIG-CACHE $(busybox cat /sys/block/\${dev#/dev/}/queue/write_cache)"
   echo UIG-READY
   exec busybox sleep 3600
   ;;
@@ -191,6 +193,9 @@ describe('persistent volumes in a real guest', () => {
     const mounts = out.filter((l) => l.startsWith('UIG-MOUNT '))
     assert.match(mounts[0] ?? '', /^UIG-MOUNT \/dev\/vd[a-z] \/data ext4 rw,nosuid,nodev,noatime\b/)
     assert.match(mounts[1] ?? '', /^UIG-MOUNT \/dev\/vd[a-z] \/ro ext4 ro,nosuid,nodev,noatime\b/)
+
+    // The guest sees a volatile write cache, so ext4 sends the flushes that QEMU turns into fdatasync.
+    assert.ok(out.includes('UIG-CACHE write back'), out.filter((l) => l.startsWith('UIG-CACHE')).join('\n'))
 
     // A power cut: no unmount, no sync by the init.
     vm.kill()
