@@ -6,6 +6,7 @@ import { parseAppText } from '../service/service-spec.js'
 import type { RegistryEntry } from '../service/service-manager.js'
 import { daemonClient, type ApiClient, type ServerSentEvent } from './api-client.js'
 import { parseIntFlag, printTable, type Command } from './args.js'
+import { REGISTRY_HELP, REGISTRY_OPTIONS, isRegistryReference, pullImage, registryFlags, type RegistryFlags } from './image-commands.js'
 
 const DEFAULT_FILE = 'uigniter.yaml'
 const enc = encodeURIComponent
@@ -119,22 +120,47 @@ function serviceOf (event: ServerSentEvent): string {
   }
 }
 
+/**
+ * Pulls the images the file names by registry reference (`localhost:5000/redis:7`),
+ * each once, as `uigniter image pull` would (an image already made from the
+ * same manifest is kept), and returns the file with those services naming
+ * the local images the pulls made: the daemon knows only local images, and
+ * a service's spec keeps the same image name from one `up` to the next, so
+ * an unchanged file changes nothing. Local names are left as they are. Says
+ * what each pull did on stderr, so that `--json` output stays JSON.
+ */
+async function withPulledImages (file: AppFile, flags: RegistryFlags): Promise<AppFile> {
+  const refs = [...new Set(file.services.map((s) => s.image).filter((image): image is string => image !== undefined && isRegistryReference(image)))]
+  const local = new Map<string, string>()
+  for (const ref of refs) {
+    const { manifest, line } = await pullImage(ref, flags)
+    process.stderr.write(`${line}\n`)
+    local.set(ref, `${manifest.name}:${manifest.tag}`)
+  }
+  if (local.size === 0) return file
+  return { ...file, services: file.services.map((s) => s.image !== undefined && local.has(s.image) ? { ...s, image: local.get(s.image) } : s) }
+}
+
 export const serviceCommands: Command[] = [
   {
     name: 'up',
     summary: 'Bring an application\'s services up (or to its file\'s new state), and wait until they are ready.',
-    usage: 'uigniter up [FILE] [--detach] [--timeout S] [--json]',
-    options: { detach: { type: 'boolean', short: 'd' }, timeout: { type: 'string' }, json: { type: 'boolean' } },
+    usage: 'uigniter up [FILE] [--detach] [--timeout S] [--insecure] [--credentials FILE] [--json]',
+    options: { detach: { type: 'boolean', short: 'd' }, timeout: { type: 'string' }, json: { type: 'boolean' }, ...REGISTRY_OPTIONS },
     help: [
       'FILE          the application file, YAML or JSON (default ./uigniter.yaml); see docs/services.md',
       '--detach, -d  return once the daemon took the file, without waiting for replicas',
-      '--timeout S   how long to wait for every service to be ready (default 300)'
+      '--timeout S   how long to wait for every service to be ready (default 300)',
+      'An image given as a registry reference (HOST[:PORT]/name[:tag]) is pulled first, as `image pull` does:',
+      ...REGISTRY_HELP
     ],
     run: async (values, positionals) => {
       if (positionals.length > 1) throw new UigniterError('UIG_ERR_CLI_USAGE', 'usage: uigniter up [FILE]')
       const timeoutS = values.timeout !== undefined ? parseIntFlag(values.timeout as string, '--timeout', 1, 3600) : 300
-      const file = await readAppFile(positionals[0] ?? DEFAULT_FILE)
+      const read = await readAppFile(positionals[0] ?? DEFAULT_FILE)
+      // The daemon first: a pull of minutes is not wasted on a daemon that is not there.
       const client = await daemonClient()
+      const file = await withPulledImages(read, registryFlags(values))
       let services: ServiceStatus[]
       if (values.detach === true) {
         services = await client.call<ServiceStatus[]>('PUT', `/v1/apps/${enc(file.app)}`, file)
