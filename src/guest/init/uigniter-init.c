@@ -501,8 +501,9 @@ static void mount_shares(const struct params *p)
  * A persistent volume is a virtio disk holding ext4, "INDEX:PATH[:ro]" on
  * the command line, PATH percent-encoded.  The host names disk INDEX by its
  * serial, uigniter-vol<INDEX>: disks probe in command-line order today, but
- * nothing promises it, and a wrong match would mount one app's data in
- * another's place.
+ * nothing promises it, and a wrong match would put one volume's data where
+ * the app expects another's (or a read-write disk where it expects a
+ * read-only one).
  */
 #define MAX_VOLUMES 64
 
