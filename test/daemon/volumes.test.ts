@@ -165,6 +165,8 @@ describe('volumes through the daemon: the CLI, the API, events and metrics', () 
       assert.match(metrics, /^uigniter_volume_allocated_bytes\{volume="vol-m"\} [1-9]\d*$/m)
       assert.match(metrics, /^uigniter_volume_used_bytes\{volume="vol-m"\} [1-9]\d*$/m)
       assert.match(metrics, /^uigniter_volume_attachments\{volume="vol-m"\} 0$/m)
+      const openapi = await daemon.api.call<{ paths: Record<string, Record<string, { summary?: string }>> }>('GET', '/openapi.json')
+      assert.ok(openapi.paths['/v1/volumes']?.post?.summary !== undefined && openapi.paths['/v1/volumes/{name}']?.delete?.summary !== undefined, 'the routes are in the OpenAPI document')
       const deleted = await daemon.api.call<Volume>('DELETE', '/v1/volumes/vol-m')
       assert.equal(deleted.name, 'vol-m', 'DELETE answers with the volume it deleted')
       assert.doesNotMatch(await daemon.api.call<string>('GET', '/metrics'), /volume="vol-m"/)
@@ -196,13 +198,18 @@ describe('volumes through the daemon: the CLI, the API, events and metrics', () 
   test('an attached volume: rm refused, a second read-write attachment refused, attached and detached events', { timeout: 240_000 }, async () => {
     assert.equal((await cli('volume', 'create', 'vol-held', '--size', '64M')).code, 0)
     const events: ServerSentEvent[] = []
+    const vmEvents: ServerSentEvent[] = []
     const abort = new AbortController()
     const { ended } = await daemon.api.followEvents('/v1/events', (e) => events.push(e), abort.signal)
+    const ends = [ended]
     try {
       const run = await cli('run', '-d', '--name', 'holder', '-v', 'vol-held:/data', 'vol-app', 'hold')
       assert.equal(run.code, 0, run.stderr)
       const id = run.stdout.trim()
       await waitForState(daemon, id, ['running'])
+      // This VM's stream: its volume's detach, not the volume's deletion (which names no VM).
+      const { ended: endedVm } = await daemon.api.followEvents(`/v1/events?vm=${id}`, (e) => vmEvents.push(e), abort.signal)
+      ends.push(endedVm)
 
       const ls = await cli('volume', 'ls')
       assert.match(ls.stdout, /^vol-held\s.*\sholder\s+-$/m)
@@ -227,8 +234,9 @@ describe('volumes through the daemon: the CLI, the API, events and metrics', () 
       while (!events.some((e) => e.type === 'volume.deleted') && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50))
     } finally {
       abort.abort()
-      await ended
+      await Promise.all(ends)
     }
+    assert.deepEqual(vmEvents.filter((e) => e.type.startsWith('volume.')).map((e) => e.type), ['volume.detached'])
     const mine = events.filter((e) => e.type.startsWith('volume.')).map((e) => ({ ...(JSON.parse(e.data) as VolumeEvent), type: e.type }))
     assert.deepEqual(mine.map((e) => [e.type, e.volume, e.vm]), [
       ['volume.attached', 'vol-held', 'holder'],
