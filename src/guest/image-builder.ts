@@ -18,7 +18,10 @@ import { RootfsTree } from './rootfs-tree.js'
 
 /** Images whose files add up to more than this become a shared read-only disk (design.md fact 7). */
 export const INITRAMFS_LIMIT = 24 * 1024 * 1024
-export const INIT_VERSION = 3
+/** 4: mounts persistent volumes (uigniter.volume=). */
+export const INIT_VERSION = 4
+/** The first init that mounts volumes: an older one would ignore them, and its app would run without its data. */
+export const VOLUMES_INIT_VERSION = 4
 
 /**
  * Validates a build spec (from CLI flags or a spec file) and fills defaults.

@@ -156,9 +156,12 @@ test('the jail: seccomp without spawn, a numeric uid:gid and the chroot, none wi
   assert.throws(() => buildQemuArgs({ ...launch, jail: { uid: 0, gid: 640_000, root: '/r' } }), /never run as root/)
 })
 
+/** An image whose init mounts volumes. */
+const withVolumes: ImageManifest = { ...base, init: { version: 4, digest } }
+
 test('volumes: a raw disk per volume after the overlay, named by its serial; read-only; the init\'s uigniter.volume=', () => {
   const launch = {
-    manifest: base, kernelPath: '/k', rootfsPath: '/disk', accel: 'tcg' as const, vcpus: 1, memoryMiB: 64,
+    manifest: withVolumes, kernelPath: '/k', rootfsPath: '/disk', accel: 'tcg' as const, vcpus: 1, memoryMiB: 64,
     console: { kind: 'stdio' as const }, network: { mode: 'none' as const },
     overlayPath: '/vms/a/overlay.img',
     shares: [{ hostPath: '/srv/cfg', guestPath: '/etc/app', readOnly: true }],
@@ -184,13 +187,13 @@ test('volumes: a raw disk per volume after the overlay, named by its serial; rea
   // In path order (see below), each with its disk's index.
   assert.deepEqual(append.filter((p) => p.startsWith('uigniter.volume=')), ['uigniter.volume=1:/srv/my%20assets:ro', 'uigniter.volume=0:/var/lib/db'])
 
-  const pci = buildQemuArgs({ ...launch, manifest: { ...base, machine: { type: 'q35', transport: 'pci' } } })
+  const pci = buildQemuArgs({ ...launch, manifest: { ...withVolumes, machine: { type: 'q35', transport: 'pci' } } })
   assert.ok(argAfter(pci, '-device').includes('virtio-blk-pci,drive=vol1,serial=uigniter-vol1'))
 })
 
-test('volumes: bad guest paths, two on one path, one on a share\'s path, a unikernel, and the command line\'s limit are refused', () => {
+test('volumes: bad guest paths, two on one path, one on a share\'s path, a unikernel, an init that predates volumes, and the command line\'s limit are refused', () => {
   const launch = {
-    manifest: base, kernelPath: '/k', rootfsPath: '/disk', accel: 'tcg' as const, vcpus: 1, memoryMiB: 64,
+    manifest: withVolumes, kernelPath: '/k', rootfsPath: '/disk', accel: 'tcg' as const, vcpus: 1, memoryMiB: 64,
     console: { kind: 'stdio' as const }, network: { mode: 'none' as const }
   }
   const vol = (guestPath: string, readOnly = false): { hostPath: string, guestPath: string, readOnly: boolean } => ({ hostPath: `/v/${guestPath.length}.img`, guestPath, readOnly })
@@ -201,6 +204,7 @@ test('volumes: bad guest paths, two on one path, one on a share\'s path, a unike
   refused({ volumes: [vol('/data'), vol('/data/', true)] }, /two volumes are attached at \/data/)
   refused({ volumes: [vol('/data')], shares: [{ hostPath: '/s', guestPath: '/data/', readOnly: false }] }, /a volume and a shared directory are both attached at \/data/)
   refused({ manifest: { ...base, format: 'unikernel', init: null, cmdline: '/app' }, volumes: [vol('/data')] }, /a unikernel has no init to mount it/)
+  refused({ manifest: base, volumes: [vol('/data')] }, /predates volumes and would start its app without them; rebuild/)
   refused({ volumes: [vol('/srv/db')], shares: [{ hostPath: '/s', guestPath: '/srv', readOnly: false }] }, /inside the shared directory at \/srv/)
   // A share inside a volume is fine (volumes are mounted first), and so is a volume inside another,
   // whose parameter comes after its parent's whatever their order: the init mounts in parameter order.

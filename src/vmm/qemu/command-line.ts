@@ -4,6 +4,7 @@ import { UigniterError } from '../../core/errors.js'
 import type { GuestLaunch } from '../../core/ports/vmm-driver.js'
 import { hostTscKhz } from './host-tsc.js'
 import { jailArgs } from './jail.js'
+import { VOLUMES_INIT_VERSION } from '../../guest/image-builder.js'
 
 /**
  * Everything needed to start one guest: the driver port's launch plus what
@@ -105,6 +106,9 @@ export function buildQemuArgs (spec: LaunchSpec): string[] {
   const volumes = spec.volumes ?? []
   if (volumes.length > 0 && manifest.init === null) {
     throw new UigniterError('UIG_ERR_VOLUME_INVALID', 'cannot attach a volume to a unikernel: a unikernel has no init to mount it')
+  }
+  if (volumes.length > 0 && (manifest.init?.version ?? 0) < VOLUMES_INIT_VERSION) {
+    throw new UigniterError('UIG_ERR_VOLUME_INVALID', `image ${manifest.name}:${manifest.tag} has an init (version ${manifest.init?.version ?? 0}) that predates volumes and would start its app without them; rebuild (or pull again) the image`)
   }
   volumes.forEach((volume, i) => {
     // After the root and overlay disks, so that their names stay vda/vdb; the init
