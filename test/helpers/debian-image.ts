@@ -8,8 +8,8 @@ import { createLayout, pushImage, type OciLayout } from './oci-images.js'
 
 /**
  * Real Debian images for the OCI tests and the pull benchmark (issue 13):
- * one bookworm root made by debootstrap (minbase, python3-minimal and
- * redis-server, about 100 MB unpacked), cached per machine as the guest
+ * one bookworm root made by debootstrap (minbase, python3 and
+ * redis-server, about 120 MB unpacked), cached per machine as the guest
  * kernel is, and two images made of it with umoci: `python` (python3 -m
  * http.server as www-data) and `redis` (redis-server as redis, append-only
  * with fsync at every write, into /data).
@@ -17,14 +17,16 @@ import { createLayout, pushImage, type OciLayout } from './oci-images.js'
 
 export const DEBIAN_SUITE = 'bookworm'
 export const DEBIAN_MIRROR = 'http://deb.debian.org/debian'
-export const DEBIAN_PACKAGES = ['python3-minimal', 'redis-server']
+/** python3, not python3-minimal: -m http.server is in the standard library (libpython3.11-stdlib), which -minimal lacks. */
+export const DEBIAN_PACKAGES = ['python3', 'redis-server']
 
 /** Where the root's tar is kept between runs; UIGNITER_ROOTFS_CACHE moves it (a machine without /var/cache rights). */
 export function rootfsCacheDir (): string {
   return process.env.UIGNITER_ROOTFS_CACHE ?? '/var/cache/uigniter/rootfs'
 }
 
-const ROOTFS_NAME = `${DEBIAN_SUITE}-python3-redis`
+/** Named after what it holds, so that another package list is another cache entry. */
+const ROOTFS_NAME = `${DEBIAN_SUITE}-${DEBIAN_PACKAGES.join('+')}`
 /** A lock held this long is a build that hung (debootstrap takes 1–5 minutes on this kind of machine). */
 const BUILD_DEADLINE_MS = 30 * 60_000
 
@@ -40,7 +42,7 @@ const PRUNED = ['var/lib/apt/lists', 'var/cache/apt', 'var/cache/debconf/templat
  * first's tar. Quiet unless stderr is a terminal, where debootstrap's lines
  * show.
  * @example
- * const tar = await debianRootfsTar() // /var/cache/uigniter/rootfs/bookworm-python3-redis.tar
+ * const tar = await debianRootfsTar() // /var/cache/uigniter/rootfs/bookworm-python3+redis-server.tar
  */
 export async function debianRootfsTar (): Promise<string> {
   const dir = rootfsCacheDir()
@@ -143,9 +145,10 @@ export const REDIS_ARGS = ['--appendonly', 'yes', '--appendfsync', 'always', '--
  * The python image's entrypoint: before python starts, the shell that
  * becomes it (exec keeps its pid) copies the Uid and Gid lines of its own
  * /proc/PID/status into the served directory, so that a GET shows which
- * user the app process runs as. Then Cmd runs as given.
+ * user the app process runs as. Then Cmd runs as given, also on a
+ * read-only root (no overlay), where the copy fails.
  */
-export const PYTHON_ENTRYPOINT = ['/bin/sh', '-c', 'grep -E "^(Uid|Gid):" /proc/$$/status > whoami.txt && exec "$@"', 'serve']
+export const PYTHON_ENTRYPOINT = ['/bin/sh', '-c', 'grep -E "^(Uid|Gid):" /proc/$$/status > whoami.txt; exec "$@"', 'serve']
 
 /** As Debian's own images set it: the python image's shell finds python3 through it. */
 const DEBIAN_PATH = 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
