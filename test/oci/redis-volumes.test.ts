@@ -147,6 +147,11 @@ describe('redis with a per-replica volume, through the gateway', { timeout: 900_
     assert.ok(volume.usedBytes !== null && volume.usedBytes > 0)
     const super_ = await run('dumpe2fs', ['-h', volume.path])
     assert.match(super_.stdout, /Filesystem state:\s+clean/, 'the init unmounted it at the graceful stop')
+    assert.doesNotMatch(super_.stdout, /needs_recovery/)
+    // Made empty (root's), it took the owner of the image's /data (redis) at its first mount, so that redis could write it.
+    const root = await run('debugfs', ['-R', 'stat /', volume.path])
+    assert.match(root.stdout, /User:\s+[1-9]\d*\s+Group:\s+[1-9]\d*/, root.stdout.slice(0, 300))
+    assert.ok((await run('debugfs', ['-R', 'ls -l /', volume.path])).stdout.includes('appendonly'), 'redis wrote its append-only file there')
     await daemon.api.call('DELETE', `/v1/volumes/${VOLUME}`)
     await rejectsWith(daemon.api.call('GET', `/v1/volumes/${VOLUME}`), 'UIG_ERR_VOLUME_NOT_FOUND')
   })

@@ -543,6 +543,41 @@ static bool find_disk_by_serial(const char *serial, char *dev, size_t devsz)
 }
 
 /*
+ * A new volume's root is root's, 0755: an app that runs as its own user
+ * (redis, postgres) could not write it.  As Docker does for a new named
+ * volume, a volume that is still empty (nothing but lost+found) takes the
+ * owner and mode of the directory it is mounted on, as the image made it
+ * (a Dockerfile's "mkdir /data && chown redis /data").  A volume in use
+ * keeps whatever its app made of it.
+ */
+static void adopt_mount_point_owner(const char *path, const struct stat *image_dir)
+{
+	struct stat root;
+	if (stat(path, &root) < 0 || root.st_uid != 0 || root.st_gid != 0)
+		return;
+	if (image_dir->st_uid == 0 && image_dir->st_gid == 0 &&
+	    (image_dir->st_mode & 07777) == (root.st_mode & 07777))
+		return;
+	DIR *d = opendir(path);
+	if (!d)
+		return;
+	bool empty = true;
+	struct dirent *e;
+	while ((e = readdir(d)) != NULL) {
+		if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..") && strcmp(e->d_name, "lost+found")) {
+			empty = false;
+			break;
+		}
+	}
+	closedir(d);
+	if (!empty)
+		return;
+	if (chown(path, image_dir->st_uid, image_dir->st_gid) < 0 ||
+	    chmod(path, image_dir->st_mode & 07777) < 0)
+		warnmsg("volume %s: cannot give it the owner of the image's directory: %s", path, strerror(errno));
+}
+
+/*
  * After the root is final (the overlay) and before the app: the app must
  * never run without its data, so a volume that cannot be mounted stops the
  * VM, as a share does.  Mounting ext4 replays its journal, which is the
@@ -596,6 +631,8 @@ static void mount_volumes(const struct params *p)
 			fatal("mount volume %lu (%s) on %s: %s%s", index, dev, path, strerror(err),
 			      ro && err == EROFS ? " (its journal needs a replay: attach it read-write once)" : "");
 		}
+		if (!ro)
+			adopt_mount_point_owner(path, &st);
 		volumes.paths[volumes.n++] = path;
 	}
 }
