@@ -1,5 +1,5 @@
 import { Type } from '@sinclair/typebox'
-import type { FastifyInstance } from 'fastify'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
 import { UigniterError } from '../core/errors.js'
 import { AppFileSchema, EndpointSchema, ServiceSpecSchema, ServiceStatusSchema } from '../core/service.js'
 import type { RegistryEntry, ServicesApi } from '../service/service-manager.js'
@@ -28,6 +28,13 @@ function namedAsPath (body: unknown, field: 'name' | 'app', name: string, what: 
  * the bodies.
  */
 export function serviceRoutes (services: ServicesApi) {
+  /**
+   * The bodies as sent, before the schema's defaults filled them in: the
+   * service manager's defaults depend on what a spec names (a service with
+   * volumes and no startPath boots cold; one naming clone is refused).
+   */
+  const sent = new WeakMap<FastifyRequest, unknown>()
+  const keepSent = async (request: FastifyRequest): Promise<void> => { sent.set(request, structuredClone(request.body)) }
   return async function serviceRoutesPlugin (app: FastifyInstance): Promise<void> {
     app.get<{ Querystring: { app?: string } }>('/v1/services', {
       schema: {
@@ -44,6 +51,7 @@ export function serviceRoutes (services: ServicesApi) {
 
     app.put<{ Params: { name: string }, Body: unknown }>('/v1/services/:name', {
       attachValidation: true,
+      preValidation: keepSent,
       schema: {
         tags: ['services'],
         summary: 'Create or update a service. A change of image, args, env, resources or ports rolls out one replica at a time; other changes apply in place',
@@ -52,7 +60,7 @@ export function serviceRoutes (services: ServicesApi) {
         response: { 200: ServiceStatusSchema, ...errors }
       }
     }, async (request) => {
-      return await services.apply(namedAsPath(request.body, 'name', request.params.name, 'service'))
+      return await services.apply(namedAsPath(sent.get(request) ?? request.body, 'name', request.params.name, 'service'))
     })
 
     app.delete<{ Params: { name: string } }>('/v1/services/:name', {
@@ -66,6 +74,7 @@ export function serviceRoutes (services: ServicesApi) {
 
     app.put<{ Params: { app: string }, Body: unknown }>('/v1/apps/:app', {
       attachValidation: true,
+      preValidation: keepSent,
       schema: {
         tags: ['services'],
         summary: 'Apply an application file (what `uigniter up` sends): its services created or updated, and its services no longer listed deleted',
@@ -74,7 +83,7 @@ export function serviceRoutes (services: ServicesApi) {
         response: { 200: Type.Array(ServiceStatusSchema), ...errors }
       }
     }, async (request) => {
-      return await services.applyApp(namedAsPath(request.body, 'app', request.params.app, 'application'))
+      return await services.applyApp(namedAsPath(sent.get(request) ?? request.body, 'app', request.params.app, 'application'))
     })
 
     app.delete<{ Params: { app: string } }>('/v1/apps/:app', {
