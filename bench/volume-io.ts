@@ -23,7 +23,7 @@
  *  - dsync: dd bs=4k count=M oflag=dsync: each 4 KiB write waits for its
  *    flush, so writes/s is fsyncs/s (a guest fsync is an fdatasync on the
  *    host: docs/volumes.md "Durability").
- * And once on the host, fio as a cross-check of dd: the same sizes,
+ * And on the host each run, fio as a cross-check of dd: the same sizes,
  * direct=1 end_fsync=1, and sync=dsync, growing the file as dd does.
  *   node dist/bench/volume-io.js [--runs 3] [--seq-mib 256] [--sync-writes 2000]
  */
@@ -229,6 +229,7 @@ try {
   const hostDir = join(ctx.dataDir, 'volumes', 'host-baseline')
   const guest: IoSample[] = []
   const host: IoSample[] = []
+  const fio: FioFigures[] = []
   let accel = '?'
   for (let i = 1; i <= runs; i++) {
     checkInterrupted()
@@ -240,10 +241,11 @@ try {
     const h = await hostRun(hostDir)
     host.push(h)
     progress(`host  ${i}/${runs}: write ${fmt(h.seqWriteMBps)} MB/s, read ${fmt(h.seqReadMBps)} MB/s, ${fmt(h.fsyncsPerS)} fsyncs/s`)
+    checkInterrupted()
+    const f = await hostFio(hostDir)
+    fio.push(f)
+    progress(`fio   ${i}/${runs}: write ${fmt(f.seqWriteMBps)} MB/s, ${fmt(f.fsyncsPerS)} fsyncs/s`)
   }
-  checkInterrupted()
-  progress('fio on the host')
-  const fio = await hostFio(hostDir)
   await rm(hostDir, { recursive: true, force: true })
   const loadAfter = (await readFile('/proc/loadavg', 'utf8')).split(' ').slice(0, 3).join(' ')
   const fs = (await run('df', ['--output=source,fstype', hostDir.replace(/\/host-baseline$/, '')])).stdout.trim().split('\n').pop()?.trim().replace(/\s+/, ' ') ?? '?'
@@ -264,7 +266,8 @@ try {
   for (const r of rows) {
     const g = guest.map((s) => s[r.key])
     const h = host.map((s) => s[r.key])
-    const f = r.key === 'seqWriteMBps' ? fmt(fio.seqWriteMBps) : r.key === 'fsyncsPerS' ? fmt(fio.fsyncsPerS) : ''
+    const key = r.key
+    const f = key === 'seqWriteMBps' || key === 'fsyncsPerS' ? `${fmt(p50(fio.map((s) => s[key])))} (${range(fio.map((s) => s[key]))})` : ''
     out.push(`| ${r.what} | ${r.unit} | ${fmt(p50(g))} (${range(g)}) | ${fmt(p50(h))} (${range(h)}) | ${ratio(p50(g), p50(h))} | ${f} |`)
   }
   out.push('', 'MB is 10^6 bytes. The guest read may come from the host\'s page cache (QEMU\'s writeback cache); the host read does not.')
