@@ -9,6 +9,7 @@ import { createKernelSource } from '../../src/guest/guest-kernel.js'
 import { ImageStore } from '../../src/guest/image-store.js'
 import { loadConfig } from '../../src/core/config.js'
 import type { Vm } from '../../src/core/vm.js'
+import type { Volume } from '../../src/core/volume.js'
 import { run } from '../../src/core/exec.js'
 import { buildGatewayCaller } from '../helpers/gateway-caller.js'
 import { ClusterDaemons } from '../helpers/cluster-daemons.js'
@@ -133,6 +134,38 @@ describe('a cluster of three nodes on etcd', { timeout: 900_000 }, () => {
     const placed = await until('big placed once spread freed its room', async () => await readyOn(1, 'big', 1), 90_000)
     assert.equal(placed.endpoints.filter((e) => e.vm !== null).length, 1)
     await call(1, 'DELETE', '/v1/services/big')
+  })
+
+  it('holds a replica with a volume to the node its volume lives on: pinned elsewhere it is pending, and the volume outlives the service', async () => {
+    const spec = {
+      image: 'hello', replicas: { min: 1 }, ports: [{ port: 8080 }], healthCheck: HEALTH, resources: { memoryMiB: 200 },
+      volumes: [{ name: 'data', guestPath: '/data', perReplica: true, sizeMiB: 32 }]
+    }
+    await call(2, 'PUT', '/v1/services/stateful', spec)
+    const s = await until('stateful ready', async () => await readyOn(1, 'stateful', 1), 90_000)
+    const home = s.endpoints.find((e) => e.vm !== null)?.node ?? ''
+    const homeIndex = Number(home.slice(1))
+    const volume = (await call<Volume[]>(homeIndex, 'GET', '/v1/volumes')).find((v) => v.name === 'stateful-data-0')
+    assert.equal(volume?.node, home, 'made on the node its replica landed on')
+    assert.equal(volume?.attachments.length, 1)
+    await call(1, 'DELETE', '/v1/services/stateful')
+    const other = ['n1', 'n2', 'n3'].find((n) => n !== home) ?? ''
+    await call(1, 'PUT', '/v1/services/stateful', { ...spec, placement: { node: other } })
+    const pending = await until('stateful pending for its volume', async () => {
+      const status = await service(1, 'stateful')
+      return status.message?.includes('fits no node') === true ? status : undefined
+    }, 30_000)
+    assert.match(pending.message ?? '', new RegExp(`${other}: volume stateful-data-0 lives on node ${home}`))
+    // Unpinned, it goes back to its volume.
+    await call(1, 'PUT', '/v1/services/stateful', spec)
+    const back = await until('stateful back on its volume\'s node', async () => await readyOn(1, 'stateful', 1), 90_000)
+    assert.deepEqual(back.endpoints.filter((e) => e.vm !== null).map((e) => e.node), [home])
+    await call(1, 'DELETE', '/v1/services/stateful')
+    await until('the volume detached', async () => {
+      const v = (await call<Volume[]>(homeIndex, 'GET', '/v1/volumes')).find((x) => x.name === 'stateful-data-0')
+      return v !== undefined && v.attachments.length === 0 ? v : undefined
+    }, 30_000)
+    await call(homeIndex, 'DELETE', '/v1/volumes/stateful-data-0')
   })
 
   let backendNodes: string[] = []

@@ -106,6 +106,9 @@ describe('redis with a per-replica volume, through the gateway', { timeout: 900_
     await rejectsWith(daemon.api.call('DELETE', `/v1/volumes/${VOLUME}`), 'UIG_ERR_VOLUME_IN_USE', 'kv-0-')
     await rejectsWith(daemon.api.call('POST', '/v1/vms', { image, volumes: [{ name: VOLUME, guestPath: '/data' }] }), 'UIG_ERR_VOLUME_IN_USE', 'one VM only')
     await rejectsWith(daemon.api.call('POST', '/v1/vms', { image, volumes: [{ name: VOLUME, guestPath: '/data', readOnly: true }] }), 'UIG_ERR_VOLUME_IN_USE', 'read-write')
+    // A service naming a clone start path with volumes: its clones would share the template's disk.
+    await rejectsWith(daemon.api.call('PUT', '/v1/services/kv2', { ...spec(), startPath: 'clone', ports: [{ port: REDIS_PORT, protocol: 'tcp', gatewayPort: await freePort() }] }),
+      'UIG_ERR_VOLUME_TEMPLATE', 'startPath: cold')
     const vms = await daemon.api.call<Vm[]>('GET', '/v1/vms')
     assert.equal(vms.filter((vm) => vm.state === 'running').length, 1, 'no refused VM was started')
   })
