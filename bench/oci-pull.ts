@@ -1,7 +1,10 @@
 /**
- * OCI pull benchmark (issue 13, Benchmarks): an image of about 100 MB in
- * four layers (busybox; Python's standard library; Perl's; the app), pushed
- * to Debian's docker-registry on loopback, then
+ * OCI pull benchmark (issue 13, Benchmarks): two images of about 100 MB,
+ * pushed to Debian's docker-registry on loopback: `busybox`, four layers
+ * (busybox; Python's standard library; Perl's; the app), and `debian`, a
+ * real Debian bookworm root made by debootstrap (minbase, python3,
+ * redis-server; test/helpers/debian-image.ts, cached per machine) plus the
+ * app's layer, serving with python3 -m http.server as www-data. Each is
  *  - pulled and converted with an empty blob cache (a fresh data dir), and
  *    again with every layer cached (the same data dir, the built image removed
  *    first): pull() and imageFromPull() timed apart, and the bytes fetched;
@@ -12,7 +15,7 @@
  * layers are real files of this machine, so they compress like real content.
  * Cold means an empty blob cache, not a cold page cache: the registry's files
  * stay in memory between runs.
- *   node dist/bench/oci-pull.js [--runs 3]
+ *   node dist/bench/oci-pull.js [--runs 3] [--images busybox,debian]
  */
 import { mkdir, mkdtemp, rm, stat, writeFile } from 'node:fs/promises'
 import { rmSync } from 'node:fs'
@@ -22,7 +25,7 @@ import { parseArgs } from 'node:util'
 import { askApp } from '../src/core/app-probe.js'
 import { run } from '../src/core/exec.js'
 import { freePort } from '../src/core/free-port.js'
-import type { ImageManifest } from '../src/core/image.js'
+import { formatImageRef, type ImageManifest } from '../src/core/image.js'
 import { type Accel, USER_NETWORK } from '../src/core/ports/vmm-driver.js'
 import { formatBytes } from '../src/core/progress.js'
 import { BlobCache } from '../src/oci/blob-cache.js'
@@ -33,15 +36,16 @@ import { chooseAccel } from '../src/vmm/qemu/accel-probe.js'
 import { QemuDriver } from '../src/vmm/qemu/qemu-driver.js'
 import type { QemuVm } from '../src/vmm/qemu/qemu-vm.js'
 import { createTestContext, type TestContext } from '../test/helpers/fixtures.js'
+import { closeDebianLayout, debianLayout, PYTHON_ENTRYPOINT, PYTHON_PORT, PYTHON_USER } from '../test/helpers/debian-image.js'
 import { createLayout, pushImage, type OciLayout } from '../test/helpers/oci-images.js'
 import { startRegistry, type TestRegistry } from '../test/helpers/oci-registry.js'
 import { percentile } from './lib/measure.js'
 
 const APP_PORT = 8080
 const APP = ['/bin/busybox', 'httpd', '-f', '-p', String(APP_PORT), '-h', '/www']
-const BOOT_TIMEOUT_MS = 90_000
+const BOOT_TIMEOUT_MS = 120_000
 
-/** What each layer copies from this machine (path inside the image = path here), base first. */
+/** What each layer of the busybox image copies from this machine (path inside the image = path here), base first. */
 const LAYERS: Array<{ what: string, paths: string[] }> = [
   { what: 'busybox', paths: ['/bin/busybox'] },
   { what: 'Python 3.11 standard library', paths: ['/usr/lib/python3.11'] },
@@ -49,9 +53,11 @@ const LAYERS: Array<{ what: string, paths: string[] }> = [
   { what: 'the app (index.html)', paths: [] }
 ]
 
-const { values } = parseArgs({ options: { runs: { type: 'string', default: '3' } } })
+const { values } = parseArgs({ options: { runs: { type: 'string', default: '3' }, images: { type: 'string', default: 'busybox,debian' } } })
 const runs = Number(values.runs)
 if (!Number.isInteger(runs) || runs < 1) throw new Error(`--runs takes a whole number ≥ 1, not ${values.runs}`)
+const imageKeys = values.images.split(',')
+for (const key of imageKeys) if (key !== 'busybox' && key !== 'debian') throw new Error(`--images takes busybox and/or debian, not ${key}`)
 
 const began = performance.now()
 const progress = process.stderr.isTTY
@@ -162,7 +168,7 @@ interface BootSample {
   servingMs: number
 }
 
-async function bootOnce (ctx: TestContext, driver: QemuDriver, accel: Accel, manifest: ImageManifest, overlay: boolean, id: string): Promise<BootSample> {
+async function bootOnce (ctx: TestContext, driver: QemuDriver, accel: Accel, manifest: ImageManifest, overlay: boolean, id: string, appPort: number): Promise<BootSample> {
   checkInterrupted()
   const port = await freePort()
   const stateDir = join(ctx.dataDir, 'run', id)
@@ -177,7 +183,7 @@ async function bootOnce (ctx: TestContext, driver: QemuDriver, accel: Accel, man
       accel,
       vcpus: manifest.vcpus,
       memoryMiB: manifest.memoryMiB,
-      network: { mode: 'user', forwards: [{ hostAddress: '127.0.0.1', hostPort: port, guestPort: APP_PORT }] },
+      network: { mode: 'user', forwards: [{ hostAddress: '127.0.0.1', hostPort: port, guestPort: appPort }] },
       guestNetwork: USER_NETWORK,
       hostname: 'bench',
       ...(overlay && manifest.overlaySizeMiB !== undefined ? { overlaySizeMiB: manifest.overlaySizeMiB } : {})
@@ -227,23 +233,78 @@ function pullRow (samples: PullSample[]): PullRow {
   }
 }
 
-// ---------------------------------------------------------------- the run
+// ---------------------------------------------------------------- the images
 
-let registry: TestRegistry | undefined
-let layout: OciLayout | undefined
-const ctx = await createTestContext()
-tempDirs.add(ctx.dataDir)
-const driver = new QemuDriver({ livenessPollMs: 1000 })
-try {
-  registry = await startRegistry()
-  layout = await createLayout()
-  tempDirs.add(join(layout.dir, '..'))
-  progress('building the image with umoci (4 layers)')
-  await buildBenchImage(layout, 'v1')
-  const reference = `${registry.host}/bench/oci-pull:1`
-  progress(`pushing it to ${registry.host} with skopeo`)
-  await pushImage(layout, 'v1', registry.host, 'bench/oci-pull:1')
-  const pulledName = 'oci-pull:1'
+interface BenchImage {
+  key: string
+  /** repository:tag in the registry. */
+  pushedAs: string
+  pulledName: string
+  /** What each layer holds, base first. */
+  layers: string[]
+  appPort: number
+  /** Pushes the image to the registry. */
+  push: (registryHost: string) => Promise<void>
+  /** The build spec source and fields of the same app as an `image build --rootfs` of the applied root. */
+  rootfsBuild: (root: string) => Record<string, unknown>
+}
+
+let busyboxLayout: OciLayout | undefined
+
+const benchImages: Record<string, BenchImage> = {
+  busybox: {
+    key: 'busybox',
+    pushedAs: 'bench/oci-pull:1',
+    pulledName: 'oci-pull:1',
+    layers: LAYERS.map((l) => l.what),
+    appPort: APP_PORT,
+    push: async (registryHost) => {
+      busyboxLayout = await createLayout()
+      tempDirs.add(join(busyboxLayout.dir, '..'))
+      progress('building the busybox image with umoci (4 layers)')
+      await buildBenchImage(busyboxLayout, 'v1')
+      progress(`pushing it to ${registryHost} with skopeo`)
+      await pushImage(busyboxLayout, 'v1', registryHost, 'bench/oci-pull:1')
+    },
+    // As `image build --rootfs DIR --entrypoint /bin/busybox -- httpd ...` would.
+    rootfsBuild: (root) => {
+      const [entrypoint = '', ...args] = APP
+      return { name: 'oci-rootfs:1', source: { kind: 'rootfs', dir: root, entrypoint, args } }
+    }
+  },
+  debian: {
+    key: 'debian',
+    pushedAs: 'bench/debian-python:bookworm',
+    pulledName: 'debian-python:bookworm',
+    layers: ['Debian bookworm: debootstrap minbase + python3 + redis-server, docs and apt lists pruned', 'the app (/srv/www/index.html, owned by www-data)'],
+    appPort: PYTHON_PORT,
+    push: async (registryHost) => {
+      progress('making the Debian image with umoci (the root: debootstrap, once per machine)')
+      const layout = await debianLayout()
+      tempDirs.add(join(layout.dir, '..'))
+      progress(`pushing it to ${registryHost} with skopeo`)
+      await pushImage(layout, 'python', registryHost, 'bench/debian-python:bookworm')
+    },
+    // The image's config as flags: entrypoint and cmd, its working dir, www-data, the PATH python3 is found by.
+    rootfsBuild: (root) => {
+      const [entrypoint = '', ...args] = PYTHON_ENTRYPOINT
+      return {
+        name: 'debian-rootfs:1',
+        source: { kind: 'rootfs', dir: root, entrypoint, args: [...args, 'python3', '-m', 'http.server', String(PYTHON_PORT)] },
+        workdir: '/srv/www',
+        user: { uid: PYTHON_USER.uid, gid: PYTHON_USER.gid },
+        env: { PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- one image's run
+
+async function benchImage (ctx: TestContext, registryHost: string, image: BenchImage): Promise<string[]> {
+  await image.push(registryHost)
+  const reference = `${registryHost}/${image.pushedAs}`
+  const pulledName = image.pulledName
 
   const cold: PullSample[] = []
   let ociDataDir = ''
@@ -252,23 +313,23 @@ try {
     if (ociDataDir !== '') await removeTempDir(ociDataDir)
     ociDataDir = await tempDir('uigniter-bench-oci-')
     await ctx.store.remove(pulledName).catch(() => {})
-    const s = await pullAndConvert(ctx, reference, registry.host, ociDataDir, pulledName)
+    const s = await pullAndConvert(ctx, reference, registryHost, ociDataDir, pulledName)
     cold.push(s)
-    progress(`cold ${i}/${runs}: pull ${ms(s.pullMs)} ms, convert ${ms(s.convertMs)} ms, ${formatBytes(s.bytesFetched)} fetched`)
+    progress(`${image.key} cold ${i}/${runs}: pull ${ms(s.pullMs)} ms, convert ${ms(s.convertMs)} ms, ${formatBytes(s.bytesFetched)} fetched`)
   }
   const cached: PullSample[] = []
   for (let i = 1; i <= runs; i++) {
     checkInterrupted()
     await ctx.store.remove(pulledName)
-    const s = await pullAndConvert(ctx, reference, registry.host, ociDataDir, pulledName)
+    const s = await pullAndConvert(ctx, reference, registryHost, ociDataDir, pulledName)
     cached.push(s)
-    progress(`cached ${i}/${runs}: pull ${ms(s.pullMs)} ms, convert ${ms(s.convertMs)} ms, ${formatBytes(s.bytesFetched)} fetched`)
+    progress(`${image.key} cached ${i}/${runs}: pull ${ms(s.pullMs)} ms, convert ${ms(s.convertMs)} ms, ${formatBytes(s.bytesFetched)} fetched`)
   }
   const last = cached[cached.length - 1] as PullSample
   const pulled = last.manifest
 
-  // The same root, applied from the same cached layers, built as `image build --rootfs DIR --entrypoint /bin/busybox -- httpd ...` would.
-  progress('building the same root with --rootfs')
+  // The same root, applied from the same cached layers, built as `image build --rootfs` would build it.
+  progress(`${image.key}: building the same root with --rootfs`)
   const work = await ctx.store.createWorkDir()
   let rootfsImage: ImageManifest
   let rootBytes: number
@@ -278,10 +339,11 @@ try {
     const applied = await applyLayers(last.pulled.layers.map((l) => ({ path: l.path, mediaType: l.mediaType, digest: l.digest })), root)
     rootBytes = applied.bytes
     rootFiles = applied.files
-    const [entrypoint = '', ...args] = APP
-    rootfsImage = await ctx.builder.build({ name: 'oci-rootfs:1', source: { kind: 'rootfs', dir: root, entrypoint, args } }, work)
+    rootfsImage = await ctx.builder.build(image.rootfsBuild(root), work)
   } finally {
     await ctx.store.discardWorkDir(work)
+    // The layers were applied from this cache; the next image gets a cache of its own.
+    await removeTempDir(ociDataDir)
   }
 
   const accel = (await chooseAccel(ctx.config, ctx.store.blobPath(pulled.kernel.blob.digest), pulled.kernel.blob.digest)).accel
@@ -290,16 +352,19 @@ try {
     { name: `pulled, with its ${pulled.overlaySizeMiB ?? 0} MiB overlay (as the daemon boots it)`, manifest: pulled, overlay: true },
     { name: 'pulled, no overlay', manifest: pulled, overlay: false }
   ]
-  progress(`booting (${accel}): one unmeasured boot, then ${runs} of each, interleaved`)
-  await bootOnce(ctx, driver, accel, rootfsImage, false, `oci-bench-${process.pid}-warm`)
+  progress(`${image.key}: booting (${accel}): one unmeasured boot, then ${runs} of each, interleaved`)
+  await bootOnce(ctx, driver, accel, rootfsImage, false, `oci-bench-${process.pid}-${image.key}-warm`, image.appPort)
   const boots = variants.map(() => [] as BootSample[])
   for (let i = 1; i <= runs; i++) {
     for (const [v, variant] of variants.entries()) {
-      const s = await bootOnce(ctx, driver, accel, variant.manifest, variant.overlay, `oci-bench-${process.pid}-${v}-${i}`)
+      const s = await bootOnce(ctx, driver, accel, variant.manifest, variant.overlay, `oci-bench-${process.pid}-${image.key}-${v}-${i}`, image.appPort)
       boots[v]?.push(s)
-      progress(`boot ${i}/${runs} ${variant.name}: spawn ${ms(s.spawnMs)}, app started ${ms(s.appStartedMs)}, serving ${ms(s.servingMs)} ms`)
+      progress(`${image.key} boot ${i}/${runs} ${variant.name}: spawn ${ms(s.spawnMs)}, app started ${ms(s.appStartedMs)}, serving ${ms(s.servingMs)} ms`)
     }
   }
+  // Both images of this one go before the next image's are made: the store holds one image's roots at a time.
+  await ctx.store.remove(pulledName).catch(() => {})
+  await ctx.store.remove(formatImageRef(rootfsImage)).catch(() => {})
 
   // ------------------------------------------------------------ the figures
   const layers = last.pulled.layers
@@ -307,11 +372,13 @@ try {
   const c = pullRow(cold)
   const w = pullRow(cached)
   const out = [
+    `## ${image.key}`,
+    '',
     `### OCI pull and convert: ${layers.length} layers, ${formatBytes(compressed)} compressed (gzip), ${formatBytes(rootBytes)} in ${rootFiles} files applied; docker-registry on loopback; ${runs} runs each (median)`,
     '',
     '| layer | content | compressed |',
     '|---|---|---:|',
-    ...layers.map((l, i) => `| ${i} ${l.digest.slice(7, 19)} | ${LAYERS[i]?.what ?? '?'} | ${formatBytes(l.size)} |`),
+    ...layers.map((l, i) => `| ${i} ${l.digest.slice(7, 19)} | ${image.layers[i] ?? '?'} | ${formatBytes(l.size)} |`),
     '',
     '| blob cache | pull() ms | imageFromPull() ms | sum ms | bytes fetched | blobs fetched / cached |',
     '|---|---:|---:|---:|---:|---:|',
@@ -332,7 +399,24 @@ try {
     const serving = p50(samples.map((s) => s.servingMs))
     out.push(`| ${variant.name} | ${ms(p50(samples.map((s) => s.spawnMs)))} | ${ms(p50(samples.map((s) => s.appStartedMs)))} | ${ms(serving)} | ${ratio(serving, base)} |`)
   }
-  out.push('', 'spawn: from the spawn call until QEMU runs and its monitor answers (it makes the overlay with mkfs.ext4 first); every time is from the spawn call.')
+  out.push('')
+  return out
+}
+
+// ---------------------------------------------------------------- the run
+
+let registry: TestRegistry | undefined
+const ctx = await createTestContext()
+tempDirs.add(ctx.dataDir)
+const driver = new QemuDriver({ livenessPollMs: 1000 })
+try {
+  registry = await startRegistry()
+  const out: string[] = []
+  for (const key of imageKeys) {
+    const image = benchImages[key]
+    if (image !== undefined) out.push(...await benchImage(ctx, registry.host, image))
+  }
+  out.push('spawn: from the spawn call until QEMU runs and its monitor answers (it makes the overlay with mkfs.ext4 first); every time is from the spawn call.')
   process.stdout.write(out.join('\n') + '\n')
 } catch (err) {
   if (!interrupted) throw err
@@ -340,9 +424,9 @@ try {
   process.exitCode = 130
 } finally {
   for (const vm of liveVms) vm.kill()
-  await layout?.close()
+  await busyboxLayout?.close()
+  await closeDebianLayout()
   await registry?.close()
   await ctx.cleanup()
   for (const dir of [...tempDirs]) await removeTempDir(dir)
 }
-

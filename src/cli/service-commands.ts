@@ -4,9 +4,10 @@ import { Progress } from '../core/progress.js'
 import type { AppFile, ServiceStatus } from '../core/service.js'
 import { parseAppText } from '../service/service-spec.js'
 import type { RegistryEntry } from '../service/service-manager.js'
+import { parseReference } from '../oci/reference.js'
 import { daemonClient, type ApiClient, type ServerSentEvent } from './api-client.js'
 import { parseIntFlag, printTable, type Command } from './args.js'
-import { REGISTRY_HELP, REGISTRY_OPTIONS, isRegistryReference, pullImage, registryFlags, type RegistryFlags } from './image-commands.js'
+import { REGISTRY_HELP, REGISTRY_OPTIONS, isRegistryReference, localNameFor, pullImage, registryFlags, type RegistryFlags } from './image-commands.js'
 
 const DEFAULT_FILE = 'uigniter.yaml'
 const enc = encodeURIComponent
@@ -131,6 +132,14 @@ function serviceOf (event: ServerSentEvent): string {
  */
 async function withPulledImages (file: AppFile, flags: RegistryFlags): Promise<AppFile> {
   const refs = [...new Set(file.services.map((s) => s.image).filter((image): image is string => image !== undefined && isRegistryReference(image)))]
+  // Checked before any pull: two references that would make one local image would each replace the other's.
+  const byName = new Map<string, string>()
+  for (const ref of refs) {
+    const name = localNameFor(parseReference(ref))
+    const other = byName.get(name)
+    if (other !== undefined) throw new UigniterError('UIG_ERR_CLI_USAGE', `${other} and ${ref} would both be pulled as the local image ${name}: pull one with "uigniter image pull -t NAME:TAG" and name that in the file`)
+    byName.set(name, ref)
+  }
   const local = new Map<string, string>()
   for (const ref of refs) {
     const { manifest, line } = await pullImage(ref, flags)
