@@ -388,17 +388,26 @@ export class ServiceController {
   /** Reaps a replica's VM; its index stays taken until the VM is gone. */
   async #reapHoldingIndex (vm: Vm, graceMs?: number): Promise<void> {
     const index = vm.service?.index
-    if (index !== undefined) this.#indicesBusy.set(index, (this.#indicesBusy.get(index) ?? 0) + 1)
+    this.#holdIndex(index)
     try {
       await this.#reap(vm, graceMs)
     } finally {
       if (index !== undefined) {
-        const n = (this.#indicesBusy.get(index) ?? 1) - 1
-        if (n > 0) this.#indicesBusy.set(index, n)
-        else this.#indicesBusy.delete(index)
+        this.#releaseIndex(index)
         this.kick()
       }
     }
+  }
+
+  #holdIndex (index: number | undefined): void {
+    if (index !== undefined) this.#indicesBusy.set(index, (this.#indicesBusy.get(index) ?? 0) + 1)
+  }
+
+  #releaseIndex (index: number | undefined): void {
+    if (index === undefined) return
+    const n = (this.#indicesBusy.get(index) ?? 1) - 1
+    if (n > 0) this.#indicesBusy.set(index, n)
+    else this.#indicesBusy.delete(index)
   }
 
   #scale (now: number): void {
@@ -429,7 +438,7 @@ export class ServiceController {
     const spec = this.spec
     // The index leads a replica's name, as in a StatefulSet; the suffix keeps it apart from its predecessor's record.
     const name = `${spec.name}-${index !== undefined ? `${index}-` : ''}${randomBytes(3).toString('hex')}`
-    if (index !== undefined) this.#indicesBusy.set(index, (this.#indicesBusy.get(index) ?? 0) + 1)
+    this.#holdIndex(index)
     this.#event('service.replica-starting', `starting replica ${name} (${spec.startPath}${index !== undefined ? `, index ${index}` : ''})`, name)
     const start = (async () => {
       try {
@@ -469,11 +478,7 @@ export class ServiceController {
     this.#starts.add(start)
     void start.finally(() => {
       this.#starts.delete(start)
-      if (index !== undefined) {
-        const n = (this.#indicesBusy.get(index) ?? 1) - 1
-        if (n > 0) this.#indicesBusy.set(index, n)
-        else this.#indicesBusy.delete(index)
-      }
+      this.#releaseIndex(index)
       this.kick()
     })
   }
