@@ -125,4 +125,19 @@ describe('uigniter up with a Debian python image from a registry', { timeout: 1_
     // Converting the root takes 10+ s under this kind of machine; checking the manifest takes well under that.
     assert.ok(ms < 15_000, `the second up took ${ms} ms`)
   })
+
+  it('refuses, before pulling anything, two references that would make one local image', { timeout: 60_000 }, async () => {
+    const clash = join(ctx.dataDir, 'clash.yaml')
+    await writeFile(clash, [
+      'app: clash',
+      'services:',
+      `  - { name: one, image: "${ref}", startPath: cold, ports: [{ port: ${PYTHON_PORT}, protocol: http }] }`,
+      `  - { name: two, image: "localhost:1/other/python:bookworm", startPath: cold, ports: [{ port: ${PYTHON_PORT}, protocol: http }] }`,
+      ''
+    ].join('\n'))
+    const refused = await runCli(['up', clash, '--insecure'], { env: daemon.env })
+    assert.equal(refused.code, 2, refused.stderr) // the CLI's exit code for a usage error
+    assert.match(refused.stderr, /UIG_ERR_CLI_USAGE: .* would both be pulled as the local image python:bookworm/)
+    assert.doesNotMatch(refused.stderr, /^pulled /m)
+  })
 })
