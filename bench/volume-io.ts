@@ -7,9 +7,10 @@
  * script and ends, and its figures are read from its console log.
  *
  * The guest is the Debian bookworm root of test/helpers/debian-image.ts
- * (coreutils dd), built with `--rootfs` as root's image: the registry's
- * python and redis images run as www-data and redis, who cannot write the
- * root directory of a fresh volume (mkfs makes it root's, mode 0755).
+ * (coreutils dd), built with `--rootfs` as root's image with a /data of its
+ * own: the registry's python image has no /data (the mount point must exist
+ * on a root without an overlay) and runs as www-data, and a root app keeps
+ * the script free of the volume's owners (docs/volumes.md "Owners").
  *
  * Each run, guest then host (one VM at a time, a fresh volume each run):
  *  - seq-write: dd bs=1M count=N oflag=direct conv=fdatasync: O_DIRECT
