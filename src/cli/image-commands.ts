@@ -373,7 +373,9 @@ export const imageCommands: Command[] = [
         if (manifest.init !== null) {
           await booted.waitForMarker('app-started', 120_000)
           const t = booted.timings
-          say(`app started ${formatDuration((t.appStartedAt ?? 0) - t.spawnedAt)} after QEMU started (init at ${formatDuration((t.initAt ?? 0) - t.spawnedAt)})`)
+          // The marker may resolve the wait before this process's own console reader saw its line.
+          const started = t.appStartedAt ?? performance.now()
+          say(`app started ${formatDuration(started - t.spawnedAt)} after QEMU started${t.initAt !== undefined ? ` (init at ${formatDuration(t.initAt - t.spawnedAt)})` : ''}`)
         }
         if (httpCheck !== undefined) {
           const hostPort = booted.forwards.find((f) => f.guestPort === httpCheck.port)?.hostPort ?? 0

@@ -104,7 +104,9 @@ export class BootedImage extends EventEmitter {
         memoryMiB: options.memoryMiB ?? manifest.memoryMiB,
         network: { mode: 'user', forwards },
         guestNetwork: USER_NETWORK,
-        hostname: manifest.name.split('/').pop() ?? 'guest'
+        hostname: manifest.name.split('/').pop() ?? 'guest',
+        // As the daemon boots it: a container image expects a writable root.
+        ...(manifest.overlaySizeMiB !== undefined && manifest.init !== null ? { overlaySizeMiB: manifest.overlaySizeMiB } : {})
       }
     })
     return new BootedImage(vm, forwards, accel, timings, driver)
