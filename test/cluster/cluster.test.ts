@@ -342,8 +342,16 @@ describe('a cluster of three nodes on etcd', { timeout: 900_000 }, () => {
     await call(1, 'PUT', '/v1/services/lazy', { image: 'hello', replicas: { min: 0, max: 1 }, ports: [{ port: 8080 }], healthCheck: HEALTH, startPath: 'cold', autoscale: { idleToZeroMs: 60_000 } })
     assert.equal((await service(2, 'lazy')).endpoints.length, 0)
     const follower = (await nodes(1)).find((n) => !n.leader)?.name ?? 'n1'
-    const answer = await get(`${lab.node(Number(follower.slice(1))).gatewayUrl}/svc/lazy/`, 60_000)
-    assert.match(answer ?? '', /Hello from uigniter/)
+    const url = `${lab.node(Number(follower.slice(1))).gatewayUrl}/svc/lazy/`
+    // The follower's gateway learns the route from etcd a moment after the PUT; until then it answers 404 at once.
+    // The first request it does route is held while the leader places a replica, and answered by it.
+    let res = await fetch(url, { signal: AbortSignal.timeout(60_000) })
+    for (const deadline = Date.now() + 10_000; res.status === 404 && Date.now() < deadline;) {
+      await sleep(100)
+      res = await fetch(url, { signal: AbortSignal.timeout(60_000) })
+    }
+    assert.equal(res.status, 200)
+    assert.match(await res.text(), /Hello from uigniter/)
     const s = await service(1, 'lazy')
     assert.equal(s.endpoints.filter((e) => e.health === 'healthy').length, 1)
     await call(1, 'DELETE', '/v1/services/lazy')
