@@ -4,26 +4,7 @@ import type { Readable } from 'node:stream'
 import { createGunzip } from 'node:zlib'
 import { UigniterError, hasErrno } from '../core/errors.js'
 import { layerInvalid } from './layer-errors.js'
-
-export type LayerCompression = 'none' | 'gzip' | 'zstd'
-
-const MEDIA_TYPES: Record<string, LayerCompression> = {
-  'application/vnd.oci.image.layer.v1.tar': 'none',
-  'application/vnd.oci.image.layer.v1.tar+gzip': 'gzip',
-  'application/vnd.oci.image.layer.v1.tar+zstd': 'zstd',
-  'application/vnd.oci.image.layer.nondistributable.v1.tar': 'none',
-  'application/vnd.oci.image.layer.nondistributable.v1.tar+gzip': 'gzip',
-  'application/vnd.oci.image.layer.nondistributable.v1.tar+zstd': 'zstd',
-  'application/vnd.docker.image.rootfs.diff.tar': 'none',
-  'application/vnd.docker.image.rootfs.diff.tar.gzip': 'gzip',
-  'application/vnd.docker.image.rootfs.foreign.diff.tar.gzip': 'gzip',
-  'application/vnd.docker.image.rootfs.diff.tar.zstd': 'zstd'
-}
-
-/** The compression a layer media type names, or null when it is not a layer type we read. */
-export function layerCompression (mediaType: string): LayerCompression | null {
-  return MEDIA_TYPES[mediaType] ?? null
-}
+import { knownLayerCompression } from './media-types.js'
 
 export interface LayerStream {
   /** The uncompressed tar bytes. */
@@ -41,8 +22,9 @@ export interface LayerStream {
  * layer that is not valid.
  */
 export function openLayerStream (path: string, mediaType: string): LayerStream {
-  const compression = layerCompression(mediaType)
-  if (compression === null) throw layerInvalid(path, `media type "${mediaType}" is not a layer type uigniter reads (tar, tar+gzip, tar+zstd)`)
+  // Pull and import refuse other media types already (layerCompression); a layer applied directly is checked here too.
+  const compression = knownLayerCompression(mediaType)
+  if (compression === undefined) throw layerInvalid(path, `media type "${mediaType}" is not a layer type uigniter reads (tar, tar+gzip, tar+zstd)`)
   if (compression === 'none') {
     const stream = createReadStream(path)
     return { stream, done: Promise.resolve(), destroy: () => stream.destroy() }

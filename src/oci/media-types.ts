@@ -29,6 +29,11 @@ const layerTypes: Record<string, LayerCompression> = {
   'application/vnd.oci.image.layer.nondistributable.v1.tar+zstd': 'zstd'
 }
 
+/** The compression a layer media type names, or undefined when it is not a layer type uigniter reads. */
+export function knownLayerCompression (mediaType: string): LayerCompression | undefined {
+  return layerTypes[mediaType]
+}
+
 export function isIndexType (mediaType: string): boolean {
   return mediaType === mediaTypes.ociIndex || mediaType === mediaTypes.dockerManifestList
 }
@@ -47,7 +52,7 @@ export function isConfigType (mediaType: string): boolean {
  * misread as a tar later.
  */
 export function layerCompression (mediaType: string): LayerCompression {
-  const compression = layerTypes[mediaType]
+  const compression = knownLayerCompression(mediaType)
   if (compression === undefined) {
     throw ociError('manifest-unsupported', `layer media type ${JSON.stringify(mediaType)} is not a container filesystem layer uigniter can apply (tar, tar+gzip or tar+zstd)`)
   }
