@@ -29,6 +29,7 @@ import { NetnsNginx } from './lib/netns-nginx.js'
 import { procCpuTicks } from './lib/proc-cpu.js'
 import { GatewayProcess } from './lib/gateway-process.js'
 import { runWrk, type WrkResult } from './lib/wrk.js'
+import { Interrupt } from './lib/interrupt.js'
 
 const { values } = parseArgs({
   options: {
@@ -69,14 +70,7 @@ process.on('exit', () => {
   try { topology?.destroy() } catch (err) { process.stderr.write(`${message(err)}\n`) }
   if (tempDir !== undefined) rmSync(tempDir, { recursive: true, force: true })
 })
-let interrupted = false
-for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-  process.on(signal, () => {
-    if (interrupted) process.exit(130)
-    interrupted = true
-    progress(`${signal}: stopping after this step (again to stop now)`)
-  })
-}
+const interrupt = new Interrupt(progress)
 
 // ---------------------------------------------------------------- load
 
@@ -105,7 +99,7 @@ async function ticksOf (pids: number[]): Promise<number> {
 }
 
 async function load (path: Path, conns: number, seconds: number, gatewayPid: number | undefined): Promise<{ wrk: WrkResult, gatewayTicks: number, wrkTicks: number, otherTicks: number }> {
-  if (interrupted) throw new Error('interrupted')
+  interrupt.check()
   const g0 = gatewayPid === undefined ? 0 : await cpuTicks(gatewayPid)
   const w0 = (await procCpuTicks(process.pid))?.children ?? 0
   const [o0, h0] = [await ticksOf(ownPids()), await taskTicks()]

@@ -39,6 +39,7 @@ import { cpuTicks, percentile } from './lib/measure.js'
 import { NginxProcess, proxyConfig, upstreamConfig } from './lib/nginx.js'
 import { procCpuTicks } from './lib/proc-cpu.js'
 import { runWrk, type WrkResult } from './lib/wrk.js'
+import { Interrupt } from './lib/interrupt.js'
 
 // ---------------------------------------------------------------- flags
 
@@ -91,15 +92,7 @@ process.on('exit', () => {
   if (tempDir !== undefined) rmSync(tempDir, { recursive: true, force: true })
 })
 /** Set by SIGINT/SIGTERM: the run stops at the next step and cleans up in its finally blocks. */
-let interrupted = false
-for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-  process.on(signal, () => {
-    if (interrupted) process.exit(130) // a second signal: no more waiting
-    interrupted = true
-    progress(`${signal}: stopping after this step (again to stop now)`)
-  })
-}
-const checkInterrupted = (): void => { if (interrupted) throw new Error('interrupted') }
+const interrupt = new Interrupt(progress)
 
 // ---------------------------------------------------------------- load
 
@@ -157,7 +150,7 @@ let cpuNote = ''
 
 /** One wrk run, with the CPU the proxy, wrk and the rest of the machine used meanwhile. */
 async function load (target: Target, opts: { connections: number, threads: number, durationS: number }): Promise<Run> {
-  checkInterrupted()
+  interrupt.check()
   const pids = await target.pids()
   const ours = await benchPids()
   const [p0, o0, g0, h0] = [await ticksOf(pids), await ticksOf(ours), await reapedChildTicks(), await taskTicks()]
@@ -323,7 +316,7 @@ async function fromZero (): Promise<FromZeroResults> {
   const until = async (what: string, check: (s: ServiceStatus) => boolean, timeoutMs: number): Promise<void> => {
     const deadline = Date.now() + timeoutMs
     for (;;) {
-      checkInterrupted()
+      interrupt.check()
       const s = await service()
       if (check(s)) return
       if (Date.now() > deadline) throw new Error(`${SERVICE} never got ${what} within ${timeoutMs} ms: desired ${s.desired}, endpoints ${JSON.stringify(s.endpoints.map((e) => e.health))}, ${s.message ?? ''}`)
@@ -355,7 +348,7 @@ async function fromZero (): Promise<FromZeroResults> {
     // The template is made when the service is applied; wait for it, so that every run measures a wake by cloning.
     await until('its template made, at zero', (s) => atZero(s) && s.template !== null, 120_000)
     for (let i = 0; i < fromZeroRuns; i++) {
-      checkInterrupted()
+      interrupt.check()
       const first = await timedGet(url, {}, 120_000)
       out.cold.push({ ms: first.ms, status: first.status })
       await trackVms()
@@ -414,7 +407,7 @@ try {
   proxyError = err instanceof Error ? err.message : String(err)
   progress(`proxy comparison failed: ${proxyError}`)
 }
-if (!values['skip-from-zero'] && !interrupted) zero = await fromZero()
+if (!values['skip-from-zero'] && !interrupt.interrupted) zero = await fromZero()
 progress(`done in ${((performance.now() - began) / 1000).toFixed(0)} s`)
 
 // ---------------------------------------------------------------- the report

@@ -40,6 +40,7 @@ import { closeDebianLayout, debianLayout, PYTHON_ENTRYPOINT, PYTHON_PORT, PYTHON
 import { createLayout, pushImage, type OciLayout } from '../test/helpers/oci-images.js'
 import { startRegistry, type TestRegistry } from '../test/helpers/oci-registry.js'
 import { percentile } from './lib/measure.js'
+import { Interrupt } from './lib/interrupt.js'
 
 const APP_PORT = 8080
 const APP = ['/bin/busybox', 'httpd', '-f', '-p', String(APP_PORT), '-h', '/www']
@@ -72,15 +73,7 @@ process.on('exit', () => {
   for (const vm of liveVms) vm.kill()
   for (const dir of tempDirs) rmSync(dir, { recursive: true, force: true })
 })
-let interrupted = false
-for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-  process.on(signal, () => {
-    if (interrupted) process.exit(130) // a second signal: no more waiting
-    interrupted = true
-    progress(`${signal}: stopping after this step (again to stop now)`)
-  })
-}
-const checkInterrupted = (): void => { if (interrupted) throw new Error('interrupted') }
+const interrupt = new Interrupt(progress)
 
 async function tempDir (prefix: string): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), prefix))
@@ -105,7 +98,7 @@ async function buildBenchImage (layout: OciLayout, tag: string): Promise<void> {
     await run('umoci', ['unpack', '--rootless', '--image', image, bundle])
     const rootfs = join(bundle, 'rootfs')
     for (const layer of LAYERS) {
-      checkInterrupted()
+      interrupt.check()
       for (const path of layer.paths) {
         const parent = join(rootfs, path, '..')
         await mkdir(parent, { recursive: true })
@@ -169,7 +162,7 @@ interface BootSample {
 }
 
 async function bootOnce (ctx: TestContext, driver: QemuDriver, accel: Accel, manifest: ImageManifest, overlay: boolean, id: string, appPort: number): Promise<BootSample> {
-  checkInterrupted()
+  interrupt.check()
   const port = await freePort()
   const stateDir = join(ctx.dataDir, 'run', id)
   const t0 = performance.now()
@@ -309,7 +302,7 @@ async function benchImage (ctx: TestContext, registryHost: string, image: BenchI
   const cold: PullSample[] = []
   let ociDataDir = ''
   for (let i = 1; i <= runs; i++) {
-    checkInterrupted()
+    interrupt.check()
     if (ociDataDir !== '') await removeTempDir(ociDataDir)
     ociDataDir = await tempDir('uigniter-bench-oci-')
     await ctx.store.remove(pulledName).catch(() => {})
@@ -319,7 +312,7 @@ async function benchImage (ctx: TestContext, registryHost: string, image: BenchI
   }
   const cached: PullSample[] = []
   for (let i = 1; i <= runs; i++) {
-    checkInterrupted()
+    interrupt.check()
     await ctx.store.remove(pulledName)
     const s = await pullAndConvert(ctx, reference, registryHost, ociDataDir, pulledName)
     cached.push(s)
@@ -419,7 +412,7 @@ try {
   out.push('spawn: from the spawn call until QEMU runs and its monitor answers (it makes the overlay with mkfs.ext4 first); every time is from the spawn call.')
   process.stdout.write(out.join('\n') + '\n')
 } catch (err) {
-  if (!interrupted) throw err
+  if (!interrupt.interrupted) throw err
   process.stderr.write('interrupted before the figures: removing what it started\n')
   process.exitCode = 130
 } finally {

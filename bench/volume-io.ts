@@ -41,6 +41,7 @@ import { DaemonProcess } from '../test/helpers/daemon-process.js'
 import { unpackDebianRootfs } from '../test/helpers/debian-image.js'
 import { createTestContext } from '../test/helpers/fixtures.js'
 import { percentile } from './lib/measure.js'
+import { Interrupt } from './lib/interrupt.js'
 
 const IMAGE = 'volume-io:bench'
 /** The line prefix that marks the script's results among the console's other output. */
@@ -78,15 +79,7 @@ process.on('exit', () => {
   if (daemon?.pid !== undefined) { try { process.kill(daemon.pid, 'SIGKILL') } catch { /* gone */ } }
   for (const dir of tempDirs) rmSync(dir, { recursive: true, force: true })
 })
-let interrupted = false
-for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-  process.on(signal, () => {
-    if (interrupted) process.exit(130)
-    interrupted = true
-    progress(`${signal}: stopping after this step (again to stop now)`)
-  })
-}
-const checkInterrupted = (): void => { if (interrupted) throw new Error('interrupted') }
+const interrupt = new Interrupt(progress)
 
 // ---------------------------------------------------------------- the commands, shared by guest and host
 
@@ -169,7 +162,7 @@ async function guestRun (d: DaemonProcess, i: number): Promise<{ sample: IoSampl
     const deadline = Date.now() + VM_TIMEOUT_MS
     while (vm.state !== 'exited' && vm.state !== 'failed') {
       if (Date.now() > deadline) throw new Error(`VM ${vm.name} did not end within ${VM_TIMEOUT_MS / 1000} s`)
-      checkInterrupted()
+      interrupt.check()
       await sleep(250)
       vm = await d.api.call<Vm>('GET', `/v1/vms/${vm.id}`)
     }
@@ -233,16 +226,16 @@ try {
   const fio: FioFigures[] = []
   let accel = '?'
   for (let i = 1; i <= runs; i++) {
-    checkInterrupted()
+    interrupt.check()
     const g = await guestRun(daemon, i)
     accel = g.accel
     guest.push(g.sample)
     progress(`guest ${i}/${runs} (${accel}): write ${fmt(g.sample.seqWriteMBps)} MB/s, read ${fmt(g.sample.seqReadMBps)} MB/s, ${fmt(g.sample.fsyncsPerS)} fsyncs/s`)
-    checkInterrupted()
+    interrupt.check()
     const h = await hostRun(hostDir)
     host.push(h)
     progress(`host  ${i}/${runs}: write ${fmt(h.seqWriteMBps)} MB/s, read ${fmt(h.seqReadMBps)} MB/s, ${fmt(h.fsyncsPerS)} fsyncs/s`)
-    checkInterrupted()
+    interrupt.check()
     const f = await hostFio(hostDir)
     fio.push(f)
     progress(`fio   ${i}/${runs}: write ${fmt(f.seqWriteMBps)} MB/s, ${fmt(f.fsyncsPerS)} fsyncs/s`)
