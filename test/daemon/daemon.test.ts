@@ -13,16 +13,6 @@ import { memcachedCommand } from '../helpers/memcached-text.js'
 import { createTestContext, exampleSpec, packageRoot, runCli, type TestContext } from '../helpers/fixtures.js'
 import { rejectsWith } from '../helpers/assertions.js'
 
-async function waitForState (daemon: DaemonProcess, id: string, states: string[], timeoutMs = 30_000): Promise<Vm> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const vm = await daemon.api.call<Vm>('GET', `/v1/vms/${id}`)
-    if (states.includes(vm.state)) return vm
-    if (Date.now() > deadline) throw new Error(`VM ${id} is ${vm.state}, expected ${states.join('|')}`)
-    await new Promise((resolve) => setTimeout(resolve, 100))
-  }
-}
-
 const TOKEN = 'test-token-0123456789'
 
 
@@ -136,7 +126,7 @@ describe('the daemon: VMs on a real bridge, driven through the REST API', () => 
     const vm = await daemon.api.call<Vm>('POST', '/v1/vms', { image: 'hello', name: 'victim' })
     assert.ok(vm.pid !== null)
     process.kill(vm.pid, 'SIGKILL')
-    const ended = await waitForState(daemon, vm.id, ['exited', 'failed'])
+    const ended = await daemon.waitForVm(vm.id, ['exited', 'failed'], 30_000)
     assert.equal(ended.exit?.reason, 'killed')
     assert.ok((ended.exit?.detail ?? '').length > 0)
   })

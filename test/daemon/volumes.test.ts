@@ -48,16 +48,6 @@ async function raw (daemon: DaemonProcess, method: string, path: string, body?: 
   })
 }
 
-async function waitForState (daemon: DaemonProcess, id: string, states: string[], timeoutMs = 60_000): Promise<Vm> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const vm = await daemon.api.call<Vm>('GET', `/v1/vms/${id}`)
-    if (states.includes(vm.state)) return vm
-    if (Date.now() > deadline) throw new Error(`VM ${id} is ${vm.state}, expected ${states.join('|')}`)
-    await new Promise((resolve) => setTimeout(resolve, 100))
-  }
-}
-
 describe('volumes through the daemon: the CLI, the API, events and metrics', () => {
   let ctx: TestContext & { cleanup: () => Promise<void> }
   let daemon: DaemonProcess
@@ -206,7 +196,7 @@ describe('volumes through the daemon: the CLI, the API, events and metrics', () 
       const run = await cli('run', '-d', '--name', 'holder', '-v', 'vol-held:/data', 'vol-app', 'hold')
       assert.equal(run.code, 0, run.stderr)
       const id = run.stdout.trim()
-      await waitForState(daemon, id, ['running'])
+      await daemon.waitForVm(id, ['running'])
       // This VM's stream: its volume's detach, not the volume's deletion (which names no VM).
       const { ended: endedVm } = await daemon.api.followEvents(`/v1/events?vm=${id}`, (e) => vmEvents.push(e), abort.signal)
       ends.push(endedVm)

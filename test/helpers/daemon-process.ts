@@ -5,6 +5,7 @@ import { ApiClient } from '../../src/cli/api-client.js'
 import { run } from '../../src/core/exec.js'
 import { loadConfig } from '../../src/core/config.js'
 import type { PoolStatus } from '../../src/core/pool.js'
+import type { Vm } from '../../src/core/vm.js'
 import { socketAnswers } from '../../src/core/socket-answers.js'
 import { freePort } from '../../src/core/free-port.js'
 import { packageRoot } from './fixtures.js'
@@ -60,6 +61,17 @@ export class DaemonProcess {
       await new Promise((resolve) => setTimeout(resolve, 100))
     }
     throw new Error(`the daemon did not start:\n${this.output.slice(-3000)}`)
+  }
+
+  /** The VM once it is in one of `states`; throws with the state it is in after `timeoutMs`. */
+  async waitForVm (id: string, states: string[], timeoutMs = 60_000): Promise<Vm> {
+    const deadline = Date.now() + timeoutMs
+    for (;;) {
+      const vm = await this.api.call<Vm>('GET', `/v1/vms/${id}`)
+      if (states.includes(vm.state)) return vm
+      if (Date.now() > deadline) throw new Error(`VM ${id} is ${vm.state}, expected ${states.join('|')}`)
+      await new Promise((resolve) => setTimeout(resolve, 100))
+    }
   }
 
   /** SIGTERM and wait: VMs keep running. */
