@@ -163,7 +163,7 @@ function publishVolumeHomes (w: ClusterWiring, node: ClusterNode): void {
   const self = w.config.cluster.node
   const sync = async (): Promise<void> => {
     const ops: TxnOp[] = []
-    for (const v of await w.volumes.list()) ops.push({ put: keys.volume(v.name), value: JSON.stringify({ name: v.name, node: self, sizeMiB: v.sizeMiB }) })
+    for (const v of w.volumes.records()) ops.push({ put: keys.volume(v.name), value: JSON.stringify({ name: v.name, node: self, sizeMiB: v.sizeMiB }) })
     for (const [key, home] of node.view.volumes.items) {
       if (home.node === self && !ops.some((op) => 'put' in op && op.put === key)) ops.push({ delete: key })
     }

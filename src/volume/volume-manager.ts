@@ -1,7 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import { EventEmitter } from 'node:events'
-import { closeSync, openSync, readSync } from 'node:fs'
-import { mkdir, readdir, rename, rm, stat, truncate, writeFile } from 'node:fs/promises'
+import { mkdir, open, readdir, rename, rm, stat, truncate, writeFile, type FileHandle } from 'node:fs/promises'
 import { join, posix } from 'node:path'
 import { UigniterError, hasErrno } from '../core/errors.js'
 import { run } from '../core/exec.js'
@@ -96,7 +95,7 @@ export class VolumeManager extends EventEmitter implements VolumesApi {
       this.#deps.store.insertVolume(record)
       await rename(making, this.pathOf(name))
       this.#event('volume.created', name, `volume ${name} created (${sizeMiB} MiB, ext4)`)
-      return await this.#describe(record)
+      return await this.#describe(record, new Map())
     } catch (err) {
       await rm(making, { force: true })
       if (hasErrno(err, 'ENOSPC')) throw new UigniterError('UIG_ERR_NO_SPACE', `no space left to make volume ${name} in ${this.#dir}`, { cause: err })
@@ -108,17 +107,23 @@ export class VolumeManager extends EventEmitter implements VolumesApi {
   }
 
   async list (): Promise<Volume[]> {
-    return await Promise.all(this.#deps.store.listVolumes().map(async (record) => await this.#describe(record)))
+    const holders = this.#holders()
+    return await Promise.all(this.#deps.store.listVolumes().map(async (record) => await this.#describe(record, holders)))
+  }
+
+  /** The volumes' records only: no file is read (what the cluster is told of this node's volumes). */
+  records (): VolumeRecord[] {
+    return this.#deps.store.listVolumes()
   }
 
   async get (name: string): Promise<Volume> {
-    return await this.#describe(this.#record(name))
+    return await this.#describe(this.#record(name), this.#holders())
   }
 
   /** Deletes a volume and its data; refused while a live VM holds it. */
   async remove (name: string): Promise<void> {
     const record = this.#record(name)
-    const holders = this.#attachments(name)
+    const holders = this.#holders().get(name) ?? []
     if (holders.length > 0) {
       throw new UigniterError('UIG_ERR_VOLUME_IN_USE', `volume ${name} is attached to ${holders.map((a) => a.vmName).join(', ')}; stop ${holders.length === 1 ? 'that VM' : 'those VMs'} (or its service) first`)
     }
@@ -136,6 +141,7 @@ export class VolumeManager extends EventEmitter implements VolumesApi {
   checkAttach (mounts: VolumeMount[]): GuestVolume[] {
     const paths = new Set<string>()
     const names = new Set<string>()
+    const held = mounts.length > 0 ? this.#holders() : new Map<string, VolumeAttachment[]>()
     return mounts.map((mount) => {
       const path = mount.guestPath.replace(/\/+$/, '')
       if (path === '' || posix.normalize(path) !== path) {
@@ -146,7 +152,7 @@ export class VolumeManager extends EventEmitter implements VolumesApi {
       paths.add(path)
       names.add(mount.name)
       this.#record(mount.name)
-      const holders = this.#attachments(mount.name)
+      const holders = held.get(mount.name) ?? []
       const writers = holders.filter((a) => !a.readOnly)
       if (!mount.readOnly && holders.length > 0) {
         throw new UigniterError('UIG_ERR_VOLUME_IN_USE', `volume ${mount.name} is attached to ${holders.map((a) => a.vmName).join(', ')}: a read-write volume can be attached to one VM only; stop that VM first, or attach it read-only (:ro) everywhere`)
@@ -199,12 +205,20 @@ export class VolumeManager extends EventEmitter implements VolumesApi {
     return record
   }
 
-  #attachments (name: string): VolumeAttachment[] {
-    return this.#deps.store.listVms({ state: HOLDING }).flatMap((vm) =>
-      (vm.volumes ?? []).filter((m) => m.name === name).map((m) => ({ vm: vm.id, vmName: vm.name, guestPath: m.guestPath, readOnly: m.readOnly })))
+  /** Every volume's attachments, from one read of the live VMs. */
+  #holders (): Map<string, VolumeAttachment[]> {
+    const byVolume = new Map<string, VolumeAttachment[]>()
+    for (const vm of this.#deps.store.listVms({ state: HOLDING })) {
+      for (const m of vm.volumes ?? []) {
+        const list = byVolume.get(m.name) ?? []
+        list.push({ vm: vm.id, vmName: vm.name, guestPath: m.guestPath, readOnly: m.readOnly })
+        byVolume.set(m.name, list)
+      }
+    }
+    return byVolume
   }
 
-  async #describe (record: VolumeRecord): Promise<Volume> {
+  async #describe (record: VolumeRecord, holders: Map<string, VolumeAttachment[]>): Promise<Volume> {
     const path = this.pathOf(record.name)
     let allocatedBytes = 0
     try {
@@ -222,8 +236,8 @@ export class VolumeManager extends EventEmitter implements VolumesApi {
       service: record.service,
       path,
       allocatedBytes,
-      usedBytes: ext4UsedBytes(path, record.sizeMiB * MIB),
-      attachments: this.#attachments(record.name),
+      usedBytes: await ext4UsedBytes(path, record.sizeMiB * MIB),
+      attachments: holders.get(record.name) ?? [],
       createdAt: record.createdAt
     }
   }
@@ -242,16 +256,16 @@ export class VolumeManager extends EventEmitter implements VolumesApi {
  * guest's writing, so it is read as hostile: a wrong magic, a block size
  * out of range or counts that do not add up give null, never a throw.
  */
-export function ext4UsedBytes (path: string, sizeBytes: number): number | null {
+export async function ext4UsedBytes (path: string, sizeBytes: number): Promise<number | null> {
   const sb = Buffer.alloc(1024)
-  let fd: number | undefined
+  let file: FileHandle | undefined
   try {
-    fd = openSync(path, 'r')
-    if (readSync(fd, sb, 0, 1024, 1024) !== 1024) return null
+    file = await open(path, 'r')
+    if ((await file.read(sb, 0, 1024, 1024)).bytesRead !== 1024) return null
   } catch {
     return null
   } finally {
-    if (fd !== undefined) closeSync(fd)
+    await file?.close()
   }
   if (sb.readUInt16LE(0x38) !== 0xef53) return null
   const logBlock = sb.readUInt32LE(0x18)
