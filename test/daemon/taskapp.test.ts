@@ -83,11 +83,11 @@ describe('the taskapp example', () => {
     try {
       const three = join(scratch, 'uigniter.yaml')
       const text = await readFile(appFile, 'utf8')
-      const health = 'healthCheck: { path: /healthz, intervalMs: 1000, healthyThreshold: 1, unhealthyThreshold: 3 }'
+      const health = 'healthCheck: { path: /healthz, intervalMs: 1000, timeoutMs: 3000, healthyThreshold: 1, unhealthyThreshold: 5 }'
       assert.ok(text.includes('replicas: { min: 1, max: 3 }') && text.includes(health), 'the api\'s lines are where the test expects them')
       // Under TCG the burst below starves health checks (and wakes workers): a replica replaced mid-request
       // would fail posts for a reason this test is not about.
-      await writeFile(three, text.replace('replicas: { min: 1, max: 3 }', 'replicas: { min: 3, max: 3 }').replace(health, health.replace('unhealthyThreshold: 3', 'unhealthyThreshold: 30')))
+      await writeFile(three, text.replace('replicas: { min: 1, max: 3 }', 'replicas: { min: 3, max: 3 }').replace(health, health.replace('unhealthyThreshold: 5', 'unhealthyThreshold: 30')))
       const scaled = await runCli(['up', three, '--timeout', '300'], { env: daemon.env })
       assert.equal(scaled.code, 0, scaled.stderr)
     } finally {
