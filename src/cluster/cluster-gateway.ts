@@ -4,6 +4,13 @@ import type { ServiceGateway } from '../service/service-controller.js'
 import { keys } from './cluster-keys.js'
 import type { RouteEndpoint, RouteRecord } from './cluster-records.js'
 
+/**
+ * Dead endpoints a route keeps naming. A gateway acts on a death when it
+ * reads the route, within seconds; by the time 16 more replicas of the same
+ * service have died, every gateway has long forgotten this one.
+ */
+const ENDED_KEPT = 16
+
 type Route = Parameters<ServiceGateway['configure']>[0]
 type Load = ReturnType<ServiceGateway['load']>
 
@@ -55,8 +62,12 @@ export class ClusterGateway implements ServiceGateway {
     void this.#write(service).catch((err: unknown) => { this.#log.warn({ err, service }, 'publishing the service\'s endpoints failed; the next change publishes them') })
   }
 
-  endpointDied (): void {
-    // The endpoint leaves the route at the controller's next setEndpoints; each gateway fails over on its own meanwhile.
+  endpointDied (service: string, endpointId: string): void {
+    const record = this.#routes.get(service)
+    if (record === undefined) return
+    record.endpoints = record.endpoints.filter((e) => e.id !== endpointId)
+    record.ended = [...(record.ended ?? []).filter((id) => id !== endpointId), endpointId].slice(-ENDED_KEPT)
+    void this.#write(service).catch((err: unknown) => { this.#log.warn({ err, service }, 'publishing the death of an endpoint failed; the gateways cut it when its node\'s report comes') })
   }
 
   async remove (service: string): Promise<void> {

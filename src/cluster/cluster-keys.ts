@@ -11,7 +11,7 @@
  * | services/NAME | the leader: desired state of a service | no |
  * | placements/NODE/REPLICA | the leader: a replica given to a node, with the leader's epoch | no |
  * | replicas/NODE/REPLICA | the node: the replica's VM as it runs | yes |
- * | routes/SERVICE | the leader: the gateway route and its routable endpoints | no |
+ * | routes/SERVICE | the leader: the gateway route, its routable endpoints and the ones that died lately | no |
  * | volumes/NAME | the node whose disk holds the volume | no: the volume stays on its node while the node is away |
  */
 const ROOT = '/uigniter/'

@@ -76,6 +76,13 @@ export const RouteRecordSchema = Type.Object({
     hold: Type.Object({ maxRequests: Type.Integer(), timeoutMs: Type.Integer() })
   }),
   endpoints: Type.Array(RouteEndpointSchema),
+  /**
+   * Endpoints the leader saw die lately (their VM ended, failed its health
+   * checks, or went with a lost node), newest last. Every gateway cuts what
+   * it still has open to them, retrying where safe: a request in flight to a
+   * VM that is gone would otherwise wait for an answer that never comes.
+   */
+  ended: Type.Optional(Type.Array(Type.String(), { maxItems: 64 })),
   epoch: Type.Integer()
 })
 export type RouteRecord = Static<typeof RouteRecordSchema>

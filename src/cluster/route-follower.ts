@@ -6,7 +6,7 @@ import { Informer } from './informer.js'
 import { parseRecord, RouteRecordSchema, type RouteRecord } from './cluster-records.js'
 
 /** What the follower drives: the node's own gateway. */
-export type LocalGateway = Pick<ServiceGateway, 'configure' | 'setEndpoints' | 'remove' | 'load' | 'inFlight' | 'whenIdle'>
+export type LocalGateway = Pick<ServiceGateway, 'configure' | 'setEndpoints' | 'endpointDied' | 'remove' | 'load' | 'inFlight' | 'whenIdle'>
 
 /**
  * Keeps this node's gateway routing every service of the cluster: it reads
@@ -85,10 +85,13 @@ export class RouteFollower {
 
   #setEndpoints (service: string, record: RouteRecord): void {
     const excluded = this.#excluded.get(service)
-    const listed = record.endpoints.filter((e) => excluded?.has(e.id) !== true)
+    const ended = record.ended ?? []
+    const listed = record.endpoints.filter((e) => excluded?.has(e.id) !== true && !ended.includes(e.id))
     if (excluded !== undefined) for (const id of excluded) if (!record.endpoints.some((e) => e.id === id)) excluded.delete(id)
     const local = listed.filter((e) => e.node === this.#node)
     const chosen = this.#preferLocal && local.length > 0 ? local : listed
     this.#gateway.setEndpoints(service, chosen.map((e) => ({ id: e.id, host: e.host, weight: e.weight, priority: e.priority })))
+    // A dead endpoint's open requests are cut (and retried elsewhere where safe); one this gateway has forgotten is a no-op.
+    for (const id of ended) this.#gateway.endpointDied(service, id)
   }
 }
