@@ -225,6 +225,7 @@ describe('a cluster of three nodes on etcd', { timeout: 900_000 }, () => {
     const other = victim === 1 ? 2 : 1
     const load = loadThrough(other, '/svc/backend/')
     await sleep(500)
+    t.after(async () => { await daemons.ensureRunning(victim) })
     const killedAt = Date.now()
     daemons.kill(victim)
     assert.ok(await killQemus(victim) >= 1)
@@ -249,11 +250,12 @@ describe('a cluster of three nodes on etcd', { timeout: 900_000 }, () => {
     }, 60_000)
   })
 
-  it('fences a node that comes back after it was declared lost: its stale replica stops', async () => {
+  it('fences a node that comes back after it was declared lost: its stale replica stops', async (t) => {
     const victim = Number((backendNodes[0] ?? 'n2').slice(1))
     const other = victim === 1 ? 2 : 1
     const before = (await service(other, 'backend')).endpoints.find((e) => e.node === `n${victim}`)
     assert.ok(before !== undefined)
+    t.after(async () => { await daemons.ensureRunning(victim) })
     // Frozen, as a node cut off from etcd is: its VMs run on, its lease runs out.
     daemons.kill(victim, 'SIGSTOP')
     await until('backend 2/2 without the frozen node', async () => {
@@ -274,6 +276,7 @@ describe('a cluster of three nodes on etcd', { timeout: 900_000 }, () => {
     const leader = (await nodes(1)).find((n) => n.leader)?.name ?? ''
     const dead = Number(leader.slice(1))
     const survivor = dead === 1 ? 2 : 1
+    t.after(async () => { await daemons.ensureRunning(dead) })
     const killedAt = Date.now()
     daemons.kill(dead)
     const next = await until('a new leader', async () => (await nodes(survivor)).find((n) => n.leader && n.name !== leader), 30_000)

@@ -72,7 +72,7 @@ describe('a replica that dies in a cluster: every node\'s gateway cuts and retri
     const leader = new ClusterGateway({
       store,
       epoch: () => epoch,
-      peers: { load: () => new Map(), whenIdle: async () => true },
+      peers: { load: () => new Map(), whenIdle: async () => await Promise.resolve(true) },
       nodeOf: () => 'n2',
       log
     })

@@ -68,6 +68,20 @@ export class ClusterDaemons {
     throw new Error(`node ${n.name}'s daemon did not answer within ${timeoutMs} ms; its log: ${proc.logPath}`)
   }
 
+  /**
+   * Node i's daemon running again, whatever a scenario did to it (killed,
+   * stopped): a scenario that fails halfway must not leave the next ones a
+   * node short.
+   */
+  async ensureRunning (i: number): Promise<void> {
+    const proc = this.#procs.get(i)
+    if (proc?.pid !== undefined && proc.exitCode === null && proc.signalCode === null) {
+      process.kill(proc.pid, 'SIGCONT')
+      return
+    }
+    await this.start(i)
+  }
+
   pid (i: number): number | undefined { return this.#procs.get(i)?.pid }
   logPath (i: number): string | undefined { return this.#procs.get(i)?.logPath }
 
