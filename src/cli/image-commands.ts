@@ -101,8 +101,8 @@ function printManifestSummary (m: ImageManifest): void {
 /** The flags of `image pull` that reach the registry; `uigniter up` takes them too. */
 export const REGISTRY_OPTIONS = { insecure: { type: 'boolean' }, credentials: { type: 'string' } } as const
 export const REGISTRY_HELP = [
-  '--insecure            plain HTTP to the registry (e.g. 127.0.0.1:5000); https otherwise',
-  '--credentials FILE    registry credentials in Docker\'s config.json format (auths → auth)'
+  '--insecure            plain HTTP to the registry (e.g. 127.0.0.1:5000); https otherwise, unless the config\'s registries.insecure names it',
+  '--credentials FILE    registry credentials in Docker\'s config.json format (auths → auth); default: the config\'s registries.credentials'
 ]
 
 export interface RegistryFlags {
@@ -167,8 +167,11 @@ export async function pullImage (ref: string, options: RegistryFlags & { name?: 
   try {
     const pulled = await pull(reference, {
       dataDir: config.dataDir,
-      ...(options.insecure === true ? { insecure: true } : {}),
-      ...(options.credentialsFile !== undefined ? { credentialsFile: options.credentialsFile } : {}),
+      // --insecure for this one pull, or the registries the config names.
+      insecure: options.insecure === true ? true : config.registries.insecure,
+      ...(options.credentialsFile !== undefined || config.registries.credentials !== undefined
+        ? { credentialsFile: options.credentialsFile ?? config.registries.credentials }
+        : {}),
       onProgress: (p) => { progress.update(`layer ${p.index + 1}/${p.count} ${p.digest.slice(7, 19)}: ${p.state === 'cached' ? 'cached' : `${formatBytes(p.received)} of ${formatBytes(p.size)}`}`) }
     })
     // Pulled again with nothing asked differently: the image made from this very manifest is kept, not made again.

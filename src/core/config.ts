@@ -57,6 +57,13 @@ export const ConfigSchema = Type.Object({
       memoryMiB: Type.Optional(Type.Integer({ minimum: 64, maximum: 100_000_000, description: 'Default: host memory less 1 GiB. Env: UIGNITER_NODE_MEMORY_MIB' }))
     }, { additionalProperties: false })
   }, { additionalProperties: false }),
+  registries: Type.Object({
+    insecure: Type.Array(Type.String({ pattern: '^(?:\\[[0-9A-Fa-f:.]+\\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]{1,5})?$' }), {
+      maxItems: 64,
+      description: 'Registries (host[:port], as in an image reference; no scheme) pulled over plain HTTP, as --insecure does for one command. Env: UIGNITER_INSECURE_REGISTRIES (comma-separated)'
+    }),
+    credentials: Type.Optional(Type.String({ minLength: 1, description: 'Registry credentials in Docker\'s config.json format, used when a pull names no --credentials. Env: UIGNITER_REGISTRY_CREDENTIALS' }))
+  }, { additionalProperties: false }),
   gateway: Type.Object({
     address: Type.String({ minLength: 1, description: 'Host address the service gateway listens on, for its HTTP port and every service\'s TCP port; guests reach it on the bridge\'s gateway address. Env: UIGNITER_GATEWAY_ADDRESS' }),
     httpPort: Type.Integer({ minimum: 1, maximum: 65535, description: 'The gateway\'s HTTP port: routes by Host header or /svc/NAME/ prefix. Env: UIGNITER_GATEWAY_HTTP_PORT' })
@@ -81,6 +88,7 @@ function defaults (): Static<typeof ConfigSchema> {
     // 96 MiB: QEMU's own peak beyond guest RAM measured here (TCG, our guests) was under 70 MiB (docs/jail.md).
     jail: { enabled: 'auto', uidBase: 640_000, uidCount: 10_000, gid: 640_000, memoryOverheadMiB: 96, pidsMax: 256 },
     gateway: { address: '0.0.0.0', httpPort: 7380 },
+    registries: { insecure: [] },
     cluster: { etcd: [], node: defaultNodeName(), address: '', labels: {}, subnetRange: '10.78.0.0/16', leaseTtlS: 5, scoring: 'least-allocated', preferLocalEndpoints: false, capacity: {} }
   }
 }
@@ -140,6 +148,10 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env): Config {
     const port = /^\d+$/.test(env.UIGNITER_GATEWAY_HTTP_PORT) ? Number(env.UIGNITER_GATEWAY_HTTP_PORT) : env.UIGNITER_GATEWAY_HTTP_PORT
     merged.gateway = { ...(merged.gateway as object), httpPort: port }
   }
+  if (env.UIGNITER_INSECURE_REGISTRIES !== undefined) {
+    merged.registries = { ...(merged.registries as object), insecure: env.UIGNITER_INSECURE_REGISTRIES.split(',').map((r) => r.trim()).filter((r) => r !== '') }
+  }
+  if (env.UIGNITER_REGISTRY_CREDENTIALS !== undefined) merged.registries = { ...(merged.registries as object), credentials: env.UIGNITER_REGISTRY_CREDENTIALS }
   const cluster = { ...(merged.cluster as object) } as Record<string, unknown>
   if (env.UIGNITER_ETCD !== undefined) cluster.etcd = env.UIGNITER_ETCD.split(',').map((u) => u.trim()).filter((u) => u !== '')
   if (env.UIGNITER_NODE !== undefined) cluster.node = env.UIGNITER_NODE

@@ -151,7 +151,7 @@ export class RegistryClient {
       return await fetch(url, { ...init, redirect: 'follow', signal: controller.signal })
     } catch (err) {
       const why = controller.signal.aborted ? `no answer within ${this.#timeoutMs} ms` : describe(err)
-      throw ociError('registry', `registry ${this.registry} cannot be reached at ${url}: ${why}${url.startsWith('https:') ? ' (a plain-HTTP registry must be named as insecure)' : ''}`, { cause: err })
+      throw ociError('registry', `registry ${this.registry} cannot be reached at ${url}: ${why}${url.startsWith('https:') ? ' (a plain-HTTP registry needs --insecure, or its host:port in the config\'s registries.insecure)' : ''}`, { cause: err })
     } finally {
       clearTimeout(timer)
     }

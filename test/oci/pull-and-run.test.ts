@@ -1,4 +1,7 @@
 import assert from 'node:assert/strict'
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
 import type { ImageManifest } from '../../src/core/image.js'
 import { waitForAppAnswer, type AppAnswer } from '../../src/core/app-probe.js'
@@ -63,7 +66,11 @@ describe('an OCI image pulled from a registry, then run', { timeout: 300_000 }, 
     assert.match(manifest.origin?.manifestDigest ?? '', /^sha256:[0-9a-f]{64}$/)
     assert.equal(manifest.overlaySizeMiB, 256)
     // Pulled again: every layer is in the cache, nothing is fetched, and the image made from this manifest is kept.
-    const again = await runCli(['image', 'pull', '--insecure', `${registry.host}/test/web:1`], { env: ctx.env })
+    // Named in the config's plain-HTTP registries, it needs no --insecure; named nowhere, the pull tries https and says what to do.
+    const https = await runCli(['image', 'pull', `${registry.host}/test/web:1`], { env: ctx.env })
+    assert.equal(https.code, 1)
+    assert.match(https.stderr, /error UIG_ERR_OCI_REGISTRY: registry .* cannot be reached at https:.*--insecure, or its host:port in the config's registries\.insecure/)
+    const again = await runCli(['image', 'pull', `${registry.host}/test/web:1`], { env: { ...ctx.env, UIGNITER_INSECURE_REGISTRIES: `localhost:5000,${registry.host}` } })
     assert.equal(again.code, 0, again.stderr)
     assert.match(again.stdout, /: 0 fetched, \d+ cached\) as web:1, already made from this manifest/)
     // Asked for another overlay, it is made again.
@@ -90,6 +97,20 @@ describe('an OCI image pulled from a registry, then run', { timeout: 300_000 }, 
       const refused = await runCli(['image', 'pull', '--insecure', `${locked.host}/test/web:1`], { env: ctx.env })
       assert.equal(refused.code, 1)
       assert.match(refused.stderr, /error UIG_ERR_[A-Z_]+: .*401|error UIG_ERR_OCI_AUTH/)
+      // The config's credentials file is used when the command names none: a wrong password is refused, the right one gets past the 401.
+      const dir = await mkdtemp(join(tmpdir(), 'uigniter-creds-'))
+      const file = async (password: string): Promise<string> => {
+        const path = join(dir, `${password}.json`)
+        await writeFile(path, JSON.stringify({ auths: { [locked.host]: { auth: Buffer.from(`user:${password}`).toString('base64') } } }))
+        return path
+      }
+      const wrong = await runCli(['image', 'pull', '--insecure', `${locked.host}/test/web:1`], { env: { ...ctx.env, UIGNITER_REGISTRY_CREDENTIALS: await file('wrong') } })
+      assert.equal(wrong.code, 1)
+      assert.match(wrong.stderr, /error UIG_ERR_OCI_AUTH: .*refused the credentials/)
+      const right = await runCli(['image', 'pull', '--insecure', `${locked.host}/test/web:1`], { env: { ...ctx.env, UIGNITER_REGISTRY_CREDENTIALS: await file('secret-password') } })
+      assert.equal(right.code, 1)
+      assert.match(right.stderr, /error UIG_ERR_OCI_NOT_FOUND: /, 'authenticated: the registry says the image is not there')
+      await rm(dir, { recursive: true, force: true })
     } finally {
       await locked.close()
     }

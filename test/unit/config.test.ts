@@ -51,3 +51,17 @@ test('a cluster node takes its etcd endpoints, name, address, labels and capacit
     })
   }
 })
+
+test('plain-HTTP registries and a credentials file come from the config or their variables; a URL or a path is refused as a registry', () => {
+  const env = { UIGNITER_DATA_DIR: '/tmp/x' }
+  assert.deepEqual(loadConfig(env).registries, { insecure: [] }, 'none by default: every registry is https')
+  const r = loadConfig({ ...env, UIGNITER_INSECURE_REGISTRIES: 'localhost:5000, 127.0.0.1:5001,[::1]:5002,registry.lab', UIGNITER_REGISTRY_CREDENTIALS: '/root/.docker/config.json' }).registries
+  assert.deepEqual(r, { insecure: ['localhost:5000', '127.0.0.1:5001', '[::1]:5002', 'registry.lab'], credentials: '/root/.docker/config.json' })
+  for (const bad of ['http://localhost:5000', 'localhost:5000/team', 'local host', 'localhost:']) {
+    assert.throws(() => loadConfig({ ...env, UIGNITER_INSECURE_REGISTRIES: bad }), (err: Error & { code?: string }) => {
+      assert.equal(err.code, 'UIG_ERR_CONFIG_INVALID')
+      assert.match(err.message, /registries\/insecure\/0/)
+      return true
+    })
+  }
+})
