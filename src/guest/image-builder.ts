@@ -18,8 +18,8 @@ import { RootfsTree } from './rootfs-tree.js'
 
 /** Images whose files add up to more than this become a shared read-only disk (design.md fact 7). */
 export const INITRAMFS_LIMIT = 24 * 1024 * 1024
-/** 4: mounts persistent volumes (uigniter.volume=). */
-export const INIT_VERSION = 4
+/** 4: mounts persistent volumes (uigniter.volume=). 5: a fresh volume gets a copy of the image's files at its mount point. */
+export const INIT_VERSION = 5
 /** The first init that mounts volumes: an older one would ignore them, and its app would run without its data. */
 export const VOLUMES_INIT_VERSION = 4
 

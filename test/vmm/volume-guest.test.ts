@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict'
 import { execFile } from 'node:child_process'
-import { createHash } from 'node:crypto'
-import { chmod, copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { createHash, randomBytes } from 'node:crypto'
+import { chmod, chown, copyFile, lchown, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
@@ -30,6 +30,8 @@ const root = process.getuid?.() === 0
 const JAIL: JailOptions = { ...DEFAULT_JAIL, uidBase: 710_000 + (process.pid % 1000) * 100, uidCount: 100, gid: 710_000 }
 const STOPS = { guestMarginMs: 3000, quitMs: 2000, termMs: 2000, killMs: 3000 }
 const PAYLOAD = 'fsynced before the power cut'
+/** More than a 4 MiB volume holds, and incompressible, so that the image's disk keeps all of it. */
+const BIG = randomBytes(6 * 1024 * 1024)
 
 /**
  * The app, by $MODE. `crash`: writes and fsyncs a file in the volume (busybox
@@ -57,6 +59,25 @@ again)
   echo UIG-READY
   exec busybox sleep 3600
   ;;
+copyup)
+  for f in /web /web/index.html /web/sub /web/sub/deep.txt /web/link; do echo "UIG-STAT $(busybox stat -c '%n %u %g %a %F' $f)"; done
+  echo "UIG-LINK $(busybox readlink /web/link)"
+  echo "UIG-CAT $(busybox cat /web/index.html)"
+  echo "UIG-LS $(busybox ls -a /web | busybox tr '\n' ' ')"
+  busybox rm /web/index.html && echo mine > /web/mine.txt && busybox sync /web/mine.txt
+  echo UIG-READY
+  exec busybox sleep 3600
+  ;;
+copyup-again)
+  echo "UIG-LS $(busybox ls -a /web | busybox tr '\n' ' ')"
+  echo UIG-READY
+  exec busybox sleep 3600
+  ;;
+big)
+  echo "UIG-BIG $(busybox md5sum /big/big.bin | busybox cut -d' ' -f1) $(busybox ls -a /big | busybox tr '\n' ' ')"
+  echo UIG-READY
+  exec busybox sleep 3600
+  ;;
 esac
 echo "UIG-UNKNOWN-MODE $MODE"
 `
@@ -74,8 +95,8 @@ async function exec (cmd: string, args: string[]): Promise<Exec> {
 }
 
 /** A sparse file with ext4 on it, as the volume manager makes one; `from` fills it (mkfs.ext4 -d). */
-async function makeVolume (path: string, from?: string): Promise<void> {
-  await exec('truncate', ['-s', '64M', path])
+async function makeVolume (path: string, from?: string, size = '64M'): Promise<void> {
+  await exec('truncate', ['-s', size, path])
   const made = await exec('mkfs.ext4', ['-q', '-F', ...(from !== undefined ? ['-d', from] : []), path])
   assert.equal(made.code, 0, made.stderr)
   // Root's own file, unreadable by anyone else: a jailed QEMU opens it before it drops to its uid.
@@ -150,7 +171,20 @@ describe('persistent volumes in a real guest', () => {
     await copyFile(BUSYBOX, join(tree, 'bin/busybox'))
     await chmod(join(tree, 'bin/busybox'), 0o755)
     await writeFile(join(tree, 'app.sh'), APP, { mode: 0o755 })
-    image = await ctx.builder.build({ name: 'volumes', source: { kind: 'rootfs', dir: tree, entrypoint: '/app.sh' }, format: 'squashfs' })
+    // What the image holds where a volume goes: a fresh volume gets a copy of it (owners kept when we can set them: as root).
+    await mkdir(join(tree, 'web/sub'), { recursive: true })
+    await writeFile(join(tree, 'web/index.html'), 'from the image\n', { mode: 0o640 })
+    await writeFile(join(tree, 'web/sub/deep.txt'), 'deep\n')
+    await symlink('index.html', join(tree, 'web/link'))
+    await chmod(join(tree, 'web'), 0o750)
+    if (root) {
+      await chown(join(tree, 'web'), 33, 33)
+      await chown(join(tree, 'web/index.html'), 1000, 1001)
+      await lchown(join(tree, 'web/link'), 1000, 1001)
+    }
+    await mkdir(join(tree, 'big'))
+    await writeFile(join(tree, 'big/big.bin'), BIG)
+    image = await ctx.builder.build({ name: 'volumes', source: { kind: 'rootfs', dir: tree, entrypoint: '/app.sh', owners: 'keep' }, format: 'squashfs' })
     accel = (await chooseAccel(ctx.config, ctx.store.blobPath(image.kernel.blob.digest), image.kernel.blob.digest)).accel
 
     data = join(scratch, 'data.img')
@@ -241,5 +275,55 @@ describe('persistent volumes in a real guest', () => {
     assert.equal(check.code, 0, `${check.stdout} ${check.stderr}`)
     assert.equal(await debugfsCat(data, '/a.txt'), `${PAYLOAD}\n`)
     assert.equal(await debugfsCat(data, '/b.txt'), 'second boot\n', 'written back at the stop, never synced by the app')
+  })
+
+  test('a fresh volume gets a copy of what the image has at its mount point, with owners, modes and links; once only', { timeout: 180_000 }, async () => {
+    const web = join(scratch, 'web.img')
+    await makeVolume(web)
+    const first = await start([{ hostPath: web, guestPath: '/web', readOnly: false }], { MODE: 'copyup' })
+    await consoleLine(first, /^UIG-READY/)
+    const out = await lines(first)
+    const stat = (name: string): string => out.find((l) => l.startsWith(`UIG-STAT ${name} `))?.slice(`UIG-STAT ${name} `.length) ?? `(no line for ${name})`
+    const owner = (uid: number, gid: number): string => root ? `${uid} ${gid}` : '0 0'
+    assert.equal(stat('/web'), `${owner(33, 33)} 750 directory`, 'the volume root takes the image directory\'s owner and mode')
+    assert.equal(stat('/web/index.html'), `${owner(1000, 1001)} 640 regular file`, out.join('\n'))
+    assert.equal(stat('/web/sub'), '0 0 755 directory')
+    assert.equal(stat('/web/sub/deep.txt'), '0 0 644 regular file')
+    // A symlink's mode means nothing on Linux; its owner is kept.
+    assert.match(stat('/web/link'), new RegExp(`^${owner(1000, 1001)} [0-7]+ symbolic link$`))
+    assert.ok(out.includes('UIG-LINK index.html'), 'a symlink is copied as a link')
+    assert.ok(out.includes('UIG-CAT from the image'))
+    assert.match(out.find((l) => l.startsWith('UIG-LS ')) ?? '', /^UIG-LS \. \.\. index\.html link lost\+found sub $/, 'no staging directory left')
+    assert.equal((await first.stop({ graceMs: 5000 })).reason, 'stopped')
+    assert.equal(await debugfsCat(web, '/sub/deep.txt'), 'deep\n', 'the copy is on the volume, not in the overlay')
+
+    // The app deleted a file the image has: the volume is no longer fresh, so it is not copied again.
+    const second = await start([{ hostPath: web, guestPath: '/web', readOnly: false }], { MODE: 'copyup-again' })
+    await consoleLine(second, /^UIG-READY/)
+    assert.match((await lines(second)).find((l) => l.startsWith('UIG-LS ')) ?? '', /^UIG-LS \. \.\. link lost\+found mine\.txt sub $/)
+    assert.equal((await second.stop({ graceMs: 5000 })).reason, 'stopped')
+  })
+
+  test('a volume too small for the image\'s files stops the VM at boot and says so; made larger, the next boot copies again from the start', { timeout: 180_000 }, async () => {
+    const small = join(scratch, 'small.img')
+    await makeVolume(small, undefined, '4M')
+    const failed = await start([{ hostPath: small, guestPath: '/big', readOnly: false }], { MODE: 'big' })
+    const exit = await Promise.race([failed.exited, consoleLine(failed, /^UIG-BIG/).then((l) => ({ reason: 'running', detail: l }))])
+    assert.equal(exit.reason, 'boot-failed', JSON.stringify(exit))
+    assert.match(exit.detail, /volume 0 \(\/big\): copying the image's files into the new volume failed \(write big\.bin: No space left on device\); make the volume larger/)
+    const fsck = await exec('e2fsck', ['-fy', small])
+    assert.ok(fsck.code <= 1, `e2fsck -fy: ${fsck.code} ${fsck.stdout} ${fsck.stderr}`)
+    // The half copy is in the staging directory, not at the root: the volume is still fresh.
+    const listing = (await exec('debugfs', ['-R', 'ls /', small])).stdout
+    assert.match(listing, /\.uigniter-copy-up/)
+    assert.doesNotMatch(listing, /big\.bin/)
+    await exec('truncate', ['-s', '64M', small])
+    const grown = await exec('resize2fs', [small])
+    assert.equal(grown.code, 0, grown.stderr)
+    const vm = await start([{ hostPath: small, guestPath: '/big', readOnly: false }], { MODE: 'big' })
+    await consoleLine(vm, /^UIG-READY/)
+    const md5 = createHash('md5').update(BIG).digest('hex')
+    assert.ok((await lines(vm)).includes(`UIG-BIG ${md5} . .. big.bin lost+found `), (await lines(vm)).filter((l) => l.startsWith('UIG-BIG')).join('\n'))
+    assert.equal((await vm.stop({ graceMs: 5000 })).reason, 'stopped')
   })
 })

@@ -42,6 +42,7 @@
 #include <sys/syscall.h>
 #include <sys/timerfd.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
@@ -51,7 +52,7 @@
  * (src/guest/image-builder.ts), so that it can refuse what an older init
  * would silently ignore.
  */
-#define INIT_VERSION 4
+#define INIT_VERSION 5
 /* The app's end of the after-clone ack pipe (see cmd_after_clone); its number is in UIGNITER_ACK_FD. */
 #define ACK_FD 3
 #define APP_CONFIG "/uigniter/config"
@@ -543,38 +544,261 @@ static bool find_disk_by_serial(const char *serial, char *dev, size_t devsz)
 }
 
 /*
+ * A volume is fresh while it holds nothing but lost+found (and the staging
+ * directory of a copy-up that did not finish, which is made again).
+ */
+#define COPY_UP_STAGING ".uigniter-copy-up"
+
+static bool holds_nothing(int dirfd)
+{
+	int fd = dup(dirfd);
+	DIR *d = fd < 0 ? NULL : fdopendir(fd);
+	if (!d) {
+		if (fd >= 0)
+			close(fd);
+		return false;
+	}
+	/* A dup shares the offset: another reading of the directory may have left it at the end. */
+	rewinddir(d);
+	bool fresh = true;
+	struct dirent *e;
+	while (fresh && (e = readdir(d)) != NULL)
+		fresh = !strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") ||
+			!strcmp(e->d_name, "lost+found") || !strcmp(e->d_name, COPY_UP_STAGING);
+	closedir(d);
+	return fresh;
+}
+
+/*
  * A new volume's root is root's, 0755: an app that runs as its own user
  * (redis, postgres) could not write it.  As Docker does for a new named
- * volume, a volume that is still empty (nothing but lost+found) takes the
- * owner and mode of the directory it is mounted on, as the image made it
- * (a Dockerfile's "mkdir /data && chown redis /data").  A volume in use
- * keeps whatever its app made of it.
+ * volume, a fresh volume takes the owner and mode of the directory it is
+ * mounted on, as the image made it (a Dockerfile's "mkdir /data && chown
+ * redis /data").  A volume in use keeps whatever its app made of it.
  */
-static void adopt_mount_point_owner(const char *path, const struct stat *image_dir)
+static void adopt_mount_point_owner(int volfd, const char *path, const struct stat *image_dir)
 {
-	struct stat root;
-	if (stat(path, &root) < 0 || root.st_uid != 0 || root.st_gid != 0)
-		return;
-	if (image_dir->st_uid == 0 && image_dir->st_gid == 0 &&
-	    (image_dir->st_mode & 07777) == (root.st_mode & 07777))
-		return;
-	DIR *d = opendir(path);
-	if (!d)
-		return;
-	bool empty = true;
-	struct dirent *e;
-	while ((e = readdir(d)) != NULL) {
-		if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..") && strcmp(e->d_name, "lost+found")) {
-			empty = false;
+	if (fchown(volfd, image_dir->st_uid, image_dir->st_gid) < 0 ||
+	    fchmod(volfd, image_dir->st_mode & 07777) < 0)
+		warnmsg("volume %s: cannot give it the owner of the image's directory: %s", path, strerror(errno));
+}
+
+/* Deeper trees than this are refused rather than risk init's stack. */
+#define COPY_UP_MAX_DEPTH 128
+
+/* Why a copy-up failed: the first error, and where. */
+static struct {
+	int err;
+	char what[PATH_MAX];
+} copy_up_failure;
+
+static bool copy_up_fail(const char *what, const char *name)
+{
+	if (!copy_up_failure.err) {
+		copy_up_failure.err = errno ? errno : EIO;
+		snprintf(copy_up_failure.what, sizeof(copy_up_failure.what), "%s %s", what, name);
+	}
+	return false;
+}
+
+/* Owner, mode, times and file capabilities of `st` on the new entry `fd` (the mode after the owner: chown clears setuid). */
+static bool copy_up_attrs(int srcfd, int fd, const struct stat *st, const char *name)
+{
+	char cap[64];
+	ssize_t n = fgetxattr(srcfd, "security.capability", cap, sizeof(cap));
+	if (fchown(fd, st->st_uid, st->st_gid) < 0)
+		return copy_up_fail("chown", name);
+	if (fchmod(fd, st->st_mode & 07777) < 0)
+		return copy_up_fail("chmod", name);
+	/* The guest kernel may keep no security xattrs on ext4: the copy then goes without them, and says so. */
+	if (n > 0 && fsetxattr(fd, "security.capability", cap, (size_t)n, 0) < 0)
+		warnmsg("volume copy-up: %s keeps no file capabilities: %s", name, strerror(errno));
+	struct timespec times[2] = { st->st_atim, st->st_mtim };
+	if (futimens(fd, times) < 0)
+		return copy_up_fail("set times of", name);
+	return true;
+}
+
+static bool copy_up_file(int srcfd, int dstdir, const char *name, const struct stat *st)
+{
+	int out = openat(dstdir, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (out < 0)
+		return copy_up_fail("create", name);
+	static char buf[64 * 1024];
+	bool ok = true;
+	for (;;) {
+		ssize_t n = read(srcfd, buf, sizeof(buf));
+		if (n == 0)
+			break;
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			ok = copy_up_fail("read", name);
 			break;
 		}
+		for (ssize_t off = 0; ok && off < n;) {
+			ssize_t w = write(out, buf + off, (size_t)(n - off));
+			if (w < 0 && errno != EINTR)
+				ok = copy_up_fail("write", name);
+			else if (w > 0)
+				off += w;
+		}
+		if (!ok)
+			break;
+	}
+	ok = ok && copy_up_attrs(srcfd, out, st, name);
+	close(out);
+	return ok;
+}
+
+/*
+ * Copies the directory `src` into `dst` (an empty directory on the volume):
+ * directories, regular files (a hard link becomes a copy, as on the image's
+ * disk) and symlinks, with owners, modes, times and file capabilities.
+ * Nothing else is in an image (its builders skip devices, FIFOs and
+ * sockets), and nothing else is copied.  Every name is
+ * opened relative to its parent with O_NOFOLLOW, so the image's symlinks
+ * are copied as links and never followed.
+ */
+static bool copy_up_tree(int src, int dst, int depth)
+{
+	if (depth > COPY_UP_MAX_DEPTH) {
+		errno = ELOOP;
+		return copy_up_fail("copy (deeper than 128 directories)", "");
+	}
+	int fd = dup(src);
+	DIR *d = fd < 0 ? NULL : fdopendir(fd);
+	if (!d) {
+		if (fd >= 0)
+			close(fd);
+		return copy_up_fail("read directory", "");
+	}
+	rewinddir(d);
+	bool ok = true;
+	struct dirent *e;
+	while (ok && (errno = 0, e = readdir(d)) != NULL) {
+		const char *name = e->d_name;
+		struct stat st;
+		if (!strcmp(name, ".") || !strcmp(name, "..") ||
+		    (depth == 0 && (!strcmp(name, "lost+found") || !strcmp(name, COPY_UP_STAGING))))
+			continue;
+		if (fstatat(src, name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+			ok = copy_up_fail("stat", name);
+			break;
+		}
+		if (S_ISDIR(st.st_mode)) {
+			int from = openat(src, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+			int to = -1;
+			if (from < 0)
+				ok = copy_up_fail("open", name);
+			else if (mkdirat(dst, name, 0700) < 0)
+				ok = copy_up_fail("mkdir", name);
+			else if ((to = openat(dst, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)) < 0)
+				ok = copy_up_fail("open", name);
+			else
+				ok = copy_up_tree(from, to, depth + 1) && copy_up_attrs(from, to, &st, name);
+			if (from >= 0)
+				close(from);
+			if (to >= 0)
+				close(to);
+		} else if (S_ISREG(st.st_mode)) {
+			int from = openat(src, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+			if (from < 0) {
+				ok = copy_up_fail("open", name);
+			} else {
+				ok = copy_up_file(from, dst, name, &st);
+				close(from);
+			}
+		} else if (S_ISLNK(st.st_mode)) {
+			char target[PATH_MAX];
+			ssize_t n = readlinkat(src, name, target, sizeof(target) - 1);
+			if (n < 0)
+				ok = copy_up_fail("readlink", name);
+			else {
+				target[n] = '\0';
+				struct timespec times[2] = { st.st_atim, st.st_mtim };
+				if (symlinkat(target, dst, name) < 0)
+					ok = copy_up_fail("symlink", name);
+				else if (fchownat(dst, name, st.st_uid, st.st_gid, AT_SYMLINK_NOFOLLOW) < 0)
+					ok = copy_up_fail("chown", name);
+				else if (utimensat(dst, name, times, AT_SYMLINK_NOFOLLOW) < 0)
+					ok = copy_up_fail("set times of", name);
+			}
+		}
+	}
+	if (ok && errno)
+		ok = copy_up_fail("read directory", "");
+	closedir(d);
+	return ok;
+}
+
+/* Removes the tree `name` under `dirfd` (a staging directory left by a copy-up that did not finish). */
+static void remove_tree(int dirfd, const char *name, int depth)
+{
+	int fd = depth > COPY_UP_MAX_DEPTH ? -1 : openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	DIR *d = fd < 0 ? NULL : fdopendir(fd);
+	if (d) {
+		struct dirent *e;
+		while ((e = readdir(d)) != NULL) {
+			if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+				continue;
+			if (unlinkat(fd, e->d_name, 0) < 0 && (errno == EISDIR || errno == EPERM))
+				remove_tree(fd, e->d_name, depth + 1);
+		}
+		closedir(d);
+	} else if (fd >= 0) {
+		close(fd);
+	}
+	unlinkat(dirfd, name, AT_REMOVEDIR);
+}
+
+/*
+ * As Docker does for a new volume, a fresh volume mounted on a directory the
+ * image fills gets a copy of what the image has there (an nginx image's
+ * html, a default config), once: after that the volume is the app's.  The
+ * copy goes into a staging directory on the volume first, and its entries
+ * are moved to the root only once all of it is there, so a VM stopped in the
+ * middle leaves a volume that is still fresh (the next boot copies again),
+ * not a half copy.  `imagefd` is the image's directory, opened before the
+ * volume was mounted over it.
+ */
+static void copy_up(int imagefd, int volfd, unsigned long index, const char *path)
+{
+	/* What a copy-up that was cut left: it starts again. */
+	remove_tree(volfd, COPY_UP_STAGING, 0);
+	if (holds_nothing(imagefd))
+		return;
+	long long started = boottime_ms();
+	if (mkdirat(volfd, COPY_UP_STAGING, 0700) < 0)
+		fatal("volume %lu (%s): cannot make %s for the image's files: %s", index, path, COPY_UP_STAGING, strerror(errno));
+	int staging = openat(volfd, COPY_UP_STAGING, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (staging < 0 || !copy_up_tree(imagefd, staging, 0)) {
+		if (staging < 0)
+			copy_up_fail("open", COPY_UP_STAGING);
+		fatal("volume %lu (%s): copying the image's files into the new volume failed (%s: %s)%s", index, path,
+		      copy_up_failure.what, strerror(copy_up_failure.err),
+		      copy_up_failure.err == ENOSPC ? "; make the volume larger" : "");
+	}
+	/* Every entry moves up; each rename is atomic, and all of them take a moment. */
+	int fd = dup(staging);
+	DIR *d = fd < 0 ? NULL : fdopendir(fd);
+	if (!d)
+		fatal("volume %lu (%s): cannot read %s: %s", index, path, COPY_UP_STAGING, strerror(errno));
+	rewinddir(d);
+	struct dirent *e;
+	while ((e = readdir(d)) != NULL) {
+		if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+			continue;
+		if (renameat(staging, e->d_name, volfd, e->d_name) < 0)
+			fatal("volume %lu (%s): cannot move %s into place: %s", index, path, e->d_name, strerror(errno));
 	}
 	closedir(d);
-	if (!empty)
-		return;
-	if (chown(path, image_dir->st_uid, image_dir->st_gid) < 0 ||
-	    chmod(path, image_dir->st_mode & 07777) < 0)
-		warnmsg("volume %s: cannot give it the owner of the image's directory: %s", path, strerror(errno));
+	close(staging);
+	if (unlinkat(volfd, COPY_UP_STAGING, AT_REMOVEDIR) < 0)
+		warnmsg("volume %s: cannot remove %s: %s", path, COPY_UP_STAGING, strerror(errno));
+	if (syncfs(volfd) < 0)
+		warnmsg("volume %s: syncfs after the copy: %s", path, strerror(errno));
+	marker("VOLUME copied-up index=%lu ms=%lld", index, boottime_ms() - started);
 }
 
 /*
@@ -625,15 +849,26 @@ static void mount_volumes(const struct params *p)
 		if (st_err)
 			fatal("volume %lu: mount point %s: %s%s", index, path, strerror(st_err),
 			      p->overlay ? "" : " (without an overlay the root is read-only: the directory must exist in the image)");
+		/* Opened before the mount: it still reads the image's directory once the volume covers it. */
+		int imagefd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		if (imagefd < 0)
+			fatal("volume %lu: mount point %s: %s", index, path, strerror(errno));
 		if (mount(dev, path, "ext4", MS_NOATIME | MS_NOSUID | MS_NODEV | (ro ? MS_RDONLY : 0), NULL) < 0) {
 			int err = errno;
 			/* A journal to replay needs a writable disk. */
 			fatal("mount volume %lu (%s) on %s: %s%s", index, dev, path, strerror(err),
 			      ro && err == EROFS ? " (its journal needs a replay: attach it read-write once)" : "");
 		}
-		if (!ro)
-			adopt_mount_point_owner(path, &st);
 		volumes.paths[volumes.n++] = path;
+		int volfd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		if (volfd < 0)
+			fatal("volume %lu: cannot open its root at %s: %s", index, path, strerror(errno));
+		if (!ro && holds_nothing(volfd)) {
+			copy_up(imagefd, volfd, index, path);
+			adopt_mount_point_owner(volfd, path, &st);
+		}
+		close(volfd);
+		close(imagefd);
 	}
 }
 
