@@ -52,7 +52,7 @@ export async function writeDisk (tree: RootfsTree, format: 'squashfs' | 'ext4', 
     if (entry.owner !== undefined) await lchown(target, entry.owner.uid, entry.owner.gid)
     if (entry.type !== 'symlink') await chmod(target, entry.mode)
   }
-  if (tree.keepsOwners) await copyCapabilities(tree, stagingDir)
+  if (tree.keepsCapabilities) await copyCapabilities(tree, stagingDir)
   const fail = (tool: string) => ({ stderr, stdout }: { stderr: string, stdout: string }): Error => {
     const text = (stderr + stdout).trim()
     if (/No space left|ENOSPC|Could not allocate|Failed to write|write failed/i.test(text)) {
@@ -74,7 +74,7 @@ export async function writeDisk (tree: RootfsTree, format: 'squashfs' | 'ext4', 
 
 /**
  * File capabilities (the `security.capability` xattr, e.g. ping's cap_net_raw)
- * of the host files a tree keeps owners for, copied onto their staged copies,
+ * of the host files a tree keeps owners for (root's files too), copied onto their staged copies,
  * whose disk keeps xattrs: copyFile drops them, and a chown would clear them,
  * so this runs after both. Node has no xattr API; python3 (a setup package)
  * does it in one process for the whole tree, reading `host\0staged\0` pairs.

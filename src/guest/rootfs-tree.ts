@@ -20,6 +20,8 @@ export class RootfsTree {
   readonly #entries = new Map<string, TreeEntry>()
   /** True once an entry has an owner other than root: the writers keep owners then. */
   #owners = false
+  /** True once a host directory was added with its owners kept: its files' capabilities are kept too, whoever owns them. */
+  #capabilities = false
 
   constructor () {
     this.#entries.set('/', { type: 'dir', mode: 0o755 })
@@ -39,6 +41,7 @@ export class RootfsTree {
   }
 
   get keepsOwners (): boolean { return this.#owners }
+  get keepsCapabilities (): boolean { return this.#capabilities }
 
   has (path: string): boolean {
     return this.#entries.has(posix.normalize(path))
@@ -59,7 +62,11 @@ export class RootfsTree {
     }
     const self = await lstat(hostDir)
     this.addDirectory(guestDir, (self.mode & 0o7777) || 0o755)
-    if (options.owners === true) this.#own(guestDir, self)
+    if (options.owners === true) {
+      this.#own(guestDir, self)
+      // An image whose files are all root's may still hold a capable binary (ping's cap_net_raw).
+      this.#capabilities = true
+    }
     for (const name of names.sort()) {
       const host = join(hostDir, name)
       const guest = posix.join(guestDir, name)
