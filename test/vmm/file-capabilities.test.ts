@@ -12,6 +12,7 @@ import { QemuDriver } from '../../src/vmm/qemu/qemu-driver.js'
 import type { QemuVm } from '../../src/vmm/qemu/qemu-vm.js'
 import { VmStateDir } from '../../src/vmm/qemu/vm-state-dir.js'
 import { BUSYBOX } from '../helpers/busybox-guests.js'
+import { consoleLine, consoleLines } from '../helpers/guest-console.js'
 import { createTestContext, type TestContext } from '../helpers/fixtures.js'
 
 /**
@@ -43,10 +44,6 @@ echo "UIG-BIND81 $(busybox cat /tmp/e)"
 echo UIG-READY
 exec busybox sleep 3600
 `
-
-async function lines (vm: QemuVm): Promise<string[]> {
-  return (await vm.readConsole({ tailBytes: Infinity })).split('\n').map((l) => l.replace(/\r$/, ''))
-}
 
 describe('file capabilities in a real guest', { skip: root ? false : 'needs root (setcap)' }, () => {
   let ctx: TestContext & { cleanup: () => Promise<void> }
@@ -104,12 +101,8 @@ describe('file capabilities in a real guest', { skip: root ? false : 'needs root
       }
       const vm = await driver.spawn({ id, stateDir: VmStateDir.of(ctx.dataDir, id).dir, launch })
       started.push(vm)
-      const deadline = Date.now() + 90_000
-      while (!(await lines(vm)).includes('UIG-READY')) {
-        if (Date.now() > deadline) throw new Error(`no UIG-READY:\n${(await vm.readConsole()).slice(-3000)}`)
-        await new Promise((resolve) => setTimeout(resolve, 100))
-      }
-      const out = await lines(vm)
+      await consoleLine(vm, /^UIG-READY$/)
+      const out = await consoleLines(vm)
       const line = (tag: string): string => out.find((l) => l.startsWith(`${tag} `))?.slice(tag.length + 1) ?? `(no ${tag} line)\n${out.join('\n')}`
       assert.equal(line('UIG-ID'), '1000:1000')
       assert.equal(line('UIG-PLAIN'), 'CapEff:\t0000000000000000')

@@ -14,6 +14,7 @@ import type { QemuVm } from '../../src/vmm/qemu/qemu-vm.js'
 import { VmStateDir } from '../../src/vmm/qemu/vm-state-dir.js'
 import { rejectsWith } from '../helpers/assertions.js'
 import { BUSYBOX } from '../helpers/busybox-guests.js'
+import { consoleLine, consoleLines as lines } from '../helpers/guest-console.js'
 import { createTestContext, type TestContext } from '../helpers/fixtures.js'
 
 /**
@@ -116,21 +117,6 @@ async function debugfsCat (image: string, path: string): Promise<string> {
 
 async function sha256 (path: string): Promise<string> {
   return createHash('sha256').update(await readFile(path)).digest('hex')
-}
-
-/** The console lines (without \r) so far. */
-async function lines (vm: QemuVm): Promise<string[]> {
-  return (await vm.readConsole({ tailBytes: Infinity })).split('\n').map((l) => l.replace(/\r$/, ''))
-}
-
-async function consoleLine (vm: QemuVm, re: RegExp, timeoutMs = 90_000): Promise<string> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const line = (await lines(vm)).find((l) => re.test(l))
-    if (line !== undefined) return line
-    if (Date.now() > deadline) throw new Error(`no console line like ${re} within ${timeoutMs} ms:\n${(await vm.readConsole()).slice(-3000)}`)
-    await new Promise((resolve) => setTimeout(resolve, 100))
-  }
 }
 
 describe('persistent volumes in a real guest', () => {
